@@ -1,0 +1,48 @@
+"""The ``dpmlx`` command: one entry point, one subcommand per job.
+
+Subcommand modules are imported lazily so that, e.g., ``dpmlx info`` does not load the benchmark code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    from policy_core.info import environment_report, format_report
+
+    print(format_report(environment_report()))
+    return 0
+
+
+def _bench_policy(args: argparse.Namespace) -> int:
+    from benchmarks.policy_latency import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpmlx", description="Diffusion Policy on MLX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="MLX version, backend, device, memory and BLAS (for bug reports)")
+    info.set_defaults(func=_info)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from benchmarks.policy_latency import add_arguments
+
+    policy = bench_sub.add_parser("policy", help="in-process predict_action latency (untrained policies)")
+    add_arguments(policy)
+    policy.set_defaults(func=_bench_policy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Policy configuration: the ``policy:`` section of a YAML in ``configs/``, with upstream's field names.
+
+``shape_meta`` follows upstream Diffusion Policy: ``obs: {key: {shape, type}}`` with ``type`` ``low_dim``
+or ``rgb`` (rgb shapes written channel-first ``[C, H, W]`` as upstream), and ``action: {shape: [D]}``.
+Observations passed to the policy are channel-last ``(H, W, C)``, as cameras deliver them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from policy_core.schedulers import SchedulerConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+SAMPLERS = ("ddpm", "ddim")
+POOLS = ("spatial_softmax", "avg")
+
+
+class ConfigError(ValueError):
+    """A policy configuration is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ObsFeature:
+    shape: tuple[int, ...]
+    type: str  # "low_dim" | "rgb"
+
+    @property
+    def is_image(self) -> bool:
+        return self.type == "rgb"
+
+    @property
+    def hwc_shape(self) -> tuple[int, ...]:
+        """The shape one observation has when passed to the policy (channel-last for images)."""
+        if self.is_image:
+            c, h, w = self.shape
+            return (h, w, c)
+        return self.shape
+
+
+@dataclass(frozen=True)
+class ObsEncoderConfig:
+    crop_shape: tuple[int, int] | None = (84, 84)
+    pool: str = "spatial_softmax"
+    num_keypoints: int = 32
+    # One encoder per camera (robomimic's default) or one shared by all cameras.
+    share_rgb_model: bool = False
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    obs: dict[str, ObsFeature]
+    action_dim: int
+    horizon: int = 16
+    n_obs_steps: int = 2
+    n_action_steps: int = 8
+    down_dims: tuple[int, ...] = (256, 512, 1024)
+    kernel_size: int = 5
+    n_groups: int = 8
+    diffusion_step_embed_dim: int = 256
+    cond_predict_scale: bool = True
+    noise_scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sampler: str = "ddpm"
+    num_inference_steps: int | None = None  # None: num_train_timesteps
+    obs_encoder: ObsEncoderConfig = field(default_factory=ObsEncoderConfig)
+    control_hz: float = 10.0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not self.obs:
+            raise ConfigError("shape_meta.obs: at least one observation key is required")
+        for key, feat in self.obs.items():
+            if feat.type not in ("low_dim", "rgb"):
+                raise ConfigError(f"shape_meta.obs.{key}.type must be 'low_dim' or 'rgb', got {feat.type!r}")
+            if feat.is_image and len(feat.shape) != 3:
+                raise ConfigError(f"shape_meta.obs.{key}.shape must be [C, H, W] for rgb, got {feat.shape}")
+            if not feat.is_image and len(feat.shape) != 1:
+                raise ConfigError(f"shape_meta.obs.{key}.shape must be [D] for low_dim, got {feat.shape}")
+        if self.action_dim < 1:
+            raise ConfigError("shape_meta.action.shape must be [D] with D >= 1")
+        levels = len(self.down_dims)
+        if self.horizon % (2 ** (levels - 1)) != 0:
+            raise ConfigError(
+                f"horizon {self.horizon} must be divisible by {2 ** (levels - 1)} for down_dims"
+            )
+        if not 1 <= self.n_obs_steps <= self.horizon:
+            raise ConfigError("n_obs_steps must be in [1, horizon]")
+        if not 1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1:
+            raise ConfigError("n_action_steps must be in [1, horizon - n_obs_steps + 1]")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.obs_encoder.pool not in POOLS:
+            raise ConfigError(f"obs_encoder.pool must be one of {POOLS}, got {self.obs_encoder.pool!r}")
+        steps = self.num_inference_steps
+        if steps is not None and not 1 <= steps <= self.noise_scheduler.num_train_timesteps:
+            raise ConfigError("num_inference_steps must be in [1, noise_scheduler.num_train_timesteps]")
+        if any(d % self.n_groups for d in self.down_dims) or self.down_dims[0] % 8:
+            raise ConfigError("down_dims must be divisible by n_groups (and down_dims[0] by 8)")
+
+    @property
+    def image_keys(self) -> list[str]:
+        return [k for k, f in self.obs.items() if f.is_image]
+
+    @property
+    def lowdim_keys(self) -> list[str]:
+        return [k for k, f in self.obs.items() if not f.is_image]
+
+    @property
+    def default_inference_steps(self) -> int:
+        return self.num_inference_steps or self.noise_scheduler.num_train_timesteps
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PolicyConfig:
+        """Build from a plain dict (a YAML ``policy:`` section); unknown keys are errors, not ignored."""
+        d = dict(d)
+        d.pop("type", None)  # "diffusion_unet": the only policy type so far
+        shape_meta = d.pop("shape_meta", None)
+        if not isinstance(shape_meta, dict) or "obs" not in shape_meta or "action" not in shape_meta:
+            raise ConfigError("shape_meta with 'obs' and 'action' is required")
+        try:
+            obs = {
+                str(k): ObsFeature(tuple(int(s) for s in v["shape"]), str(v.get("type", "low_dim")))
+                for k, v in shape_meta["obs"].items()
+            }
+            action_shape = [int(s) for s in shape_meta["action"]["shape"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"shape_meta is malformed: {e!r}") from None
+        if len(action_shape) != 1:
+            raise ConfigError("shape_meta.action.shape must be [D]")
+        known = {f.name for f in fields(cls)} - {"obs", "action_dim"}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown policy config field(s): {sorted(unknown)}")
+        if "noise_scheduler" in d:
+            try:
+                d["noise_scheduler"] = SchedulerConfig.from_dict(d["noise_scheduler"])
+            except ValueError as e:
+                raise ConfigError(f"noise_scheduler: {e}") from None
+        if "obs_encoder" in d:
+            enc = dict(d["obs_encoder"])
+            enc_known = {f.name for f in fields(ObsEncoderConfig)}
+            if set(enc) - enc_known:
+                raise ConfigError(f"unknown obs_encoder field(s): {sorted(set(enc) - enc_known)}")
+            if enc.get("crop_shape") is not None:
+                enc["crop_shape"] = tuple(int(s) for s in enc["crop_shape"])
+            d["obs_encoder"] = ObsEncoderConfig(**enc)
+        if "down_dims" in d:
+            d["down_dims"] = tuple(int(x) for x in d["down_dims"])
+        return cls(obs=obs, action_dim=action_shape[0], **d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Inverse of ``from_dict`` (JSON-serialisable)."""
+        d = asdict(self)
+        d.pop("obs")
+        d.pop("action_dim")
+        d["noise_scheduler"] = self.noise_scheduler.to_dict()
+        d["down_dims"] = list(self.down_dims)
+        enc = d["obs_encoder"]
+        enc["crop_shape"] = list(enc["crop_shape"]) if enc["crop_shape"] is not None else None
+        d["shape_meta"] = {
+            "obs": {k: {"shape": list(f.shape), "type": f.type} for k, f in self.obs.items()},
+            "action": {"shape": [self.action_dim]},
+        }
+        return {"type": "diffusion_unet", **d}

@@ -1,0 +1,42 @@
+"""What a user pastes into a bug report: MLX version, backend, device, memory, BLAS."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import mlx.core as mx
+
+from policy_core.blas import blas_in_use
+
+
+def backend_name() -> str:
+    if mx.metal.is_available():
+        return "Metal"
+    if mx.cuda.is_available():
+        return "CUDA"
+    return "CPU"
+
+
+def environment_report() -> dict[str, str]:
+    device = mx.default_device()
+    report = {
+        "python": sys.version.split()[0],
+        "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "mlx": mx.__version__,
+        "backend": backend_name(),
+        "device": str(device),
+        "memory_active": f"{mx.get_active_memory() / 2**20:.1f} MiB",
+        "memory_peak": f"{mx.get_peak_memory() / 2**20:.1f} MiB",
+        "memory_limit": f"{mx.get_memory_limit() / 2**30:.2f} GiB",
+        "cpu_blas": blas_in_use(),
+    }
+    if backend_name() == "Metal":
+        info = mx.metal.device_info()
+        report["device_name"] = str(info.get("device_name", "?"))
+    return report
+
+
+def format_report(report: dict[str, str]) -> str:
+    width = max(map(len, report))
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in report.items())

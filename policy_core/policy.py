@@ -1,0 +1,221 @@
+"""Diffusion Policy with a ConditionalUnet1D denoiser and global observation conditioning.
+
+One class serves low-dimensional (state/keypoint) and image (+ state) observations: every ``rgb`` key
+goes through a ResNet18-GN encoder, every ``low_dim`` key is used as is, and the per-step features are
+concatenated in ``shape_meta.obs`` order and flattened over the ``n_obs_steps`` axis, as upstream.
+
+Inference is built for latency: the FiLM conditioning of the observation is computed once per request,
+the timestep embeddings of the whole schedule in one batched call, and the encoder plus the complete
+denoising loop are one ``mx.compile``d graph per (sampler, steps); MLX re-specialises it per batch size
+and dtype. A request costs one ``mx.eval``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from policy_core.config import PolicyConfig
+from policy_core.normalizer import LinearNormalizer
+from policy_core.schedulers import make_scheduler
+from policy_core.unet import ConditionalUnet1D
+from policy_core.vision import RgbEncoder
+
+MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class ObservationError(ValueError):
+    """An observation does not match the policy's schema; the message names the key."""
+
+
+def _as_mx(x: Any) -> mx.array:
+    return x if isinstance(x, mx.array) else mx.array(np.asarray(x))
+
+
+class DiffusionUnetPolicy(nn.Module):
+    def __init__(self, config: PolicyConfig, normalizer: LinearNormalizer | None = None):
+        super().__init__()
+        self.config = config
+        self.normalizer = normalizer if normalizer is not None else LinearNormalizer()
+        enc = config.obs_encoder
+        image_keys = config.image_keys
+        # A shared encoder is stored under the first camera's key, so one camera looks the same either way.
+        encoder_keys = image_keys[:1] if enc.share_rgb_model else image_keys
+        self.rgb_encoders = {
+            key: RgbEncoder(config.obs[key].hwc_shape, enc.crop_shape, enc.pool, enc.num_keypoints)
+            for key in encoder_keys
+        }
+        feature_dim = sum(
+            self._encoder_for(k).output_dim if f.is_image else f.shape[0] for k, f in config.obs.items()
+        )
+        self.unet = ConditionalUnet1D(
+            input_dim=config.action_dim,
+            global_cond_dim=feature_dim * config.n_obs_steps,
+            diffusion_step_embed_dim=config.diffusion_step_embed_dim,
+            down_dims=config.down_dims,
+            kernel_size=config.kernel_size,
+            n_groups=config.n_groups,
+            cond_predict_scale=config.cond_predict_scale,
+        )
+        if config.dtype != "float32":
+            self.set_dtype(MX_DTYPES[config.dtype])
+        # Compiled samplers keyed by (sampler, steps). Set past Module.__setattr__ so the cache stays
+        # out of the module's state tree (which is a compile input).
+        object.__setattr__(self, "_samplers", {})
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.unet.final_conv[1].weight.dtype
+
+    def _encoder_for(self, key: str) -> RgbEncoder:
+        shared = self.config.obs_encoder.share_rgb_model
+        return self.rgb_encoders[self.config.image_keys[0] if shared else key]
+
+    # ---- observations ---------------------------------------------------------------------------
+
+    def validate_obs(self, obs: dict[str, Any]) -> int:
+        """Check keys and shapes of (B, n_obs_steps, ...) observations; return B."""
+        cfg = self.config
+        missing = [k for k in cfg.obs if k not in obs]
+        if missing:
+            raise ObservationError(f"missing observation key(s): {missing}")
+        batch = None
+        for key, feat in cfg.obs.items():
+            shape = tuple(obs[key].shape)
+            expected = (cfg.n_obs_steps, *feat.hwc_shape)
+            if len(shape) != len(expected) + 1 or shape[1:] != expected:
+                raise ObservationError(
+                    f"obs[{key!r}] has shape {shape}, expected (B, {', '.join(map(str, expected))})"
+                )
+            if batch is None:
+                batch = shape[0]
+            elif shape[0] != batch:
+                raise ObservationError(f"obs[{key!r}] has batch size {shape[0]}, other keys have {batch}")
+        if not batch:
+            raise ObservationError("batch size must be >= 1")
+        return batch
+
+    def normalize_obs(self, obs: dict[str, Any]) -> list[mx.array]:
+        """Normalized observations in ``shape_meta.obs`` order, cast to the model dtype.
+
+        Images may be uint8 in [0, 255] or float in [0, 1]; they are normalized per channel.
+        """
+        out = []
+        for key, feat in self.config.obs.items():
+            x = _as_mx(obs[key])
+            if feat.is_image and x.dtype == mx.uint8:
+                x = x.astype(mx.float32) / 255.0
+            x = self.normalizer.normalize(key, x.astype(mx.float32))
+            out.append(x.astype(self.dtype))
+        return out
+
+    def encode_obs(self, nobs: list[mx.array], random_crop: bool = False) -> mx.array:
+        """Normalized (B, T, ...) observations -> global conditioning (B, T * feature_dim)."""
+        features = []
+        for (key, feat), x in zip(self.config.obs.items(), nobs, strict=True):
+            batch, steps = x.shape[:2]
+            if feat.is_image:
+                y = self._encoder_for(key)(x.reshape(batch * steps, *x.shape[2:]), random_crop)
+                x = y.reshape(batch, steps, -1)
+            features.append(x)
+        return mx.concatenate(features, axis=-1).reshape(batch, -1)
+
+    # ---- sampling -------------------------------------------------------------------------------
+
+    def _sampler(self, kind: str, num_steps: int):
+        """Compiled obs -> normalized action trajectory function for one (sampler, steps) pair."""
+        key = (kind, num_steps)
+        if key not in self._samplers:
+            scheduler = make_scheduler(kind, self.config.noise_scheduler)
+            scheduler.set_timesteps(num_steps)
+            timesteps = list(scheduler.timesteps)
+
+            def sample(nobs: list[mx.array], x: mx.array, step_noise: mx.array) -> mx.array:
+                unet = self.unet
+                global_cond = self.encode_obs(nobs)
+                global_films = unet.global_films(global_cond)
+                step_films = unet.step_films(unet.encode_timesteps(mx.array(timesteps)))
+                for i, t in enumerate(timesteps):
+                    films = [g + s[i] for g, s in zip(global_films, step_films, strict=True)]
+                    model_output = unet.forward_film(x.astype(self.dtype), films).astype(mx.float32)
+                    x = scheduler.step(model_output, t, x, noise=step_noise[i])
+                return x
+
+            # The parameters are compile inputs, so a weight update (EMA copy, hot load) is seen.
+            self._samplers[key] = mx.compile(sample, inputs=[self.state])
+        return self._samplers[key]
+
+    def predict_action(
+        self,
+        obs: dict[str, Any],
+        *,
+        num_inference_steps: int | None = None,
+        scheduler: str | None = None,
+        seed: int | None = None,
+        noise: Any = None,
+    ) -> dict[str, mx.array]:
+        """Sample an action chunk. obs: {key: (B, n_obs_steps, ...)}, images channel-last.
+
+        Returns ``action`` (B, n_action_steps, action_dim) and ``action_pred`` (B, horizon, action_dim),
+        float32 and evaluated. ``noise`` is an explicit x_T (B, horizon, action_dim); ``seed`` makes the
+        initial and per-step noise reproducible; ``scheduler`` ("ddim" | "ddpm") switches the sampler
+        without reloading weights.
+        """
+        cfg = self.config
+        batch = self.validate_obs(obs)
+        kind = scheduler or cfg.sampler
+        steps = num_inference_steps or cfg.default_inference_steps
+        if kind not in ("ddpm", "ddim"):
+            raise ValueError(f"scheduler must be 'ddpm' or 'ddim', got {kind!r}")
+        if not 1 <= steps <= cfg.noise_scheduler.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in [1, {cfg.noise_scheduler.num_train_timesteps}]")
+        traj_shape = (batch, cfg.horizon, cfg.action_dim)
+        key_init, key_steps = mx.random.split(mx.random.key(secrets.randbits(63) if seed is None else seed))
+        if noise is None:
+            x_init = mx.random.normal(traj_shape, key=key_init)
+        else:
+            x_init = _as_mx(noise).astype(mx.float32)
+            if tuple(x_init.shape) != traj_shape:
+                raise ValueError(f"noise has shape {tuple(x_init.shape)}, expected {traj_shape}")
+        step_noise = mx.random.normal((steps, *traj_shape), key=key_steps)
+        naction = self._sampler(kind, steps)(self.normalize_obs(obs), x_init, step_noise)
+        action_pred = self.normalizer.unnormalize("action", naction)
+        start = cfg.n_obs_steps - 1
+        action = action_pred[:, start : start + cfg.n_action_steps]
+        mx.eval(action, action_pred)
+        return {"action": action, "action_pred": action_pred}
+
+    # ---- training -------------------------------------------------------------------------------
+
+    def compute_loss(self, batch: dict[str, Any]) -> mx.array:
+        """Denoising MSE with uniformly drawn timesteps (epsilon or sample target, per the scheduler).
+
+        batch: ``obs`` {key: (B, >= n_obs_steps, ...)}, ``action`` (B, horizon, action_dim).
+        Draws from MLX's global RNG (noise, timesteps, random crops), so a compiled train step must
+        capture ``mx.random.state``.
+        """
+        cfg = self.config
+        to = cfg.n_obs_steps
+        nobs = self.normalize_obs({k: _as_mx(v)[:, :to] for k, v in batch["obs"].items()})
+        naction = self.normalizer.normalize("action", _as_mx(batch["action"]).astype(mx.float32))
+        global_cond = self.encode_obs(nobs, random_crop=True)
+        sched = cfg.noise_scheduler
+        noise = mx.random.normal(naction.shape)
+        timesteps = mx.random.randint(0, sched.num_train_timesteps, (naction.shape[0],))
+        noisy = make_scheduler("ddpm", sched).add_noise(naction, noise, timesteps)
+        pred = self.unet(noisy.astype(self.dtype), timesteps, global_cond).astype(mx.float32)
+        target = noise if sched.prediction_type == "epsilon" else naction
+        return mx.mean(mx.square(pred - target))
+
+
+def build_policy(
+    config: PolicyConfig | dict[str, Any], normalizer: LinearNormalizer | None = None
+) -> DiffusionUnetPolicy:
+    """Build a policy from a ``PolicyConfig`` or a plain dict (a YAML ``policy:`` section)."""
+    if not isinstance(config, PolicyConfig):
+        config = PolicyConfig.from_dict(config)
+    return DiffusionUnetPolicy(config, normalizer)

@@ -1,0 +1,283 @@
+"""DDPM / DDIM noise schedulers in MLX with the semantics of current HuggingFace diffusers.
+
+Only what diffusion-policy action sampling needs: "leading" timestep spacing, epsilon/sample prediction,
+fixed-small variance, x0 clipping. Parity with diffusers (fp32, full trajectories) is checked against
+golden vectors in tests/golden/schedulers.npz.
+
+Design: `step` receives the timestep as a Python int, so every schedule coefficient is a Python float looked
+up from tables precomputed in numpy. `step` is then pure MLX arithmetic on its array inputs and can be traced
+by `mx.compile` in an unrolled denoising loop. It never draws random numbers: callers pass `noise` explicitly,
+which keeps sampling reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+_VARIANCE_TYPES = ("fixed_small", "fixed_small_log")
+_PREDICTION_TYPES = ("epsilon", "sample")
+_F32 = np.float32
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_train_timesteps: int = 100
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "squaredcos_cap_v2"
+    variance_type: str = "fixed_small"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    prediction_type: str = "epsilon"
+    set_alpha_to_one: bool = True  # DDIM only
+    steps_offset: int = 0
+    eta: float = 0.0  # DDIM only
+
+    def __post_init__(self) -> None:
+        _check_int(self, "num_train_timesteps", minimum=1)
+        _check_int(self, "steps_offset", minimum=0)
+        _check_float(self, "beta_start", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+        _check_float(self, "beta_end", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+        _check_float(self, "clip_sample_range", lambda v: v > 0.0, "> 0")
+        # eta > 1 makes DDIM's direction term sqrt(1 - a_prev - std^2) imaginary.
+        _check_float(self, "eta", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+        _check_choice(self, "beta_schedule", _BETA_SCHEDULES)
+        _check_choice(self, "variance_type", _VARIANCE_TYPES)
+        _check_choice(self, "prediction_type", _PREDICTION_TYPES)
+        for name in ("clip_sample", "set_alpha_to_one"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SchedulerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"unknown scheduler config key {key!r}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_int(cfg: SchedulerConfig, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    # bool is an int subclass; True as a step count is almost certainly a config mistake.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    object.__setattr__(cfg, name, int(value))
+
+
+def _check_float(cfg: SchedulerConfig, name: str, ok: Callable[[float], bool], expected: str) -> None:
+    value = getattr(cfg, name)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or not ok(value)
+    ):
+        raise ValueError(f"{name} must be a finite number {expected}, got {value!r}")
+    object.__setattr__(cfg, name, float(value))
+
+
+def _check_choice(cfg: SchedulerConfig, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(cfg, name) not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
+
+
+def _betas(cfg: SchedulerConfig) -> np.ndarray:
+    """float32 betas as diffusers builds them (float32 tensors)."""
+    T = cfg.num_train_timesteps
+    if cfg.beta_schedule == "linear":
+        # torch's float32 linspace may differ from the correctly rounded value by 1 ulp (its SIMD path is
+        # CPU dependent); that is far below the parity tolerance, so use the platform-independent value.
+        return np.linspace(cfg.beta_start, cfg.beta_end, T).astype(_F32)
+    if cfg.beta_schedule == "scaled_linear":
+        root = np.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, T).astype(_F32)
+        return root * root  # squared in float32, as diffusers does
+
+    # squaredcos_cap_v2 (Nichol & Dhariwal 2021): betas from the cosine alpha_bar, capped at 0.999, computed
+    # in double precision with Python's math (same order of operations as diffusers) and stored as float32.
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)]
+    return np.asarray(betas, dtype=_F32)
+
+
+class _Scheduler(ABC):
+    """Shared schedule tables, timestep spacing and the forward (noising) process."""
+
+    def __init__(self, config: SchedulerConfig | None = None, **overrides) -> None:
+        base = (config or SchedulerConfig()).to_dict()
+        self.config = SchedulerConfig.from_dict({**base, **overrides})
+        alphas = _F32(1.0) - _betas(self.config)
+        # torch's CPU cumprod accumulates in float64 and rounds each output to float32; doing the same keeps
+        # alphas_cumprod bit-identical to diffusers instead of drifting by a few ulps over 1000 steps.
+        self.alphas_cumprod: np.ndarray = np.cumprod(alphas.astype(np.float64)).astype(_F32)
+        self._alphas_cumprod_mx = mx.array(self.alphas_cumprod)
+        self.num_inference_steps: int | None = None
+        self.timesteps: list[int] = []
+        self._coeffs: dict[int, tuple[float, ...]] = {}
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """diffusers' default "leading" spacing: t_k = k * (T // n) + steps_offset, descending."""
+        T = self.config.num_train_timesteps
+        n = num_inference_steps
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= T:
+            raise ValueError(f"num_inference_steps must be an int in [1, {T}], got {n!r}")
+        n = int(n)
+        ratio = T // n
+        timesteps = [k * ratio + self.config.steps_offset for k in range(n - 1, -1, -1)]
+        if timesteps[0] >= T:
+            # diffusers would fail later with an IndexError inside step().
+            raise ValueError(
+                f"steps_offset={self.config.steps_offset} pushes timestep {timesteps[0]} past "
+                f"num_train_timesteps={T} for num_inference_steps={n}"
+            )
+        self.num_inference_steps = n
+        self.timesteps = timesteps
+        prev = self._previous_timesteps(timesteps, ratio)
+        self._coeffs = {t: self._step_coeffs(t, p) for t, p in zip(timesteps, prev, strict=True)}
+
+    def _alpha_prod(self, t: int, final: np.float32) -> np.float32:
+        return self.alphas_cumprod[t] if t >= 0 else final
+
+    def _lookup(self, timestep: int) -> tuple[float, ...]:
+        if not self._coeffs:
+            raise ValueError("call set_timesteps() before step()")
+        # A Python int is required: coefficients must be trace-time constants under mx.compile.
+        if (
+            isinstance(timestep, bool)
+            or not isinstance(timestep, numbers.Integral)
+            or timestep not in self._coeffs
+        ):
+            raise ValueError(f"timestep must be a Python int from self.timesteps, got {timestep!r}")
+        return self._coeffs[int(timestep)]
+
+    def _pred_original(
+        self, model_output: mx.array, sample: mx.array, sqrt_beta: float, sqrt_alpha: float
+    ) -> mx.array:
+        if self.config.prediction_type == "epsilon":
+            return (sample - sqrt_beta * model_output) / sqrt_alpha
+        return model_output
+
+    def _clip(self, x0: mx.array) -> mx.array:
+        if self.config.clip_sample:
+            r = self.config.clip_sample_range
+            return mx.clip(x0, -r, r)
+        return x0
+
+    def add_noise(self, original_samples: mx.array, noise: mx.array, timesteps: mx.array) -> mx.array:
+        """Forward process q(x_t | x_0): sqrt(a_t) * x_0 + sqrt(1 - a_t) * noise, per batch element.
+
+        `timesteps` is an int array of shape (B,); indices are not range-checked (that would need an eval).
+        """
+        dtype = original_samples.dtype
+        a = self._alphas_cumprod_mx.astype(dtype)[timesteps]
+        a = a.reshape((-1,) + (1,) * (original_samples.ndim - 1))
+        return mx.sqrt(a) * original_samples + mx.sqrt(1 - a) * noise.astype(dtype)
+
+    @abstractmethod
+    def _previous_timesteps(self, timesteps: list[int], ratio: int) -> list[int]:
+        """Previous timestep for each entry of the schedule (< 0 means "past the end": x_0)."""
+
+    @abstractmethod
+    def _step_coeffs(self, t: int, prev_t: int) -> tuple[float, ...]:
+        """Python-float coefficients that step() needs at timestep t."""
+
+
+class DDPMScheduler(_Scheduler):
+    """Ancestral DDPM sampling (Ho et al. 2020) over a possibly strided timestep subset."""
+
+    def _previous_timesteps(self, timesteps: list[int], ratio: int) -> list[int]:
+        # Current diffusers: the previous timestep is the next entry of the schedule, -1 after the last one.
+        # (Not t - T//n: with steps_offset >= T//n the last step would wrongly land on a real timestep.)
+        return timesteps[1:] + [-1]
+
+    def _step_coeffs(self, t: int, prev_t: int) -> tuple[float, ...]:
+        # float32 scalar arithmetic in diffusers' order of operations, so the coefficients equal its tensors.
+        a_t = self.alphas_cumprod[t]
+        a_prev = self._alpha_prod(prev_t, _F32(1.0))
+        beta_prod = _F32(1.0) - a_t
+        beta_prod_prev = _F32(1.0) - a_prev
+        cur_alpha = a_t / a_prev
+        cur_beta = _F32(1.0) - cur_alpha
+        x0_coeff = np.sqrt(a_prev) * cur_beta / beta_prod
+        sample_coeff = np.sqrt(cur_alpha) * beta_prod_prev / beta_prod
+        # Posterior variance of q(x_prev | x_t, x_0); clamped like diffusers (it may be exactly 0).
+        variance = np.maximum(beta_prod_prev / beta_prod * cur_beta, _F32(1e-20))
+        if self.config.variance_type == "fixed_small":
+            std = np.sqrt(variance)
+        else:  # fixed_small_log: same std, computed through the log domain as diffusers does
+            std = np.exp(_F32(0.5) * np.log(variance))
+        return tuple(float(c) for c in (np.sqrt(beta_prod), np.sqrt(a_t), x0_coeff, sample_coeff, std))
+
+    def step(
+        self, model_output: mx.array, timestep: int, sample: mx.array, noise: mx.array | None = None
+    ) -> mx.array:
+        """One reverse step x_t -> x_prev. `noise` (standard normal) is required when t > 0."""
+        sqrt_beta, sqrt_alpha, x0_coeff, sample_coeff, std = self._lookup(timestep)
+        model_output = model_output.astype(sample.dtype)
+        x0 = self._clip(self._pred_original(model_output, sample, sqrt_beta, sqrt_alpha))
+        prev = x0_coeff * x0 + sample_coeff * sample
+        if timestep > 0:  # diffusers adds no noise on the step from t == 0
+            if noise is None:
+                raise ValueError(f"DDPM step at timestep {timestep} > 0 needs explicit noise")
+            prev = prev + std * noise.astype(sample.dtype)
+        return prev
+
+
+class DDIMScheduler(_Scheduler):
+    """DDIM sampling (Song et al. 2021); `config.eta` runs from deterministic (0) to DDPM-like (1)."""
+
+    def _previous_timesteps(self, timesteps: list[int], ratio: int) -> list[int]:
+        return [t - ratio for t in timesteps]  # diffusers' DDIM rule: t - T // n
+
+    def _step_coeffs(self, t: int, prev_t: int) -> tuple[float, ...]:
+        # float32 scalar arithmetic in diffusers' order of operations, so the coefficients equal its tensors.
+        final = _F32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
+        a_t = self.alphas_cumprod[t]
+        a_prev = self._alpha_prod(prev_t, final)
+        beta_prod = _F32(1.0) - a_t
+        beta_prod_prev = _F32(1.0) - a_prev
+        variance = beta_prod_prev / beta_prod * (_F32(1.0) - a_t / a_prev)
+        std = _F32(self.config.eta) * np.sqrt(variance)
+        direction_coeff = np.sqrt(_F32(1.0) - a_prev - std * std)
+        return tuple(
+            float(c) for c in (np.sqrt(beta_prod), np.sqrt(a_t), np.sqrt(a_prev), direction_coeff, std)
+        )
+
+    def step(
+        self, model_output: mx.array, timestep: int, sample: mx.array, noise: mx.array | None = None
+    ) -> mx.array:
+        """One reverse step x_t -> x_prev. `noise` (standard normal) is required iff config.eta > 0."""
+        sqrt_beta, sqrt_alpha, sqrt_alpha_prev, direction_coeff, std = self._lookup(timestep)
+        model_output = model_output.astype(sample.dtype)
+        x0 = self._pred_original(model_output, sample, sqrt_beta, sqrt_alpha)
+        if self.config.prediction_type == "epsilon":
+            eps = model_output
+        else:  # epsilon implied by the *unclipped* x0 prediction, as in diffusers
+            eps = (sample - sqrt_alpha * x0) / sqrt_beta
+        prev = sqrt_alpha_prev * self._clip(x0) + direction_coeff * eps
+        if self.config.eta > 0:
+            if noise is None:
+                raise ValueError("DDIM step with eta > 0 needs explicit noise")
+            prev = prev + std * noise.astype(sample.dtype)
+        return prev
+
+
+def make_scheduler(kind: str, config: SchedulerConfig) -> DDPMScheduler | DDIMScheduler:
+    schedulers = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+    if kind not in schedulers:
+        raise ValueError(f"scheduler kind must be one of {sorted(schedulers)}, got {kind!r}")
+    return schedulers[kind](config)
