@@ -63,6 +63,8 @@ class DiffusionUnetPolicy(nn.Module):
         )
         if config.dtype != "float32":
             self.set_dtype(MX_DTYPES[config.dtype])
+        # The training-time forward process (add_noise) is the same for either sampler.
+        self.noise_scheduler = make_scheduler("ddpm", config.noise_scheduler)
         # Compiled samplers keyed by (sampler, steps). Set past Module.__setattr__ so the cache stays
         # out of the module's state tree (which is a compile input).
         object.__setattr__(self, "_samplers", {})
@@ -206,7 +208,7 @@ class DiffusionUnetPolicy(nn.Module):
         sched = cfg.noise_scheduler
         noise = mx.random.normal(naction.shape)
         timesteps = mx.random.randint(0, sched.num_train_timesteps, (naction.shape[0],))
-        noisy = make_scheduler("ddpm", sched).add_noise(naction, noise, timesteps)
+        noisy = self.noise_scheduler.add_noise(naction, noise, timesteps)
         pred = self.unet(noisy.astype(self.dtype), timesteps, global_cond).astype(mx.float32)
         target = noise if sched.prediction_type == "epsilon" else naction
         return mx.mean(mx.square(pred - target))

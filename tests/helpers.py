@@ -1,0 +1,68 @@
+"""Tiny policies and observations shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from policy_core import LinearNormalizer, build_policy
+from policy_core.normalizer import fit_limits, image_range
+
+
+def tiny_config(image: bool = True, **overrides) -> dict:
+    obs = {"agent_pos": {"shape": [2], "type": "low_dim"}}
+    if image:
+        # Non-alphabetical key order on purpose: features are concatenated in shape_meta order.
+        obs = {"image": {"shape": [3, 72, 72], "type": "rgb"}, **obs}
+    config = {
+        "shape_meta": {"obs": obs, "action": {"shape": [2]}},
+        "horizon": 8,
+        "n_obs_steps": 2,
+        "n_action_steps": 4,
+        "down_dims": [16, 32],
+        "kernel_size": 3,
+        "n_groups": 4,
+        "diffusion_step_embed_dim": 16,
+        "obs_encoder": {"crop_shape": [64, 64]},
+        "sampler": "ddim",
+        "num_inference_steps": 5,
+    }
+    config.update(overrides)
+    return config
+
+
+def fitted_normalizer(config: dict, seed: int = 0) -> LinearNormalizer:
+    rng = np.random.default_rng(seed)
+    norm = LinearNormalizer({"action": fit_limits(rng.uniform(0, 512, (200, 2)))})
+    for key, feat in config["shape_meta"]["obs"].items():
+        if feat["type"] == "rgb":
+            norm[key] = image_range(feat["shape"][0])
+        else:
+            norm[key] = fit_limits(rng.uniform(0, 512, (200, feat["shape"][0])))
+    return norm
+
+
+def tiny_policy(image: bool = True, seed: int = 0, **overrides):
+    config = tiny_config(image, **overrides)
+    return build_policy(config, fitted_normalizer(config, seed))
+
+
+def observation(policy, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    cfg = policy.config
+    obs = {}
+    for key, feat in cfg.obs.items():
+        shape = (batch, cfg.n_obs_steps, *feat.hwc_shape)
+        if feat.is_image:
+            obs[key] = rng.integers(0, 256, shape, dtype=np.uint8)
+        else:
+            obs[key] = rng.uniform(0, 512, shape).astype(np.float32)
+    return obs
+
+
+def training_batch(policy, batch: int = 3, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    cfg = policy.config
+    return {
+        "obs": observation(policy, batch, seed),
+        "action": rng.uniform(0, 512, (batch, cfg.horizon, cfg.action_dim)).astype(np.float32),
+    }

@@ -1,0 +1,240 @@
+import json
+import struct
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import observation, tiny_policy
+from mlx.utils import tree_flatten, tree_map
+
+from policy_core import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointVersionError,
+    load_policy,
+    read_checkpoint,
+    save_policy,
+)
+from policy_core.checkpoint import FORMAT_VERSION, write_safetensors_atomic
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    policy = tiny_policy(image=True)
+    path = tmp_path_factory.mktemp("ckpt") / "policy.safetensors"
+    sha = save_policy(policy, path, training_step=123, provenance={"test": True})
+    return policy, path, sha
+
+
+def _params(policy) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(policy.parameters())}
+
+
+def test_round_trip_is_bit_exact(saved):
+    policy, path, sha = saved
+    loaded = load_policy(path)
+    a, b = _params(policy), _params(loaded)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    for key in policy.normalizer.features:
+        for stat, value in policy.normalizer[key].arrays().items():
+            assert np.array_equal(value, loaded.normalizer[key].arrays()[stat])
+    assert loaded.config == policy.config
+    # Observation key order survives (features are concatenated in that order).
+    assert list(loaded.config.obs) == ["image", "agent_pos"]
+    obs = observation(policy)
+    for kind, steps in (("ddim", 5), ("ddpm", 10)):
+        want = policy.predict_action(obs, scheduler=kind, num_inference_steps=steps, seed=11)
+        got = loaded.predict_action(obs, scheduler=kind, num_inference_steps=steps, seed=11)
+        assert mx.array_equal(want["action_pred"], got["action_pred"]).item()
+
+
+def test_metadata_document(saved):
+    policy, path, sha = saved
+    ckpt = read_checkpoint(path)
+    doc = ckpt.metadata
+    assert doc["format_version"] == FORMAT_VERSION
+    assert doc["policy_type"] == "diffusion_unet"
+    assert doc["content_sha256"] == sha == ckpt.sha256
+    assert doc["training_step"] == 123 and doc["provenance"] == {"test": True}
+    assert doc["obs_schema"] == {
+        "image": {"shape": [2, 72, 72, 3], "dtype": "uint8"},
+        "agent_pos": {"shape": [2, 2], "dtype": "float32"},
+    }
+    assert doc["action"] == {"dim": 2, "horizon": 8, "n_action_steps": 4}
+    assert doc["n_obs_steps"] == 2 and doc["control_hz"] == 10.0
+    assert doc["created_at"].endswith("Z")
+    # Standard safetensors: MLX's own loader reads every tensor.
+    arrays = mx.load(str(path))
+    assert set(arrays) == set(ckpt.tensors)
+
+
+def test_ema_weights_are_served_by_default(tmp_path):
+    policy = tiny_policy(image=False)
+    ema = tree_map(lambda p: p * 0.5, policy.parameters())
+    path = tmp_path / "ema.safetensors"
+    save_policy(policy, path, ema_params=ema)
+    with_ema, without = load_policy(path), load_policy(path, use_ema=False)
+    for k, v in tree_flatten(ema):
+        assert np.array_equal(np.array(v), _params(with_ema)[k])
+        assert np.array_equal(np.array(dict(tree_flatten(policy.parameters()))[k]), _params(without)[k])
+
+
+def test_bfloat16_round_trip_and_dtype_override(tmp_path):
+    policy = tiny_policy(image=False, dtype="bfloat16")
+    path = tmp_path / "bf16.safetensors"
+    save_policy(policy, path)
+    loaded = load_policy(path)
+    for k, v in tree_flatten(policy.parameters()):
+        got = dict(tree_flatten(loaded.parameters()))[k]
+        assert got.dtype == mx.bfloat16 and mx.array_equal(v, got).item()
+    as_fp32 = load_policy(path, dtype="float32")
+    assert all(v.dtype == mx.float32 for _, v in tree_flatten(as_fp32.parameters()))
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    policy = tiny_policy(image=False)
+    save_policy(policy, tmp_path / "a.safetensors")
+    save_policy(policy, tmp_path / "a.safetensors")  # replace in place
+    with pytest.raises(ValueError, match="train"):
+        save_policy(policy, tmp_path / "b.safetensors", extra_tensors={"bad": mx.zeros(1)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_unfitted_normalizer_is_refused(tmp_path):
+    policy = tiny_policy(image=False)
+    policy.normalizer.features.pop("action")
+    with pytest.raises(ValueError, match="action"):
+        save_policy(policy, tmp_path / "x.safetensors")
+
+
+# ---- bad files -----------------------------------------------------------------------------------
+
+
+def _rewrite(src, dst, edit_tensors=None, edit_doc=None):
+    """Re-save a checkpoint with edited tensors / metadata (a valid file with different content)."""
+    ckpt = read_checkpoint(src)
+    tensors = dict(ckpt.tensors)
+    doc = dict(ckpt.metadata)
+    doc.pop("content_sha256")
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_doc:
+        edit_doc(doc)
+    write_safetensors_atomic(dst, tensors, doc)
+    return dst
+
+
+def test_truncated_file(saved, tmp_path):
+    _, path, _ = saved
+    data = path.read_bytes()
+    for cut in (0, 5, 100, len(data) // 2, len(data) - 1):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CheckpointCorruptError, match="truncated|header"):
+            load_policy(bad)
+
+
+def test_flipped_data_byte_fails_the_hash(saved, tmp_path):
+    _, path, _ = saved
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    bad = tmp_path / "flip.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match="hash"):
+        load_policy(bad)
+
+
+def test_garbage_and_trailing_bytes(saved, tmp_path):
+    _, path, _ = saved
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(struct.pack("<Q", 10) + b"not json!!" + b"\0" * 16)
+    with pytest.raises(CheckpointCorruptError, match="JSON"):
+        load_policy(bad)
+    trailing = tmp_path / "trailing.safetensors"
+    trailing.write_bytes(path.read_bytes() + b"extra")
+    with pytest.raises(CheckpointCorruptError, match="trailing"):
+        load_policy(trailing)
+
+
+def test_missing_file():
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_policy("/nonexistent/policy.safetensors")
+
+
+def test_plain_safetensors_is_not_a_policy(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    mx.save_safetensors(str(plain), {"w": mx.zeros((2, 2))})
+    with pytest.raises(CheckpointVersionError, match="not a dpmlx policy checkpoint"):
+        load_policy(plain)
+
+
+def test_unknown_format_version(saved, tmp_path):
+    _, path, _ = saved
+    bad = _rewrite(path, tmp_path / "v99.safetensors", edit_doc=lambda d: d.update(format_version=99))
+    with pytest.raises(CheckpointVersionError, match="version 99"):
+        load_policy(bad)
+
+
+def test_unknown_policy_type(saved, tmp_path):
+    _, path, _ = saved
+    bad = _rewrite(
+        path, tmp_path / "type.safetensors", edit_doc=lambda d: d.update(policy_type="transformer")
+    )
+    with pytest.raises(CheckpointVersionError, match="transformer"):
+        load_policy(bad)
+
+
+def test_missing_and_unexpected_tensors(saved, tmp_path):
+    _, path, _ = saved
+    name = "model.unet.mid_modules.0.cond_encoder.weight"
+    bad = _rewrite(path, tmp_path / "missing.safetensors", edit_tensors=lambda t: t.pop(name))
+    with pytest.raises(CheckpointMismatchError, match="missing.*mid_modules.0.cond_encoder.weight"):
+        load_policy(bad)
+    extra = _rewrite(
+        path, tmp_path / "extra.safetensors", edit_tensors=lambda t: t.update({"model.foo": mx.zeros(1)})
+    )
+    with pytest.raises(CheckpointMismatchError, match="unexpected.*foo"):
+        load_policy(extra)
+    norm = _rewrite(
+        path, tmp_path / "norm.safetensors", edit_tensors=lambda t: t.pop("normalizer.action.scale")
+    )
+    with pytest.raises(CheckpointMismatchError, match="normalizer.action.scale"):
+        load_policy(norm)
+
+
+def test_shape_and_dtype_mismatch(saved, tmp_path):
+    _, path, _ = saved
+    name = "model.unet.final_conv.1.bias"
+
+    def reshape(t):
+        t[name] = mx.zeros((3,))
+
+    def retype(t):
+        t[name] = t[name].astype(mx.float16)
+
+    with pytest.raises(CheckpointMismatchError, match="final_conv.1.bias has shape"):
+        load_policy(_rewrite(path, tmp_path / "shape.safetensors", edit_tensors=reshape))
+    with pytest.raises(CheckpointMismatchError, match="final_conv.1.bias has dtype"):
+        load_policy(_rewrite(path, tmp_path / "dtype.safetensors", edit_tensors=retype))
+
+
+def test_config_in_metadata_is_validated(saved, tmp_path):
+    _, path, _ = saved
+
+    def break_config(doc):
+        doc["config"] = {**doc["config"], "horizon": 9}
+
+    with pytest.raises(CheckpointMismatchError, match="horizon"):
+        load_policy(_rewrite(path, tmp_path / "cfg.safetensors", edit_doc=break_config))
+
+
+def test_header_is_plain_json_never_pickle(saved):
+    _, path, _ = saved
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    assert header["__metadata__"]["format"] == "dpmlx-policy"
+    json.loads(header["__metadata__"]["dpmlx"])

@@ -1,0 +1,228 @@
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+import yaml
+from helpers import observation, tiny_policy, training_batch
+from mlx.utils import tree_flatten
+
+from policy_core import ConfigError, ObservationError, build_policy
+from policy_core.vision import RgbEncoder
+
+
+def n_params(module) -> int:
+    return sum(v.size for _, v in tree_flatten(module.parameters()))
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("configs/pusht_lowdim.yaml", 65_783_298),
+        ("configs/pusht_image.yaml", 251_511_938 + 11_197_088),  # UNet + one ResNet18-GN encoder
+    ],
+)
+def test_shipped_configs_build_with_upstream_sizes(path, expected):
+    policy = build_policy(yaml.safe_load(Path(path).read_text())["policy"])
+    assert n_params(policy) == expected
+
+
+def test_every_parameter_gets_a_gradient_and_moves():
+    """The earlier MLX port trained a quarter of its UNet: every parameter must learn."""
+    policy = tiny_policy(image=True)
+    batch = training_batch(policy)
+    params = dict(tree_flatten(policy.trainable_parameters()))
+    assert len(params) == len(tree_flatten(policy.parameters()))
+
+    loss_and_grad = nn.value_and_grad(policy, lambda b: policy.compute_loss(b))
+    loss, grads = loss_and_grad(batch)
+    assert np.isfinite(loss.item())
+    flat = dict(tree_flatten(grads))
+    assert flat.keys() == params.keys()
+    zero = [k for k, g in flat.items() if not mx.any(g != 0).item()]
+    assert zero == []
+
+    before = {k: np.array(v) for k, v in params.items()}
+    opt = optim.AdamW(learning_rate=1e-3)
+    opt.update(policy, grads)
+    mx.eval(policy.parameters())
+    after = dict(tree_flatten(policy.parameters()))
+    unchanged = [k for k in before if np.array_equal(before[k], np.array(after[k]))]
+    assert unchanged == []
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    policy = tiny_policy(image=False)
+    batch = training_batch(policy, batch=8)
+    opt = optim.AdamW(learning_rate=3e-3)
+    loss_and_grad = nn.value_and_grad(policy, lambda b: policy.compute_loss(b))
+    mx.random.seed(0)
+    losses = []
+    for _ in range(150):
+        loss, grads = loss_and_grad(batch)
+        opt.update(policy, grads)
+        mx.eval(policy.parameters(), opt.state)
+        losses.append(loss.item())
+    assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:20])
+
+
+def test_predict_action_shapes_window_and_determinism():
+    policy = tiny_policy(image=True)
+    obs = observation(policy, batch=3)
+    out = policy.predict_action(obs, seed=7)
+    cfg = policy.config
+    assert out["action"].shape == (3, cfg.n_action_steps, 2)
+    assert out["action_pred"].shape == (3, cfg.horizon, 2)
+    assert out["action"].dtype == mx.float32
+    start = cfg.n_obs_steps - 1
+    assert mx.array_equal(out["action"], out["action_pred"][:, start : start + cfg.n_action_steps]).item()
+    # Inference is deterministic for a seed: no random crop, no hidden RNG.
+    again = policy.predict_action(obs, seed=7)
+    assert mx.array_equal(out["action_pred"], again["action_pred"]).item()
+    other = policy.predict_action(obs, seed=8)
+    assert not mx.array_equal(out["action_pred"], other["action_pred"]).item()
+
+
+def _reference_sample(policy, obs, kind, steps, x_init, step_noise):
+    """Straightforward loop over the reference UNet forward: what the fast, compiled path must equal."""
+    scheduler = policy.noise_scheduler.__class__(policy.config.noise_scheduler)
+    if kind == "ddim":
+        from policy_core.schedulers import DDIMScheduler
+
+        scheduler = DDIMScheduler(policy.config.noise_scheduler)
+    scheduler.set_timesteps(steps)
+    global_cond = policy.encode_obs(policy.normalize_obs(obs))
+    x = x_init
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(policy.unet(x, t, global_cond), t, x, noise=step_noise[i])
+    return policy.normalizer.unnormalize("action", x)
+
+
+@pytest.mark.parametrize("kind, steps", [("ddim", 5), ("ddpm", 10)])
+def test_fast_path_matches_reference_loop(kind, steps):
+    policy = tiny_policy(image=True)
+    obs = observation(policy, batch=2)
+    seed = 3
+    out = policy.predict_action(obs, scheduler=kind, num_inference_steps=steps, seed=seed)
+    # Same noise as predict_action draws for this seed.
+    key_init, key_steps = mx.random.split(mx.random.key(seed))
+    shape = (2, policy.config.horizon, 2)
+    x_init = mx.random.normal(shape, key=key_init)
+    step_noise = mx.random.normal((steps, *shape), key=key_steps)
+    ref = _reference_sample(policy, obs, kind, steps, x_init, step_noise)
+    assert mx.abs(out["action_pred"] - ref).max().item() < 1e-3  # pixels, actions span 0..512
+
+
+def test_explicit_noise_is_used_and_scheduler_switch_needs_no_reload():
+    policy = tiny_policy(image=False)
+    obs = observation(policy, batch=1)
+    noise = np.random.default_rng(0).normal(size=(1, 8, 2)).astype(np.float32)
+    a = policy.predict_action(obs, scheduler="ddim", noise=noise, seed=1)
+    b = policy.predict_action(obs, scheduler="ddim", noise=noise, seed=2)
+    # DDIM with eta 0 is deterministic given x_T: the seed no longer matters.
+    assert mx.array_equal(a["action_pred"], b["action_pred"]).item()
+    c = policy.predict_action(obs, scheduler="ddpm", num_inference_steps=20, noise=noise, seed=1)
+    assert not mx.array_equal(a["action_pred"], c["action_pred"]).item()
+    with pytest.raises(ValueError, match="noise has shape"):
+        policy.predict_action(obs, noise=noise[:, :4])
+    with pytest.raises(ValueError, match="scheduler"):
+        policy.predict_action(obs, scheduler="euler")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        policy.predict_action(obs, num_inference_steps=1000)
+
+
+def test_batched_request_equals_single_requests():
+    policy = tiny_policy(image=True)
+    obs = observation(policy, batch=2)
+    noise = np.random.default_rng(1).normal(size=(2, 8, 2)).astype(np.float32)
+    both = policy.predict_action(obs, noise=noise)["action_pred"]
+    for i in range(2):
+        one = policy.predict_action({k: v[i : i + 1] for k, v in obs.items()}, noise=noise[i : i + 1])
+        assert mx.abs(both[i] - one["action_pred"][0]).max().item() < 1e-3
+
+
+def test_observation_errors_name_the_problem():
+    policy = tiny_policy(image=True)
+    obs = observation(policy, batch=2)
+    with pytest.raises(ObservationError, match="missing observation key"):
+        policy.predict_action({"agent_pos": obs["agent_pos"]})
+    with pytest.raises(ObservationError, match="obs\\['image'\\] has shape"):
+        policy.predict_action({**obs, "image": obs["image"][:, :, :60]})
+    with pytest.raises(ObservationError, match="batch size"):
+        policy.predict_action({**obs, "agent_pos": obs["agent_pos"][:1]})
+
+
+def test_training_crops_randomly_and_inference_centrally(monkeypatch):
+    calls = []
+    original = RgbEncoder.crop
+
+    def spy(self, images, random_crop):
+        calls.append(random_crop)
+        return original(self, images, random_crop)
+
+    monkeypatch.setattr(RgbEncoder, "crop", spy)
+    policy = tiny_policy(image=True)
+    mx.eval(policy.compute_loss(training_batch(policy)))
+    assert calls == [True]
+    calls.clear()
+    policy.predict_action(observation(policy), seed=0)
+    assert calls == [False]
+    # And the random crops really differ between calls.
+    nobs = policy.normalize_obs(observation(policy, batch=1))
+    a, b = policy.encode_obs(nobs, random_crop=True), policy.encode_obs(nobs, random_crop=True)
+    assert not mx.array_equal(a, b).item()
+
+
+def test_bfloat16_weights():
+    policy = tiny_policy(image=True, dtype="bfloat16")
+    assert all(v.dtype == mx.bfloat16 for _, v in tree_flatten(policy.parameters()))
+    out = policy.predict_action(observation(policy), seed=0)
+    assert out["action"].dtype == mx.float32
+    assert mx.all(mx.isfinite(out["action_pred"])).item()
+    loss = policy.compute_loss(training_batch(policy))
+    assert loss.dtype == mx.float32 and np.isfinite(loss.item())
+
+
+def test_shared_rgb_encoder_for_two_cameras():
+    cams = {
+        "left": {"shape": [3, 72, 72], "type": "rgb"},
+        "right": {"shape": [3, 72, 72], "type": "rgb"},
+        "agent_pos": {"shape": [2], "type": "low_dim"},
+    }
+    from helpers import fitted_normalizer, tiny_config
+
+    for shared, n_encoders in ((False, 2), (True, 1)):
+        cfg = tiny_config(image=False, obs_encoder={"crop_shape": [64, 64], "share_rgb_model": shared})
+        cfg["shape_meta"]["obs"] = cams
+        policy = build_policy(cfg, fitted_normalizer(cfg))
+        assert len(policy.rgb_encoders) == n_encoders
+        # global cond = n_obs_steps * (64 + 64 + 2)
+        assert policy.unet.mid_modules[0].cond_encoder.weight.shape[1] == 16 + 2 * 130
+        assert policy.predict_action(observation(policy), seed=0)["action"].shape == (2, 4, 2)
+
+
+def test_avg_pool_encoder_variant():
+    policy = tiny_policy(image=True, obs_encoder={"crop_shape": [64, 64], "pool": "avg"})
+    assert policy.unet.mid_modules[0].cond_encoder.weight.shape[1] == 16 + 2 * (512 + 2)
+    assert policy.predict_action(observation(policy), seed=0)["action"].shape == (2, 4, 2)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"horizon": 9}, "horizon"),
+        ({"n_action_steps": 9}, "n_action_steps"),
+        ({"sampler": "euler"}, "sampler"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"obs_encoder": {"pool": "max"}}, "pool"),
+        ({"noise_scheduler": {"beta_schedule": "cosine"}}, "beta_schedule"),
+        ({"down_dim": [16]}, "unknown policy config field"),
+    ],
+)
+def test_config_errors_name_the_field(change, match):
+    from helpers import tiny_config
+
+    with pytest.raises(ConfigError, match=match):
+        build_policy(tiny_config(image=True, **change))
