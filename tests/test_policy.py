@@ -54,18 +54,19 @@ def test_every_parameter_gets_a_gradient_and_moves():
 
 
 def test_loss_decreases_on_a_fixed_batch():
+    mx.random.seed(0)
     policy = tiny_policy(image=False)
     batch = training_batch(policy, batch=8)
     opt = optim.AdamW(learning_rate=3e-3)
     loss_and_grad = nn.value_and_grad(policy, lambda b: policy.compute_loss(b))
-    mx.random.seed(0)
     losses = []
-    for _ in range(150):
+    for _ in range(300):
         loss, grads = loss_and_grad(batch)
         opt.update(policy, grads)
         mx.eval(policy.parameters(), opt.state)
         losses.append(loss.item())
-    assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:20])
+    # Timesteps and noise are random per step, so compare averages over many steps.
+    assert np.mean(losses[-50:]) < 0.6 * np.mean(losses[:50])
 
 
 def test_predict_action_shapes_window_and_determinism():
