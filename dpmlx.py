@@ -22,12 +22,25 @@ def _bench_policy(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import policy_core  # noqa: F401  (first: binds MLX to the optimised BLAS)
+    from server.app import serve_main
+
+    return serve_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpmlx", description="Diffusion Policy on MLX")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="MLX version, backend, device, memory and BLAS (for bug reports)")
     info.set_defaults(func=_info)
+
+    serve = sub.add_parser("serve", help="serve a policy over ZeroMQ with an HTTP control plane")
+    from server.cli import add_arguments as add_serve_arguments
+
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

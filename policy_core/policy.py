@@ -151,6 +151,14 @@ class DiffusionUnetPolicy(nn.Module):
             self._samplers[key] = mx.compile(sample, inputs=[self.state])
         return self._samplers[key]
 
+    def sample_noise(self, batch: int, num_steps: int, seed: int | None = None) -> tuple[mx.array, mx.array]:
+        """The initial trajectory x_T (B, horizon, action_dim) and the per-step sampler noise
+        (num_steps, B, horizon, action_dim) that ``predict_action(seed=seed)`` uses."""
+        shape = (batch, self.config.horizon, self.config.action_dim)
+        key = mx.random.key(secrets.randbits(63) if seed is None else seed)
+        key_init, key_steps = mx.random.split(key)
+        return mx.random.normal(shape, key=key_init), mx.random.normal((num_steps, *shape), key=key_steps)
+
     def predict_action(
         self,
         obs: dict[str, Any],
@@ -159,13 +167,16 @@ class DiffusionUnetPolicy(nn.Module):
         scheduler: str | None = None,
         seed: int | None = None,
         noise: Any = None,
+        step_noise: Any = None,
     ) -> dict[str, mx.array]:
         """Sample an action chunk. obs: {key: (B, n_obs_steps, ...)}, images channel-last.
 
         Returns ``action`` (B, n_action_steps, action_dim) and ``action_pred`` (B, horizon, action_dim),
-        float32 and evaluated. ``noise`` is an explicit x_T (B, horizon, action_dim); ``seed`` makes the
-        initial and per-step noise reproducible; ``scheduler`` ("ddim" | "ddpm") switches the sampler
-        without reloading weights.
+        float32 and evaluated. ``seed`` makes the initial and per-step noise reproducible; ``noise`` is
+        an explicit x_T (B, horizon, action_dim) and ``step_noise`` explicit per-step noise
+        (steps, B, horizon, action_dim), both overriding what the seed would give (a server batching
+        several requests passes each request's own). ``scheduler`` ("ddim" | "ddpm") switches the
+        sampler without reloading weights.
         """
         cfg = self.config
         batch = self.validate_obs(obs)
@@ -175,16 +186,18 @@ class DiffusionUnetPolicy(nn.Module):
             raise ValueError(f"scheduler must be 'ddpm' or 'ddim', got {kind!r}")
         if not 1 <= steps <= cfg.noise_scheduler.num_train_timesteps:
             raise ValueError(f"num_inference_steps must be in [1, {cfg.noise_scheduler.num_train_timesteps}]")
-        traj_shape = (batch, cfg.horizon, cfg.action_dim)
-        key_init, key_steps = mx.random.split(mx.random.key(secrets.randbits(63) if seed is None else seed))
-        if noise is None:
-            x_init = mx.random.normal(traj_shape, key=key_init)
-        else:
+        x_init, noise_per_step = self.sample_noise(batch, steps, seed)
+        if noise is not None:
             x_init = _as_mx(noise).astype(mx.float32)
-            if tuple(x_init.shape) != traj_shape:
-                raise ValueError(f"noise has shape {tuple(x_init.shape)}, expected {traj_shape}")
-        step_noise = mx.random.normal((steps, *traj_shape), key=key_steps)
-        naction = self._sampler(kind, steps)(self.normalize_obs(obs), x_init, step_noise)
+        if step_noise is not None:
+            noise_per_step = _as_mx(step_noise).astype(mx.float32)
+        for name, value, shape in (
+            ("noise", x_init, (batch, cfg.horizon, cfg.action_dim)),
+            ("step_noise", noise_per_step, (steps, batch, cfg.horizon, cfg.action_dim)),
+        ):
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
+        naction = self._sampler(kind, steps)(self.normalize_obs(obs), x_init, noise_per_step)
         action_pred = self.normalizer.unnormalize("action", naction)
         start = cfg.n_obs_steps - 1
         action = action_pred[:, start : start + cfg.n_action_steps]

@@ -107,11 +107,7 @@ def test_fast_path_matches_reference_loop(kind, steps):
     obs = observation(policy, batch=2)
     seed = 3
     out = policy.predict_action(obs, scheduler=kind, num_inference_steps=steps, seed=seed)
-    # Same noise as predict_action draws for this seed.
-    key_init, key_steps = mx.random.split(mx.random.key(seed))
-    shape = (2, policy.config.horizon, 2)
-    x_init = mx.random.normal(shape, key=key_init)
-    step_noise = mx.random.normal((steps, *shape), key=key_steps)
+    x_init, step_noise = policy.sample_noise(2, steps, seed)  # what predict_action draws for the seed
     ref = _reference_sample(policy, obs, kind, steps, x_init, step_noise)
     assert mx.abs(out["action_pred"] - ref).max().item() < 1e-3  # pixels, actions span 0..512
 
@@ -128,6 +124,13 @@ def test_explicit_noise_is_used_and_scheduler_switch_needs_no_reload():
     assert not mx.array_equal(a["action_pred"], c["action_pred"]).item()
     with pytest.raises(ValueError, match="noise has shape"):
         policy.predict_action(obs, noise=noise[:, :4])
+    # Explicit noise reproduces a seeded request exactly.
+    x_init, step_noise = policy.sample_noise(1, 20, seed=5)
+    seeded = policy.predict_action(obs, scheduler="ddpm", num_inference_steps=20, seed=5)
+    explicit = policy.predict_action(
+        obs, scheduler="ddpm", num_inference_steps=20, noise=x_init, step_noise=step_noise
+    )
+    assert mx.array_equal(seeded["action_pred"], explicit["action_pred"]).item()
     with pytest.raises(ValueError, match="scheduler"):
         policy.predict_action(obs, scheduler="euler")
     with pytest.raises(ValueError, match="num_inference_steps"):

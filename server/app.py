@@ -1,0 +1,191 @@
+"""The ``dpmlx serve`` process: ZeroMQ front end, model workers, HTTP control plane, directory watch."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from server.frontend import ZmqFrontend
+from server.http_api import create_app
+from server.metrics import Metrics
+from server.models import BatchingConfig, ModelManager
+
+log = logging.getLogger("dpmlx.server")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: Path | None = None
+    zmq: str = "tcp://127.0.0.1:5555"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000  # 0: any free port
+    watch: Path | None = None
+    token: str | None = None
+    model_root: Path = field(default_factory=Path.cwd)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    max_message_bytes: int = 16 * 2**20
+    watch_interval_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not is_loopback(self.http_host) and not self.token:
+            raise ValueError(
+                f"refusing to expose the control plane on {self.http_host} without --token "
+                "(mutating endpoints would be open to the network)"
+            )
+
+
+class DirectoryWatch(threading.Thread):
+    """Loads each checkpoint that appears (by atomic rename) in a folder, newest first.
+
+    A file is identified by (name, inode, mtime): the trainer replacing ``latest.safetensors`` by rename
+    gives a new inode, so it is picked up; files being written (hidden temp files) are ignored.
+    """
+
+    def __init__(self, folder: Path, manager: ModelManager, interval_s: float, skip_existing: bool):
+        super().__init__(name="checkpoint-watch", daemon=True)
+        self.folder, self.manager, self.interval_s = folder, manager, interval_s
+        self._stop_event = threading.Event()
+        # With an explicit --checkpoint, only files newer than what the folder holds now are loaded.
+        found = self.newest() if skip_existing else None
+        self._seen: tuple | None = found[0] if found else None
+
+    def newest(self) -> tuple[tuple, Path] | None:
+        best = None
+        for path in self.folder.glob("*.safetensors"):
+            if path.name.startswith("."):
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            key = (st.st_mtime_ns, path.name, st.st_ino)
+            if best is None or key > best[0]:
+                best = (key, path)
+        return best
+
+    def run(self) -> None:
+        while True:
+            found = self.newest()
+            if found is not None and found[0] != self._seen and self.manager.loading is None:
+                try:
+                    self.manager.load(found[1])
+                    self._seen = found[0]
+                except RuntimeError:
+                    pass  # a load is running; retry on the next tick
+            if self._stop_event.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+class Server:
+    def __init__(self, config: ServeConfig):
+        import uvicorn
+
+        self.config = config
+        self.metrics = Metrics()
+        self.manager = ModelManager(config.batching, self.metrics)
+        self.context = zmq.Context()
+        self.frontend = ZmqFrontend(
+            self.context, config.zmq, self.manager, self.metrics, config.max_message_bytes
+        )
+        self._http_socket = socket.create_server(
+            (config.http_host, config.http_port),
+            family=socket.AF_INET6 if ":" in config.http_host else socket.AF_INET,
+        )
+        self.http_port = self._http_socket.getsockname()[1]
+        self._uvicorn = uvicorn.Server(
+            uvicorn.Config(create_app(self), log_level="warning", lifespan="off", access_log=False)
+        )
+        self._http_thread = threading.Thread(
+            target=self._uvicorn.run, kwargs={"sockets": [self._http_socket]}, name="http", daemon=True
+        )
+        self.watch = (
+            DirectoryWatch(config.watch, self.manager, config.watch_interval_s, config.checkpoint is not None)
+            if config.watch
+            else None
+        )
+
+    @property
+    def zmq_endpoint(self) -> str:
+        return self.frontend.endpoint
+
+    @property
+    def http_url(self) -> str:
+        host = self.config.http_host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}"
+
+    def start(self) -> None:
+        self.frontend.start()
+        self._http_thread.start()
+        if self.config.checkpoint is not None:
+            self.manager.load(self.config.checkpoint)
+        if self.watch is not None:
+            self.watch.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting, finish in-flight requests, then close everything."""
+        self.frontend.stop_accepting()
+        if self.watch is not None:
+            self.watch.stop()
+        self.manager.shutdown(timeout)
+        self.frontend.stop()
+        self._uvicorn.should_exit = True
+        self._http_thread.join(timeout=5)
+        self.context.destroy(linger=0)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    host, _, port = args.http.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    checkpoint = args.checkpoint.resolve() if args.checkpoint else None
+    root = args.model_root or args.watch or (checkpoint.parent if checkpoint else Path.cwd())
+    return ServeConfig(
+        checkpoint=checkpoint,
+        zmq=args.zmq,
+        http_host=host,
+        http_port=int(port),
+        watch=args.watch,
+        token=args.token,
+        model_root=Path(root).resolve(),
+        batching=BatchingConfig(args.max_batch, args.max_wait_ms, args.max_queue, args.dtype),
+        max_message_bytes=int(args.max_message_mb * 2**20),
+    )
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = Server(config_from_args(args))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    log.info("ZeroMQ on %s, control plane on %s", server.zmq_endpoint, server.http_url)
+    if not is_loopback(server.config.http_host):
+        log.warning("control plane exposed on %s (token required for mutations)", server.config.http_host)
+    while not stop.wait(0.2):
+        pass
+    log.info("shutting down: finishing in-flight requests")
+    started = time.perf_counter()
+    server.shutdown()
+    log.info("stopped in %.2f s", time.perf_counter() - started)
+    return 0

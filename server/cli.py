@@ -1,0 +1,22 @@
+"""Arguments of ``dpmlx serve`` (argparse only, so building the CLI stays cheap)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, help="policy checkpoint to serve at start-up")
+    parser.add_argument(
+        "--zmq", default="tcp://127.0.0.1:5555", help="ZeroMQ bind address (tcp:// or ipc://)"
+    )
+    parser.add_argument("--http", default="127.0.0.1:8000", help="control plane HOST:PORT")
+    parser.add_argument("--watch", type=Path, help="hot-load each new checkpoint written to this folder")
+    parser.add_argument("--token", help="bearer token for mutating control-plane endpoints")
+    parser.add_argument("--model-root", type=Path, help="folder checkpoint loads are confined to")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--max-message-mb", type=float, default=16.0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype override")

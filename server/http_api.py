@@ -1,0 +1,101 @@
+"""HTTP control plane (FastAPI): health, readiness, model load / rollback, stats and metrics.
+
+Mutating endpoints (load, rollback) require ``Authorization: Bearer <token>`` whenever a token is set;
+the server refuses to bind HTTP beyond loopback without one. Checkpoint paths are confined to the model
+root: anything that resolves outside it (``..``, absolute paths, symlinks) is refused.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from server.app import Server
+
+
+class LoadRequest(BaseModel):
+    path: str
+
+
+def resolve_model_path(raw: str, root: Path) -> Path:
+    """The checkpoint ``raw`` names, relative to ``root``; PermissionError if it leaves the root."""
+    if not raw or "\0" in raw:
+        raise ValueError("path is empty or invalid")
+    root = root.resolve()
+    candidate = (root / raw).resolve()  # an absolute raw replaces root; resolve() follows symlinks
+    if candidate != root and root not in candidate.parents:
+        raise PermissionError(f"{raw!r} is outside the model root")
+    if candidate.suffix != ".safetensors":
+        raise ValueError("checkpoints are .safetensors files")
+    if not candidate.is_file():
+        raise FileNotFoundError(f"{raw!r} does not exist under the model root")
+    return candidate
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="dpmlx control plane", version="1")
+    token = server.config.token
+
+    def require_token(authorization: str | None = Header(default=None)) -> None:
+        if token is None:
+            return
+        expected = f"Bearer {token}"
+        if authorization is None or not hmac.compare_digest(authorization.encode(), expected.encode()):
+            raise HTTPException(status_code=401, detail="missing or wrong bearer token")
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        active = server.manager.active
+        if active is None:
+            return JSONResponse({"ready": False}, status_code=503)
+        return JSONResponse({"ready": True, "model": active.info.wire()})
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return server.manager.describe()
+
+    @app.post("/v1/models/load", status_code=202, dependencies=[Depends(require_token)])
+    def load(body: LoadRequest) -> dict:
+        try:
+            path = resolve_model_path(body.path, server.config.model_root)
+        except PermissionError as e:
+            raise HTTPException(status_code=403, detail=str(e)) from None
+        except FileNotFoundError as e:
+            raise HTTPException(status_code=404, detail=str(e)) from None
+        except (ValueError, OSError) as e:
+            raise HTTPException(status_code=400, detail=str(e)) from None
+        try:
+            version = server.manager.load(path)
+        except RuntimeError as e:
+            raise HTTPException(status_code=409, detail=str(e)) from None
+        return {"loading": {"path": os.fspath(path), "version": version}}
+
+    @app.post("/v1/models/rollback", dependencies=[Depends(require_token)])
+    def rollback() -> dict:
+        try:
+            info = server.manager.rollback()
+        except RuntimeError as e:
+            raise HTTPException(status_code=409, detail=str(e)) from None
+        return {"active": info.describe()}
+
+    @app.get("/v1/stats")
+    def stats() -> dict:
+        return {**server.metrics.stats(), "queue_depth": server.manager.queue_depth()}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> str:
+        active = server.manager.active
+        return server.metrics.prometheus(server.manager.queue_depth(), active.version if active else None)
+
+    return app

@@ -1,0 +1,344 @@
+"""Resident models: one worker thread per loaded model, and the manager that swaps them.
+
+Every MLX operation of a model (load, warm-up, inference) runs on that model's own worker thread, since
+MLX streams belong to the thread that made them. A new model loads and warms up on its own thread while
+the active one keeps serving; the swap is one reference assignment, so requests already queued at the
+old model finish there and nothing is dropped. The previous model stays resident for rollback
+(Triton's model-control semantics).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from proto.messages import ErrorCode, InferOptions, ProtocolError, Request
+from server.metrics import Metrics
+
+log = logging.getLogger("dpmlx.server")
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch: int = 8  # rows per executed batch (a single larger request runs alone)
+    max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
+    max_queue: int = 64  # queued requests per model before `overloaded`
+    dtype: str | None = None  # weight dtype override for loaded checkpoints
+
+    def buckets(self) -> list[int]:
+        """Batch sizes are padded up to powers of two, so only these few graphs are compiled."""
+        sizes, b = [], 1
+        while b < self.max_batch:
+            sizes.append(b)
+            b *= 2
+        return [*sizes, self.max_batch]
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    version: int
+    sha256: str
+    path: str
+    metadata: dict[str, Any] = field(repr=False)
+
+    def wire(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.wire(), "path": self.path, "training_step": self.metadata.get("training_step")}
+
+    @property
+    def obs_schema(self) -> dict[str, dict[str, Any]]:
+        return self.metadata["obs_schema"]
+
+
+@dataclass
+class PendingInfer:
+    """A validated infer request waiting for a worker; ``reply`` sends the encoded answer back."""
+
+    request: Request
+    obs: dict[str, np.ndarray]  # with batch axis
+    batched: bool
+    received: float  # time.perf_counter() at receipt
+    reply: Callable[[dict[str, Any]], None]
+
+    @property
+    def rows(self) -> int:
+        return next(iter(self.obs.values())).shape[0]
+
+
+class ModelWorker(threading.Thread):
+    """Loads one checkpoint, warms it up, then serves batches from its queue until retired."""
+
+    def __init__(
+        self,
+        path: Path,
+        version: int,
+        batching: BatchingConfig,
+        metrics: Metrics,
+        on_ready: Callable[[ModelWorker], None],
+        on_failed: Callable[[ModelWorker, Exception], None],
+    ):
+        super().__init__(name=f"model-worker-v{version}", daemon=True)
+        self.path = path
+        self.version = version
+        self.batching = batching
+        self.metrics = metrics
+        self.info: ModelInfo | None = None
+        self.queue: queue.Queue[PendingInfer] = queue.Queue(maxsize=batching.max_queue)
+        self._deferred: deque[PendingInfer] = deque()
+        self._on_ready = on_ready
+        self._on_failed = on_failed
+        self._retired = threading.Event()
+        # Guards the decision to exit against a concurrent submit, so no accepted request is orphaned.
+        self._submit_lock = threading.Lock()
+        self._closed = False
+        self.policy = None
+
+    # ---- called from other threads ----
+
+    def submit(self, pending: PendingInfer) -> None:
+        with self._submit_lock:
+            if self._closed:
+                raise ProtocolError(ErrorCode.NOT_READY, "model has been retired")
+            try:
+                self.queue.put_nowait(pending)
+            except queue.Full:
+                raise ProtocolError(
+                    ErrorCode.OVERLOADED, f"queue full ({self.batching.max_queue} requests)"
+                ) from None
+
+    def retire(self) -> None:
+        """Stop after serving what is already queued."""
+        self._retired.set()
+
+    def depth(self) -> int:
+        return self.queue.qsize() + len(self._deferred)
+
+    # ---- worker thread ----
+
+    def run(self) -> None:
+        try:
+            self._load()
+        except Exception as e:  # a failed load must never take the server down
+            log.warning("load of %s failed: %s", self.path, e)
+            self._on_failed(self, e)
+            return
+        self._on_ready(self)
+        while True:
+            batch = self._next_batch()
+            if batch:
+                self._execute(batch)
+            elif self._retired.is_set() and self.depth() == 0:
+                with self._submit_lock:
+                    if self.depth() == 0:
+                        self._closed = True
+                        break
+        self.policy = None
+
+    def _load(self) -> None:
+        from policy_core.checkpoint import policy_from_checkpoint, read_checkpoint
+
+        ckpt = read_checkpoint(self.path)
+        policy = policy_from_checkpoint(ckpt, dtype=self.batching.dtype)
+        name = ckpt.metadata.get("provenance", {}).get("name") or self.path.stem
+        self.info = ModelInfo(name, self.version, ckpt.sha256, str(self.path), ckpt.metadata)
+        # Warm-up: compile the default sampler for every batch bucket, so the first request is fast.
+        schema = self.info.obs_schema
+        for rows in self.batching.buckets():
+            obs = {k: np.zeros((rows, *spec["shape"]), dtype=spec["dtype"]) for k, spec in schema.items()}
+            policy.predict_action(obs, seed=0)
+        self.policy = policy
+
+    def _take(self, timeout: float) -> PendingInfer | None:
+        if self._deferred:
+            return self._deferred.popleft()
+        try:
+            return self.queue.get(timeout=max(timeout, 0.0)) if timeout > 0 else self.queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _next_batch(self) -> list[PendingInfer]:
+        first = self._take(timeout=0.05)
+        if first is None:
+            return []
+        batch, rows, key = [first], first.rows, first.request.options.batch_key()
+        deadline = time.perf_counter() + self.batching.max_wait_ms / 1e3
+        skipped: list[PendingInfer] = []
+        while rows < self.batching.max_batch:
+            nxt = self._take(timeout=deadline - time.perf_counter())
+            if nxt is None:
+                break
+            if nxt.request.options.batch_key() == key and rows + nxt.rows <= self.batching.max_batch:
+                batch.append(nxt)
+                rows += nxt.rows
+            else:
+                skipped.append(nxt)
+        self._deferred.extendleft(reversed(skipped))  # keep arrival order for the next batch
+        return batch
+
+    def _execute(self, batch: list[PendingInfer]) -> None:
+        import mlx.core as mx
+
+        policy = self.policy
+        opts: InferOptions = batch[0].request.options
+        start = time.perf_counter()
+        try:
+            cfg = policy.config
+            kind = opts.scheduler or cfg.sampler
+            steps = opts.num_inference_steps or cfg.default_inference_steps
+            rows = sum(p.rows for p in batch)
+            padded = next((b for b in self.batching.buckets() if b >= rows), rows)
+            obs = {k: np.concatenate([p.obs[k] for p in batch]) for k in batch[0].obs}
+            # Each request's noise comes from its own seed, so results do not depend on batching.
+            noises = [policy.sample_noise(p.rows, steps, p.request.options.seed) for p in batch]
+            x_init = mx.concatenate([n[0] for n in noises])
+            step_noise = mx.concatenate([n[1] for n in noises], axis=1)
+            if padded > rows:
+                obs = {
+                    k: np.concatenate([v, np.repeat(v[-1:], padded - rows, axis=0)]) for k, v in obs.items()
+                }
+                x_init = mx.concatenate([x_init, mx.zeros((padded - rows, *x_init.shape[1:]))])
+                step_noise = mx.concatenate(
+                    [step_noise, mx.zeros((steps, padded - rows, *step_noise.shape[2:]))], axis=1
+                )
+            out = policy.predict_action(
+                obs, scheduler=kind, num_inference_steps=steps, noise=x_init, step_noise=step_noise
+            )
+            actions = np.array(out["action"])[:rows]
+        except Exception as e:  # report to every request of the batch; keep serving
+            log.exception("inference failed")
+            code = ErrorCode.BAD_REQUEST if isinstance(e, ValueError) else ErrorCode.INTERNAL
+            for p in batch:
+                self.metrics.error(code)
+                p.reply(
+                    {
+                        "type": "infer",
+                        "id": p.request.id,
+                        "ok": False,
+                        "error": {"code": code, "message": str(e)},
+                    }
+                )
+            return
+        done = time.perf_counter()
+        infer_ms = (done - start) * 1e3
+        self.metrics.batch(rows, infer_ms)
+        offset = 0
+        for p in batch:
+            chunk = actions[offset : offset + p.rows]
+            offset += p.rows
+            server_ms = (time.perf_counter() - p.received) * 1e3
+            queue_ms = (start - p.received) * 1e3
+            self.metrics.reply(server_ms, queue_ms)
+            p.reply(
+                {
+                    "type": "infer",
+                    "id": p.request.id,
+                    "ok": True,
+                    "action": chunk if p.batched else chunk[0],
+                    "model": self.info.wire(),
+                    "timing": {"server_ms": server_ms, "queue_ms": queue_ms, "infer_ms": infer_ms},
+                }
+            )
+
+
+class ModelManager:
+    """Active / previous / loading models; every transition is atomic under one lock."""
+
+    def __init__(self, batching: BatchingConfig, metrics: Metrics):
+        self.batching = batching
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._versions = itertools.count(1)
+        self.active: ModelWorker | None = None
+        self.previous: ModelWorker | None = None
+        self.loading: ModelWorker | None = None
+        self.loading_since: float | None = None
+        self.last_error: str | None = None
+        self._load_done = threading.Condition(self._lock)
+
+    def load(self, path: Path) -> int:
+        """Start loading ``path`` in the background; return its version. Raises RuntimeError if busy."""
+        with self._lock:
+            if self.loading is not None:
+                raise RuntimeError(f"already loading {self.loading.path}")
+            worker = ModelWorker(
+                path, next(self._versions), self.batching, self.metrics, self._ready, self._failed
+            )
+            self.loading, self.loading_since = worker, time.time()
+        worker.start()
+        return worker.version
+
+    def wait_for_load(self, timeout: float | None = None) -> bool:
+        """Block until no load is in progress; True if it finished in time."""
+        with self._lock:
+            return self._load_done.wait_for(lambda: self.loading is None, timeout)
+
+    def _ready(self, worker: ModelWorker) -> None:
+        with self._lock:
+            retired = self.previous
+            replaced = self.active
+            self.previous, self.active = self.active, worker
+            self.loading = self.loading_since = None
+            self._load_done.notify_all()
+        if retired is not None:
+            retired.retire()
+        if replaced is not None:  # the first load is not a swap
+            self.metrics.swapped()
+        log.info("serving %s v%d (%s)", worker.info.name, worker.version, worker.path)
+
+    def _failed(self, worker: ModelWorker, error: Exception) -> None:
+        with self._lock:
+            self.last_error = f"{worker.path}: {error}"
+            self.loading = self.loading_since = None
+            self._load_done.notify_all()
+        self.metrics.load_failed()
+
+    def rollback(self) -> ModelInfo:
+        with self._lock:
+            if self.previous is None:
+                raise RuntimeError("no previous model to roll back to")
+            self.active, self.previous = self.previous, self.active
+            info = self.active.info
+        self.metrics.swapped()
+        return info
+
+    def queue_depth(self) -> int:
+        return sum(w.depth() for w in (self.active, self.previous) if w is not None)
+
+    def describe(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "active": self.active.info.describe() if self.active else None,
+                "previous": self.previous.info.describe() if self.previous else None,
+                "loading": (
+                    {
+                        "path": str(self.loading.path),
+                        "version": self.loading.version,
+                        "since": self.loading_since,
+                    }
+                    if self.loading
+                    else None
+                ),
+                "last_error": self.last_error,
+            }
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Retire every worker after it has served its queue, and wait for them."""
+        with self._lock:
+            workers = [w for w in (self.active, self.previous, self.loading) if w is not None]
+        for w in workers:
+            w.retire()
+        for w in workers:
+            w.join(timeout)

@@ -1,0 +1,367 @@
+import threading
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import zmq
+from helpers import observation, tiny_policy
+from server_helpers import RawClient, http, running_server, wait_for
+
+from policy_core import load_policy, save_policy
+from proto.codec import pack
+from proto.messages import PROTOCOL_VERSION
+from server.app import ServeConfig
+from server.models import BatchingConfig
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    for seed in (1, 2):
+        mx.random.seed(seed)  # different weights per version
+        save_policy(
+            tiny_policy(image=True), root / f"v{seed}.safetensors", provenance={"name": f"tiny{seed}"}
+        )
+    data = (root / "v1.safetensors").read_bytes()
+    (root / "corrupt.safetensors").write_bytes(data[: len(data) // 2])
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    with running_server(models, models / "v1.safetensors") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    """In-process policies: what the server must answer."""
+    return {v: load_policy(models / f"v{v}.safetensors") for v in (1, 2)}
+
+
+def one_obs(policy, seed: int = 0) -> dict[str, np.ndarray]:
+    return {k: v[0] for k, v in observation(policy, batch=1, seed=seed).items()}
+
+
+def expected_action(policy, obs: dict[str, np.ndarray], seed: int, **options) -> np.ndarray:
+    out = policy.predict_action({k: v[None] for k, v in obs.items()}, seed=seed, **options)
+    return np.array(out["action"][0])
+
+
+@pytest.mark.parametrize("kind, delimiter", [(zmq.REQ, False), (zmq.DEALER, False), (zmq.DEALER, True)])
+def test_hello_ping_reset_infer(server, reference, kind, delimiter):
+    client = RawClient(server.zmq_endpoint, kind, delimiter)
+    try:
+        hello = client.call({"type": "hello", "id": 1, "protocol": PROTOCOL_VERSION})
+        assert hello["ok"] and hello["id"] == 1 and hello["protocol"] == PROTOCOL_VERSION
+        assert hello["model"]["name"] == "tiny1" and len(hello["model"]["sha256"]) == 64
+        assert hello["obs_schema"] == {
+            "image": {"shape": [2, 72, 72, 3], "dtype": "uint8"},
+            "agent_pos": {"shape": [2, 2], "dtype": "float32"},
+        }
+        assert hello["action"] == {"dim": 2, "horizon": 8, "n_action_steps": 4}
+        assert hello["n_obs_steps"] == 2 and hello["control_hz"] == 10.0
+        assert client.call({"type": "ping", "id": "p"}) == {
+            "type": "ping",
+            "id": "p",
+            "ok": True,
+            "protocol": PROTOCOL_VERSION,
+        }
+        assert client.call({"type": "reset", "id": 2})["ok"]
+        obs = one_obs(reference[1])
+        for options in ({"seed": 5}, {"seed": 6, "scheduler": "ddpm", "num_inference_steps": 10}):
+            reply = client.call({"type": "infer", "id": 3, "obs": obs, "options": options})
+            assert reply["ok"], reply
+            assert reply["type"] == "infer" and reply["id"] == 3
+            assert reply["action"].shape == (4, 2) and reply["action"].dtype == np.float32
+            assert reply["model"]["version"] == 1
+            timing = reply["timing"]
+            assert timing["server_ms"] >= timing["infer_ms"] > 0 and timing["queue_ms"] >= 0
+            kwargs = {k: v for k, v in options.items() if k != "seed"}
+            if "num_inference_steps" in kwargs:
+                kwargs["scheduler"] = options["scheduler"]
+            want = expected_action(reference[1], obs, options["seed"], **kwargs)
+            np.testing.assert_allclose(reply["action"], want, rtol=1e-4, atol=1e-3)
+    finally:
+        client.close()
+
+
+def test_batched_request(server, reference):
+    client = RawClient(server.zmq_endpoint)
+    obs = observation(reference[1], batch=3, seed=4)
+    reply = client.call({"type": "infer", "id": 9, "obs": obs, "options": {"seed": 1}})
+    client.close()
+    assert reply["ok"], reply
+    assert reply["action"].shape == (3, 4, 2)
+    x_init, step_noise = reference[1].sample_noise(3, 5, seed=1)  # a batched request draws for all rows
+    want = reference[1].predict_action(obs, noise=x_init, step_noise=step_noise)["action"]
+    np.testing.assert_allclose(reply["action"], np.array(want), rtol=1e-4, atol=1e-3)
+
+
+def test_concurrent_clients_get_their_own_answers_in_batches(server, reference):
+    n_clients, per_client = 8, 6
+    results: dict[int, list] = {}
+    errors: list = []
+
+    def run(cid: int) -> None:
+        client = RawClient(server.zmq_endpoint)
+        obs = one_obs(reference[1], seed=100 + cid)
+        out = []
+        try:
+            for i in range(per_client):
+                seed = cid * 1000 + i
+                reply = client.call(
+                    {"type": "infer", "id": f"{cid}-{i}", "obs": obs, "options": {"seed": seed}}
+                )
+                out.append((obs, seed, reply))
+        except Exception as e:
+            errors.append(e)
+        finally:
+            client.close()
+        results[cid] = out
+
+    before = server.metrics.stats()["max_batch_size"]
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for cid, out in results.items():
+        assert len(out) == per_client
+        for i, (obs, seed, reply) in enumerate(out):
+            assert reply["ok"] and reply["id"] == f"{cid}-{i}", reply
+            np.testing.assert_allclose(
+                reply["action"], expected_action(reference[1], obs, seed), rtol=1e-4, atol=1e-3
+            )
+    assert max(before, server.metrics.stats()["max_batch_size"]) > 1
+
+
+BAD_MESSAGES = [
+    (b"\xc1garbage", "bad_request"),
+    (pack([1, 2, 3]), "bad_request"),
+    (pack({"type": "fly", "id": 1}), "bad_request"),
+    (pack({"type": "infer", "id": 1}), "bad_request"),
+    (pack({"type": "hello", "id": 1, "protocol": 99}), "unsupported_protocol"),
+    (pack({"type": "infer", "id": {"x": 1}, "obs": {"a": 1}}), "bad_request"),
+    (pack({"type": "infer", "id": 1, "obs": {"agent_pos": np.zeros((2, 2), np.float32)}}), "schema_mismatch"),
+    (pack({"type": "infer", "id": 1, "obs": {"image": 1}, "options": {"scheduler": "euler"}}), "bad_request"),
+    (pack({"type": "infer", "id": 1, "obs": {"x": 1}, "options": {"prev_actions": []}}), "bad_request"),
+]
+
+
+def test_bad_input_gets_typed_errors_and_server_keeps_serving(server, reference):
+    client = RawClient(server.zmq_endpoint)
+    good = one_obs(reference[1])
+    cases = list(BAD_MESSAGES)
+    for key, value in (
+        ("image", good["image"].astype(np.float32)),  # images must be uint8
+        ("image", good["image"][:, :10]),
+        ("agent_pos", np.full((2, 2), np.nan, np.float32)),
+        ("agent_pos", np.array([[1e39, 0], [0, 0]])),  # overflows float32
+        ("agent_pos", np.zeros((3, 2, 2), np.float32)),  # batch axis on one key only
+    ):
+        code = "bad_request" if key == "agent_pos" and value.ndim == 2 else "schema_mismatch"
+        cases.append((pack({"type": "infer", "id": 1, "obs": {**good, key: value}}), code))
+    cases.append(
+        (
+            pack({"type": "infer", "id": 1, "obs": good, "options": {"num_inference_steps": 1000}}),
+            "bad_request",
+        )
+    )
+    for payload, code in cases:
+        client.send_raw(payload)
+        reply = client.recv()
+        assert reply["ok"] is False and reply["error"]["code"] == code, (payload[:60], reply)
+        assert reply["error"]["message"]
+    # Malformed array encodings: wrong byte count, object dtype, absurd shape.
+    for arr in (
+        {"__ndarray__": True, "data": b"\0" * 3, "dtype": "<f4", "shape": [2]},
+        {"__ndarray__": True, "data": b"\0" * 8, "dtype": "|O", "shape": [1]},
+        {"__ndarray__": True, "data": b"", "dtype": "<f4", "shape": [-1]},
+    ):
+        reply = client.call({"type": "infer", "id": 2, "obs": {"agent_pos": arr}})
+        assert reply["error"]["code"] == "bad_request"
+    # Extra frames: a reply, not a crash.
+    client.send_raw(b"a", b"b", b"c")
+    assert client.recv()["error"]["code"] == "bad_request"
+    assert client.call({"type": "infer", "id": 3, "obs": good})["ok"]
+    client.close()
+
+
+def test_oversized_message_is_refused(models):
+    with running_server(models, models / "v1.safetensors", max_message_bytes=50_000) as srv:
+        client = RawClient(srv.zmq_endpoint)
+        obs = one_obs(load_policy(models / "v1.safetensors"))  # 2 x 72 x 72 x 3 = 31 KB: fits
+        assert client.call({"type": "infer", "id": 1, "obs": obs})["ok"]
+        big = {**obs, "image": np.zeros((2, 2, 72, 72, 3), np.uint8)}  # batch of two: 62 KB
+        reply = client.call({"type": "infer", "id": 2, "obs": big})
+        assert reply["error"]["code"] == "too_large"
+        assert client.call({"type": "ping", "id": 3})["ok"]
+        client.close()
+
+
+def test_not_ready_before_a_model_is_loaded(models):
+    with running_server(models) as srv:
+        client = RawClient(srv.zmq_endpoint)
+        assert client.call({"type": "hello", "id": 1})["error"]["code"] == "not_ready"
+        assert client.call({"type": "ping", "id": 2})["ok"]
+        assert http("GET", srv.http_url + "/healthz")[0] == 200
+        assert http("GET", srv.http_url + "/readyz")[0] == 503
+        client.close()
+
+
+def test_overloaded_queue_answers_instead_of_growing(models):
+    batching = BatchingConfig(max_batch=1, max_wait_ms=0, max_queue=2)
+    with running_server(models, models / "v1.safetensors", batching=batching) as srv:
+        client = RawClient(srv.zmq_endpoint)
+        obs = one_obs(load_policy(models / "v1.safetensors"))
+        n = 30
+        for i in range(n):
+            client.send({"type": "infer", "id": i, "obs": obs, "options": {"scheduler": "ddpm", "seed": i}})
+        replies = [client.recv() for _ in range(n)]
+        codes = [r["error"]["code"] if not r["ok"] else "ok" for r in replies]
+        assert "overloaded" in codes and "ok" in codes
+        assert set(codes) <= {"ok", "overloaded"}
+        assert sorted(r["id"] for r in replies) == list(range(n))
+        client.close()
+
+
+def test_metrics_and_stats(server):
+    status, text = http("GET", server.http_url + "/metrics")
+    assert status == 200
+    for name in (
+        "dpmlx_requests_total",
+        "dpmlx_errors_total",
+        "dpmlx_server_latency_ms_bucket",
+        "dpmlx_batch_size_bucket",
+        "dpmlx_queue_depth",
+        "dpmlx_model_swaps_total",
+    ):
+        assert name in text
+    status, stats = http("GET", server.http_url + "/v1/stats")
+    assert status == 200 and stats["requests"]["infer"] > 0
+    assert stats["latency_ms"]["server_ms"]["p50"] > 0
+
+
+def test_control_plane_auth_and_path_confinement(models, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((models / "v1.safetensors").read_bytes())
+    link = models / "link.safetensors"
+    link.symlink_to(outside)
+    try:
+        with running_server(models, models / "v1.safetensors", token="s3cret") as srv:
+            url = srv.http_url + "/v1/models/load"
+            assert http("POST", url, {"path": "v2.safetensors"})[0] == 401
+            assert http("POST", url, {"path": "v2.safetensors"}, token="wrong")[0] == 401
+            assert http("POST", srv.http_url + "/v1/models/rollback")[0] == 401
+            for path, status in (
+                ("../outside.safetensors", 403),
+                (str(outside), 403),
+                ("link.safetensors", 403),
+                ("/etc/passwd", 403),
+                ("missing.safetensors", 404),
+                ("v1.txt", 400),
+            ):
+                assert http("POST", url, {"path": path}, token="s3cret")[0] == status, path
+            status, body = http("POST", url, {"path": "v2.safetensors"}, token="s3cret")
+            assert status == 202 and body["loading"]["version"] == 2
+            assert srv.manager.wait_for_load(120)
+            assert http("GET", srv.http_url + "/v1/models")[1]["active"]["version"] == 2
+            # Reads stay open.
+            assert http("GET", srv.http_url + "/readyz")[0] == 200
+    finally:
+        link.unlink()
+    with pytest.raises(ValueError, match="without --token"):
+        ServeConfig(http_host="0.0.0.0")
+    ServeConfig(http_host="0.0.0.0", token="t")
+
+
+def test_hot_swap_under_load_drops_nothing(models, reference):
+    """Clients send continuously while the model is swapped 5 times and once to a corrupt file."""
+    with running_server(models, models / "v1.safetensors") as srv:
+        obs = one_obs(reference[1], seed=42)
+        seeds = list(range(8))
+        expected = {
+            (path, s): expected_action(reference[v], obs, s)
+            for v, path in ((1, "v1"), (2, "v2"))
+            for s in seeds
+        }
+        version_path = {1: "v1"}
+        replies: list = []
+        errors: list = []
+        stop = threading.Event()
+
+        def client_loop(cid: int) -> None:
+            client = RawClient(srv.zmq_endpoint, timeout_s=60)
+            i = 0
+            try:
+                while not stop.is_set():
+                    seed = seeds[(cid + i) % len(seeds)]
+                    start = time.perf_counter()
+                    reply = client.call({"type": "infer", "id": i, "obs": obs, "options": {"seed": seed}})
+                    replies.append((seed, reply, (time.perf_counter() - start) * 1e3))
+                    i += 1
+            except Exception as e:
+                errors.append(e)
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        plan = ["v2", "v1", "corrupt", "v2", "v1", "v2"]
+        for name in plan:
+            status, body = http("POST", srv.http_url + "/v1/models/load", {"path": f"{name}.safetensors"})
+            assert status == 202, body
+            version_path[body["loading"]["version"]] = name
+            assert srv.manager.wait_for_load(120)
+            time.sleep(0.3)
+        state = http("GET", srv.http_url + "/v1/models")[1]
+        stop.set()
+        for t in threads:
+            t.join()
+
+        assert not errors
+        assert len(replies) > 20
+        failed = [r for _, r, _ in replies if not r["ok"]]
+        assert failed == []
+        versions_seen = set()
+        for seed, reply, _ in replies:
+            version = reply["model"]["version"]
+            versions_seen.add(version)
+            # The reply names the version that computed it: its action is that model's action.
+            want = expected[(version_path[version], seed)]
+            np.testing.assert_allclose(reply["action"], want, rtol=1e-4, atol=1e-3)
+        assert versions_seen - {1} and len(versions_seen) >= 4
+        assert "corrupt" in state["last_error"]
+        assert state["active"]["version"] == 7 and state["previous"]["version"] == 6
+        assert srv.metrics.stats()["swaps"] == 5 and srv.metrics.stats()["failed_loads"] == 1
+        # Rollback returns to the previous model.
+        status, body = http("POST", srv.http_url + "/v1/models/rollback")
+        assert status == 200 and body["active"]["version"] == 6
+        client = RawClient(srv.zmq_endpoint)
+        assert client.call({"type": "infer", "id": 1, "obs": obs})["model"]["version"] == 6
+        client.close()
+        lat = np.array([ms for _, _, ms in replies])
+        print(
+            f"\nhot-swap latency over {lat.size} requests: p50 {np.percentile(lat, 50):.1f} ms, "
+            f"p90 {np.percentile(lat, 90):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms, "
+            f"max {lat.max():.1f} ms"
+        )
+
+
+def test_watch_folder_hot_loads_new_checkpoints(models, tmp_path):
+    watch = tmp_path / "run"
+    watch.mkdir()
+    with running_server(watch, watch=watch, watch_interval_s=0.1) as srv:
+        assert srv.manager.active is None
+        save_policy(load_policy(models / "v1.safetensors"), watch / "latest.safetensors")
+        assert wait_for(lambda: srv.manager.active is not None, 120)
+        first = srv.manager.active.info.sha256
+        save_policy(load_policy(models / "v2.safetensors"), watch / "latest.safetensors")  # atomic replace
+        assert wait_for(lambda: srv.manager.active.info.sha256 != first, 120)
+        assert srv.manager.active.version == 2
