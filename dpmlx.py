@@ -29,6 +29,12 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_main(args)
 
 
+def _bench_latency(args: argparse.Namespace) -> int:
+    from clients.bench import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpmlx", description="Diffusion Policy on MLX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,12 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
     policy = bench_sub.add_parser("policy", help="in-process predict_action latency (untrained policies)")
     add_arguments(policy)
     policy.set_defaults(func=_bench_policy)
+
+    from clients.bench import add_arguments as add_latency_arguments
+
+    latency = bench_sub.add_parser("latency", help="request latency against a running server (client side)")
+    add_latency_arguments(latency)
+    latency.set_defaults(func=_bench_latency)
     return parser
+
+
+SERVER_EXTRA_MODULES = {"mlx", "fastapi", "uvicorn", "yaml"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as e:
+        # A client-only install has numpy, pyzmq and msgpack: say what to install instead of a traceback.
+        if (e.name or "").split(".")[0] not in SERVER_EXTRA_MODULES:
+            raise
+        print(
+            f"dpmlx {args.command} needs {e.name}, which the client-only install leaves out: "
+            "pip install 'diffusion-policy-mlx[server]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

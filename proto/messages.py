@@ -40,6 +40,7 @@ class InferOptions:
     num_inference_steps: int | None = None
     scheduler: str | None = None
     seed: int | None = None
+    n_action_steps: int | None = None  # actions to return; more than the model's default reach further
 
     def batch_key(self) -> tuple:
         """Requests with equal keys may share a batch (the seed is per request)."""
@@ -64,7 +65,8 @@ def _parse_options(raw: Any) -> InferOptions:
         return InferOptions()
     if not isinstance(raw, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "options must be a map")
-    unknown = set(raw) - {"num_inference_steps", "scheduler", "seed", "prev_actions", "inference_delay"}
+    known = {"num_inference_steps", "scheduler", "seed", "n_action_steps", "prev_actions", "inference_delay"}
+    unknown = set(raw) - known
     if unknown:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown option(s): {sorted(map(str, unknown))}")
     if "prev_actions" in raw or "inference_delay" in raw:
@@ -74,11 +76,16 @@ def _parse_options(raw: Any) -> InferOptions:
     steps, scheduler, seed = raw.get("num_inference_steps"), raw.get("scheduler"), raw.get("seed")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "options.num_inference_steps must be a positive int")
-    if scheduler is not None and scheduler not in SCHEDULERS:
+    if scheduler is not None and (not isinstance(scheduler, str) or scheduler not in SCHEDULERS):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"options.scheduler must be one of {SCHEDULERS}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "options.seed must be an int in [0, 2**63)")
-    return InferOptions(steps, scheduler, seed)
+    n_actions = raw.get("n_action_steps")
+    if n_actions is not None and (
+        isinstance(n_actions, bool) or not isinstance(n_actions, int) or n_actions < 1
+    ):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "options.n_action_steps must be a positive int")
+    return InferOptions(steps, scheduler, seed, n_actions)
 
 
 def parse_request(msg: Any) -> Request:
@@ -88,10 +95,10 @@ def parse_request(msg: Any) -> Request:
     rtype, rid = msg.get("type"), msg.get("id")
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (int, str))):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "id must be an int or a str")
-    if rtype not in REQUEST_TYPES:
+    if not isinstance(rtype, str) or rtype not in REQUEST_TYPES:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"type must be one of {REQUEST_TYPES}, got {rtype!r}")
     protocol = msg.get("protocol")
-    if protocol is not None and protocol != PROTOCOL_VERSION:
+    if protocol is not None and (type(protocol) is not int or protocol != PROTOCOL_VERSION):
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_PROTOCOL,
             f"client speaks protocol {protocol!r}, this server speaks {PROTOCOL_VERSION}",

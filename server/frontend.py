@@ -191,6 +191,13 @@ class ZmqFrontend(threading.Thread):
         max_steps = worker.info.metadata["config"]["noise_scheduler"]["num_train_timesteps"]
         if steps is not None and steps > max_steps:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"num_inference_steps must be <= {max_steps}")
+        meta = worker.info.metadata
+        max_actions = meta["action"]["horizon"] - meta["n_obs_steps"] + 1
+        n_actions = request.options.n_action_steps
+        if n_actions is not None and n_actions > max_actions:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"n_action_steps must be <= {max_actions} (horizon - n_obs_steps + 1)"
+            )
         worker.submit(
             PendingInfer(
                 request,

@@ -216,7 +216,7 @@ class ModelWorker(threading.Thread):
             out = policy.predict_action(
                 obs, scheduler=kind, num_inference_steps=steps, noise=x_init, step_noise=step_noise
             )
-            actions = np.array(out["action"])[:rows]
+            action_pred = np.array(out["action_pred"])[:rows]
         except Exception as e:  # report to every request of the batch; keep serving
             log.exception("inference failed")
             code = ErrorCode.BAD_REQUEST if isinstance(e, ValueError) else ErrorCode.INTERNAL
@@ -234,9 +234,11 @@ class ModelWorker(threading.Thread):
         done = time.perf_counter()
         infer_ms = (done - start) * 1e3
         self.metrics.batch(rows, infer_ms)
+        first = policy.config.n_obs_steps - 1
         offset = 0
         for p in batch:
-            chunk = actions[offset : offset + p.rows]
+            n_actions = p.request.options.n_action_steps or policy.config.n_action_steps
+            chunk = action_pred[offset : offset + p.rows, first : first + n_actions]
             offset += p.rows
             server_ms = (time.perf_counter() - p.received) * 1e3
             queue_ms = (start - p.received) * 1e3

@@ -145,6 +145,10 @@ BAD_MESSAGES = [
     (pack({"type": "fly", "id": 1}), "bad_request"),
     (pack({"type": "infer", "id": 1}), "bad_request"),
     (pack({"type": "hello", "id": 1, "protocol": 99}), "unsupported_protocol"),
+    # Found by the fuzzer: arrays where scalars belong must not reach a truth-value test.
+    (pack({"type": np.zeros(0, np.uint8), "id": 1}), "bad_request"),
+    (pack({"type": "hello", "id": 1, "protocol": np.ones(2)}), "unsupported_protocol"),
+    (pack({"type": "infer", "id": 1, "obs": {"x": 1}, "options": {"scheduler": np.ones(2)}}), "bad_request"),
     (pack({"type": "infer", "id": {"x": 1}, "obs": {"a": 1}}), "bad_request"),
     (pack({"type": "infer", "id": 1, "obs": {"agent_pos": np.zeros((2, 2), np.float32)}}), "schema_mismatch"),
     (pack({"type": "infer", "id": 1, "obs": {"image": 1}, "options": {"scheduler": "euler"}}), "bad_request"),
