@@ -71,6 +71,9 @@ class PolicyConfig:
         if not self.obs:
             raise ConfigError("shape_meta.obs: at least one observation key is required")
         for key, feat in self.obs.items():
+            if not key or "." in key:
+                # Keys name parameter subtrees (rgb_encoders.<key>) and tensors (normalizer.<key>.<stat>).
+                raise ConfigError(f"shape_meta.obs key {key!r} must be non-empty and contain no '.'")
             if feat.type not in ("low_dim", "rgb"):
                 raise ConfigError(f"shape_meta.obs.{key}.type must be 'low_dim' or 'rgb', got {feat.type!r}")
             if feat.is_image and len(feat.shape) != 3:

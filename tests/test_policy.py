@@ -223,6 +223,7 @@ def test_avg_pool_encoder_variant():
         ({"obs_encoder": {"pool": "max"}}, "pool"),
         ({"noise_scheduler": {"beta_schedule": "cosine"}}, "beta_schedule"),
         ({"down_dim": [16]}, "unknown policy config field"),
+        ({"shape_meta": {"obs": {"observation.state": {"shape": [2]}}, "action": {"shape": [2]}}}, "no '.'"),
     ],
 )
 def test_config_errors_name_the_field(change, match):
