@@ -29,8 +29,41 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_main(args)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    import policy_core  # noqa: F401  (first: binds MLX to the optimised BLAS)
+    from policy_core.convert.cli import main as convert_main
+
+    return convert_main(args)
+
+
 def _bench_latency(args: argparse.Namespace) -> int:
     from clients.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def _data_pusht(args: argparse.Namespace) -> int:
+    from trainer.pusht_data import main as data_main
+
+    return data_main(args)
+
+
+def _eval_pusht(args: argparse.Namespace) -> int:
+    from clients.sim.eval_pusht import main as eval_main
+
+    return eval_main(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import policy_core  # noqa: F401  (first: binds MLX to the optimised BLAS)
+    from trainer.cli import train_main
+
+    return train_main(args)
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    import policy_core  # noqa: F401
+    from trainer.cli import bench_main
 
     return bench_main(args)
 
@@ -48,6 +81,47 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
 
+    convert = sub.add_parser(
+        "convert",
+        help="convert a LeRobot diffusion policy or a Diffusion Policy .ckpt to our checkpoint format",
+        description="Convert a LeRobot diffusion pretrained_model/ folder (no PyTorch needed) or a "
+        "real-stanford/diffusion_policy workspace .ckpt (needs torch, dill, omegaconf) into a .safetensors "
+        "checkpoint that `dpmlx serve` loads. A .ckpt is a pickle that can run arbitrary code when read: "
+        "convert only files you trust, never files received over the network.",
+    )
+    convert.add_argument("src", help="LeRobot pretrained_model/ folder (or its parent) or a .ckpt file")
+    convert.add_argument("--out", required=True, help="output .safetensors checkpoint")
+    ema = convert.add_mutually_exclusive_group()
+    ema.add_argument("--use-ema", dest="use_ema", action="store_true", help=".ckpt: EMA weights (default)")
+    ema.add_argument("--no-ema", dest="use_ema", action="store_false", help=".ckpt: the raw model weights")
+    convert.add_argument("--control-hz", type=float, help="control rate stored in the metadata (default 10)")
+    convert.set_defaults(func=_convert, use_ema=None)
+
+    from trainer.cli import add_bench_arguments, add_train_arguments
+
+    train = sub.add_parser(
+        "train", help="train a policy from demonstrations (writes hot-loadable checkpoints)"
+    )
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
+
+    data = sub.add_parser("data", help="generate demonstration data").add_subparsers(
+        dest="task", required=True
+    )
+    from trainer.pusht_cli import add_data_arguments
+
+    pusht_data = data.add_parser("pusht", help="PushT demonstrations from the planning expert (zarr)")
+    add_data_arguments(pusht_data)
+    pusht_data.set_defaults(func=_data_pusht)
+
+    evaluate = sub.add_parser("eval", help="closed-loop evaluation through the server")
+    eval_sub = evaluate.add_subparsers(dest="task", required=True)
+    from clients.sim.cli import add_eval_arguments
+
+    pusht_eval = eval_sub.add_parser("pusht", help="PushT episodes via PolicyClient / ActionChunkRunner")
+    add_eval_arguments(pusht_eval)
+    pusht_eval.set_defaults(func=_eval_pusht)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     from benchmarks.policy_latency import add_arguments
@@ -61,10 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     latency = bench_sub.add_parser("latency", help="request latency against a running server (client side)")
     add_latency_arguments(latency)
     latency.set_defaults(func=_bench_latency)
+
+    bench_train = bench_sub.add_parser("train", help="training throughput: steps/s and samples/s")
+    add_bench_arguments(bench_train)
+    bench_train.set_defaults(func=_bench_train)
     return parser
 
 
-SERVER_EXTRA_MODULES = {"mlx", "fastapi", "uvicorn", "yaml"}
+# Which extra brings each optional top-level module.
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(("mlx", "fastapi", "uvicorn", "yaml"), "server"),
+    **dict.fromkeys(("pymunk", "gymnasium", "PIL"), "sim"),
+    **dict.fromkeys(("zarr", "numcodecs", "tqdm"), "train"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ModuleNotFoundError as e:
         # A client-only install has numpy, pyzmq and msgpack: say what to install instead of a traceback.
-        if (e.name or "").split(".")[0] not in SERVER_EXTRA_MODULES:
+        extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
+        if extra is None:
             raise
         print(
-            f"dpmlx {args.command} needs {e.name}, which the client-only install leaves out: "
-            "pip install 'diffusion-policy-mlx[server]'",
+            f"dpmlx {args.command} needs {e.name}, which this install leaves out: "
+            f"pip install 'diffusion-policy-mlx[{extra}]'",
             file=sys.stderr,
         )
         return 2

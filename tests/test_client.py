@@ -317,23 +317,27 @@ def test_client_imports_without_mlx_fastapi_or_pymunk():
 
 
 def test_dockerfile_client_install_steps_in_a_fresh_venv(tmp_path):
-    """The Dockerfile's steps (copy the tree minus .dockerignore, pip install '.[plot]') in a new venv."""
+    """The Dockerfile's steps (copy the tree minus .dockerignore, pip install '.[plot,sim]') in a new venv."""
     dockerfile = (ROOT / "Dockerfile.client").read_text()
-    assert "pip install --no-cache-dir '.[plot]'" in dockerfile
+    assert "pip install --no-cache-dir '.[plot,sim]'" in dockerfile
     ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()]
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*ignored, "*.egg-info", "__pycache__"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-cache-dir", ".[plot]"]
+    pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-cache-dir", ".[plot,sim]"]
     subprocess.run(
         pip, cwd=src, check=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}, timeout=900
     )
     freeze = subprocess.run([str(venv / "bin/python"), "-m", "pip", "freeze"], capture_output=True, text=True)
     installed = {line.split("==")[0].lower() for line in freeze.stdout.splitlines()}
-    assert {"numpy", "pyzmq", "msgpack", "matplotlib"} <= installed
-    assert not {"mlx", "mlx-cpu", "fastapi", "uvicorn", "pymunk"} & installed
+    assert {"numpy", "pyzmq", "msgpack", "matplotlib", "pymunk", "gymnasium"} <= installed
+    assert not {"mlx", "mlx-cpu", "fastapi", "uvicorn", "zarr"} & installed
     help_text = subprocess.run(
         [str(venv / "bin/dpmlx"), "bench", "latency", "--help"], capture_output=True, text=True, cwd=tmp_path
     )
     assert help_text.returncode == 0 and "--clients" in help_text.stdout
+    eval_help = subprocess.run(
+        [str(venv / "bin/dpmlx"), "eval", "pusht", "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert eval_help.returncode == 0 and "--start-seed" in eval_help.stdout

@@ -1,0 +1,193 @@
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlx.utils import tree_flatten
+from server_helpers import running_server, wait_for
+
+from policy_core import CheckpointCorruptError, load_policy, read_checkpoint
+from trainer.data import BatchSpec, SequenceSampler, batches
+from trainer.pusht_data import generate, save
+from trainer.train import Trainer, ema_decay
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pusht.zarr"
+    episodes, _ = generate(4, seed=20, with_images=True, progress=False)
+    save(episodes, path, with_images=True)
+    return path
+
+
+def tiny_config(dataset: Path, **train) -> dict:
+    config = yaml.safe_load((ROOT / "configs/tiny_smoke.yaml").read_text())
+    config["data"]["path"] = str(dataset)
+    config["data"]["val_ratio"] = 0.25
+    config["train"].update(
+        {"batch_size": 16, "log_every": 5, "val_every": 1000, "checkpoint_every": 1000, **train}
+    )
+    return config
+
+
+def params(tree) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(tree)}
+
+
+def test_sequence_sampler_pads_with_edge_rows():
+    ends = np.array([5, 8])
+    sampler = SequenceSampler(ends, horizon=4, pad_before=1, pad_after=2)
+    # Episode of length L gives L - horizon + pad_before + pad_after + 1 windows.
+    assert len(sampler) == (5 - 4 + 1 + 2 + 1) + (3 - 4 + 1 + 2 + 1)
+    rows = {"x": np.arange(8)}
+    first = sampler.sample(rows, 0, {})["x"]
+    assert first.tolist() == [0, 0, 1, 2]  # one row of padding before: the first row repeated
+    last_of_ep0 = sampler.sample(rows, 4, {})["x"]
+    assert last_of_ep0.tolist() == [3, 4, 4, 4]  # padding after: the last row repeated
+    assert sampler.sample(rows, 5, {})["x"].tolist() == [5, 5, 6, 7]  # never crosses into episode 0
+    assert sampler.sample(rows, 0, {"x": 2})["x"].tolist() == [0, 0]
+
+
+def test_batch_stream_resumes_at_any_step():
+    sampler = SequenceSampler(np.array([30, 50]), horizon=4, pad_before=1, pad_after=3)
+    rows = {"x": np.arange(50.0), "action": np.arange(50.0)}
+    spec = BatchSpec(batch_size=8, seed=3, obs_steps={"x": 2})
+    straight = batches(rows, sampler, spec)
+    expected = [next(straight) for _ in range(12)]  # crosses an epoch boundary
+    resumed = batches(rows, sampler, spec, start_step=7)
+    for k in range(7, 12):
+        got = next(resumed)
+        assert np.array_equal(got["obs"]["x"], expected[k]["obs"]["x"])
+        assert got["obs"]["x"].shape == (8, 2) and got["action"].shape == (8, 4)
+
+
+def test_ema_decay_matches_upstream():
+    assert ema_decay(0, 0.75, 0.9999) == 0.0  # first update copies the weights
+    assert ema_decay(1, 0.75, 0.9999) == 0.0
+    assert ema_decay(2, 0.75, 0.9999) == pytest.approx(1 - 2**-0.75)
+    assert ema_decay(10_001, 0.75, 0.9999) == pytest.approx(0.999, abs=2e-5)  # docstring: 0.999 at 10K steps
+    assert ema_decay(10**7, 0.75, 0.9999) == 0.9999
+
+
+def test_a_few_steps_lower_the_loss(dataset, tmp_path):
+    trainer = Trainer(tiny_config(dataset, num_steps=60, warmup_steps=5, lr=3e-3), tmp_path)
+    trainer.run(progress=False)
+    losses = [h["loss"] for h in trainer.history]
+    assert losses[-1] < 0.6 * losses[0], losses
+    # Update k (0-based) uses diffusers' warm-up + cosine value at k; the last of 60 is k = 59.
+    expected_lr = 3e-3 * 0.5 * (1 + np.cos(np.pi * (59 - 5) / (60 - 5)))
+    assert trainer.optimizer.learning_rate.item() == pytest.approx(expected_lr, rel=1e-4)
+    policy = load_policy(tmp_path / "latest.safetensors")  # the EMA weights, ready to serve
+    assert policy.predict_action({"keypoint": np.zeros((1, 2, 20), np.float32)}, seed=0)["action"].shape == (
+        1,
+        8,
+        2,
+    )
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 60 and "val_loss" in metrics[-1] and metrics[-1]["samples_per_s"] > 0
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_resume_continues_exactly(dataset, tmp_path):
+    n = 6
+    config = tiny_config(dataset, num_steps=2 * n, val_every=n, checkpoint_every=n)
+    straight = Trainer(config, tmp_path / "straight")
+    straight.run(progress=False)
+
+    first = Trainer(config, tmp_path / "resumed")
+    first.run(n, progress=False)
+    second = Trainer(config, tmp_path / "resumed", resume=True)
+    assert second.step == n
+    second.run(progress=False)
+
+    for name, a, b in (
+        ("weights", params(straight.policy.parameters()), params(second.policy.parameters())),
+        ("ema", params(straight.ema), params(second.ema)),
+        ("optimizer", params(straight.optimizer.state), params(second.optimizer.state)),
+    ):
+        assert a.keys() == b.keys(), name
+        for k in a:
+            assert np.array_equal(a[k], b[k]), (name, k)
+    assert straight.history[-1]["loss"] == second.history[-1]["loss"]
+
+
+def test_latest_is_never_seen_half_written(dataset, tmp_path):
+    trainer = Trainer(tiny_config(dataset, num_steps=25, checkpoint_every=1, log_every=1), tmp_path)
+    done = threading.Event()
+    reads, corrupt = [], []
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                reads.append(read_checkpoint(tmp_path / "latest.safetensors").metadata["training_step"])
+            except FileNotFoundError:
+                continue
+            except CheckpointCorruptError as e:
+                corrupt.append(e)
+            except Exception as e:  # noqa: BLE001 - "cannot read" before the first file exists
+                if "cannot read" not in str(e):
+                    corrupt.append(e)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    trainer.run(progress=False)
+    done.set()
+    thread.join()
+    assert corrupt == []
+    assert len(reads) > 5 and reads == sorted(reads)  # every read saw a complete, newer-or-equal file
+
+
+def test_server_hot_loads_what_the_trainer_writes(dataset, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with running_server(run, watch=run, watch_interval_s=0.1) as srv:
+        trainer = Trainer(tiny_config(dataset, num_steps=4, checkpoint_every=2), run)
+        trainer.run(2, progress=False)
+        assert wait_for(lambda: srv.manager.active is not None, 120)
+        first = srv.manager.active.info.sha256
+        assert srv.manager.active.info.metadata["training_step"] == 2
+        trainer.run(4, progress=False)
+        assert wait_for(lambda: srv.manager.active.info.sha256 != first, 120)
+        assert srv.manager.active.info.metadata["training_step"] == 4
+
+
+def test_image_policy_trains(dataset, tmp_path):
+    config = yaml.safe_load((ROOT / "configs/pusht_image.yaml").read_text())
+    config["policy"].update(
+        down_dims=[32, 64], diffusion_step_embed_dim=32, obs_encoder={"crop_shape": [84, 84]}
+    )
+    config["data"].update(path=str(dataset), val_ratio=0.25)
+    config["train"].update(
+        batch_size=4, num_steps=3, log_every=1, val_every=3, val_batches=1, checkpoint_every=3
+    )
+    trainer = Trainer(config, tmp_path)
+    trainer.run(progress=False)
+    assert np.isfinite(trainer.history[-1]["loss"]) and np.isfinite(trainer.history[-1]["val_loss"])
+    ckpt = read_checkpoint(tmp_path / "latest.safetensors")
+    assert ckpt.metadata["obs_schema"]["image"] == {"shape": [2, 96, 96, 3], "dtype": "uint8"}
+
+
+def test_train_cli(dataset, tmp_path):
+    out = tmp_path / "cli"
+    smoke = str(ROOT / "configs/tiny_smoke.yaml")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "dpmlx.py"), "train", "--config", smoke,
+         "--out", str(out), "--set", f"data.path={dataset}", "--set", "train.num_steps=10",
+         "--set", "train.batch_size=8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert read_checkpoint(out / "latest.safetensors").metadata["training_step"] == 10
+    bench = subprocess.run(
+        [sys.executable, str(ROOT / "dpmlx.py"), "bench", "train", "--config", smoke,
+         "--steps", "3", "--set", f"data.path={dataset}", "--set", "train.batch_size=8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bench.returncode == 0, bench.stderr
+    assert "steps/s" in bench.stdout and "samples/s" in bench.stdout

@@ -1,0 +1,339 @@
+"""``dpmlx train``: offline training that writes hot-loadable policy checkpoints.
+
+Upstream's recipe: AdamW (lr 1e-4, betas 0.95/0.999, weight decay 1e-6, bias-corrected as torch's),
+cosine schedule with linear warm-up (diffusers' get_cosine_schedule_with_warmup, stepped per batch), an
+EMA of the weights (power 0.75, max 0.9999; served by default), optional gradient clipping. The whole
+train step (loss, gradients, clipping, optimizer update, RNG) is one ``mx.compile``d function.
+
+Checkpoints (policy_core format) carry the weights, the EMA weights and the optimizer state (moments
+and step), so ``--resume`` continues exactly: the data order and the training noise (MLX's RNG is
+re-seeded from (seed, step) before every step) are functions of the step. ``latest.safetensors`` is
+replaced atomically at every checkpoint (what ``dpmlx serve --watch`` follows); the best ``keep_top_k``
+by validation loss are kept as ``step_*.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from policy_core import build_policy, read_checkpoint, save_policy
+from trainer.data import (
+    BatchSpec,
+    SequenceSampler,
+    batches,
+    fit_normalizer,
+    prefetch,
+    split_episodes,
+    task_arrays,
+)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    batch_size: int = 256
+    num_steps: int = 100_000
+    lr: float = 1.0e-4
+    betas: tuple[float, float] = (0.95, 0.999)
+    eps: float = 1.0e-8
+    weight_decay: float = 1.0e-6
+    warmup_steps: int = 500
+    ema: bool = True
+    ema_power: float = 0.75
+    ema_max: float = 0.9999
+    grad_clip: float | None = None
+    log_every: int = 50
+    val_every: int = 1000
+    val_batches: int = 8
+    checkpoint_every: int = 1000
+    keep_top_k: int = 3
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown train config field(s): {sorted(unknown)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(float(b) for b in d["betas"])
+        return cls(**d)
+
+
+@dataclass
+class DataConfig:
+    task: str
+    path: str
+    val_ratio: float = 0.02
+    max_train_episodes: int | None = None
+
+
+def cosine_with_warmup(base_lr: float, warmup: int, total: int):
+    """diffusers' get_cosine_schedule_with_warmup as an MLX schedule of the optimizer step."""
+
+    def schedule(step: mx.array) -> mx.array:
+        step = step.astype(mx.float32)
+        warm = step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        cosine = 0.5 * (1.0 + mx.cos(math.pi * mx.clip(progress, 0.0, 1.0)))
+        return base_lr * mx.where(step < warmup, warm, cosine)
+
+    return schedule
+
+
+def ema_decay(step: int, power: float, max_value: float) -> float:
+    """Upstream's EMAModel decay at optimisation step ``step`` (0 for the first update: a plain copy)."""
+    n = max(0, step - 1)
+    if n <= 0:
+        return 0.0
+    return min(max(1 - (1 + n) ** -power, 0.0), max_value)
+
+
+class Trainer:
+    def __init__(self, config: dict[str, Any], out_dir: Path, resume: bool = False, group=None):
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.train = TrainConfig.from_dict(config.get("train", {}))
+        self.data_cfg = DataConfig(**config["data"])
+        self.group = group  # mx.distributed group for data parallelism (None: one process)
+        self.rank = group.rank() if group is not None else 0
+        self.world = group.size() if group is not None else 1
+
+        arrays, ends = task_arrays(self.data_cfg.task, self.data_cfg.path)
+        mx.random.seed(self.train.seed)  # weight initialisation
+        self.policy = build_policy(config["policy"])
+        pcfg = self.policy.config
+        missing = [k for k in [*pcfg.obs, "action"] if k not in arrays]
+        if missing:
+            raise ValueError(
+                f"data task {self.data_cfg.task} provides {sorted(arrays)}, the policy needs {missing}"
+            )
+        self.policy.normalizer = fit_normalizer(
+            {k: arrays[k] for k in [*pcfg.obs, "action"]}, pcfg.image_keys
+        )
+        self.arrays = {k: arrays[k] for k in [*pcfg.obs, "action"]}
+
+        val_mask = split_episodes(len(ends), self.data_cfg.val_ratio, self.train.seed)
+        train_mask = ~val_mask
+        if self.data_cfg.max_train_episodes is not None:
+            train_ids = np.flatnonzero(train_mask)
+            keep = np.random.default_rng(self.train.seed).choice(
+                train_ids, size=min(self.data_cfg.max_train_episodes, len(train_ids)), replace=False
+            )
+            train_mask = np.zeros_like(train_mask)
+            train_mask[keep] = True
+        pad_before, pad_after = pcfg.n_obs_steps - 1, pcfg.n_action_steps - 1
+        self.train_sampler = SequenceSampler(ends, pcfg.horizon, pad_before, pad_after, train_mask)
+        self.val_sampler = SequenceSampler(ends, pcfg.horizon, pad_before, pad_after, val_mask)
+        self.obs_steps = {k: pcfg.n_obs_steps for k in pcfg.obs}
+        if self.train.batch_size % self.world:
+            raise ValueError(f"batch_size {self.train.batch_size} is not divisible by {self.world} processes")
+
+        self.optimizer = optim.AdamW(
+            learning_rate=cosine_with_warmup(self.train.lr, self.train.warmup_steps, self.train.num_steps),
+            betas=list(self.train.betas),
+            eps=self.train.eps,
+            weight_decay=self.train.weight_decay,
+            bias_correction=True,  # as torch.optim.AdamW
+        )
+        self.optimizer.init(self.policy.trainable_parameters())
+        self.ema = tree_map(lambda p: p, self.policy.parameters()) if self.train.ema else None
+        self.step = 0
+        self.best: list[tuple[float, Path]] = []
+        self.history: list[dict[str, float]] = []
+        if resume:
+            self._restore(self.out_dir / "latest.safetensors")
+        self._compile()
+
+    # ---- the compiled step ------------------------------------------------------------------------
+
+    def _compile(self) -> None:
+        policy, optimizer, clip = self.policy, self.optimizer, self.train.grad_clip
+        loss_and_grad = nn.value_and_grad(policy, lambda batch: policy.compute_loss(batch))
+        state = [policy.state, optimizer.state, mx.random.state]
+        distributed = self.world > 1
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def train_step(batch: dict) -> tuple[mx.array, mx.array]:
+            loss, grads = loss_and_grad(batch)
+            if distributed:
+                grads = nn.average_gradients(grads)
+                loss = mx.distributed.all_sum(loss) / self.world
+            grad_norm = mx.array(0.0)
+            if clip is not None:
+                grads, grad_norm = optim.clip_grad_norm(grads, clip)
+            optimizer.update(policy, grads)
+            return loss, grad_norm
+
+        @mx.compile
+        def ema_update(ema: dict, params: dict, decay: mx.array) -> dict:
+            return tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+
+        self._train_step, self._ema_update = train_step, ema_update
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def _train_state(self) -> dict[str, mx.array]:
+        return {f"train.opt.{k}": v for k, v in tree_flatten(self.optimizer.state)}
+
+    def _seed_step(self) -> None:
+        """Noise, timesteps and crops of step k depend on (seed, k) only: resuming needs no RNG state."""
+        mx.random.seed(self.train.seed * 1_000_003 + self.step)
+
+    def _restore(self, path: Path) -> None:
+        ckpt = read_checkpoint(path)
+        self.policy.update(tree_unflatten(list(ckpt.group("model").items())))
+        if self.ema is not None:
+            self.ema = tree_unflatten(list(ckpt.group("ema").items()))
+        self.optimizer.state = tree_unflatten(list(ckpt.group("train.opt").items()))
+        self.step = int(ckpt.metadata["training_step"])
+        self.best = [
+            (float(b["val_loss"]), Path(b["path"])) for b in ckpt.metadata["provenance"].get("top_k", [])
+        ]
+        metrics = self.out_dir / "metrics.jsonl"
+        if metrics.exists():
+            self.history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            self.history = [h for h in self.history if h["step"] <= self.step]
+        mx.eval(self.policy.parameters(), self.optimizer.state, self.ema)
+
+    def save(self, val_loss: float | None) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / "latest.safetensors"
+        if val_loss is not None and self.train.keep_top_k > 0:
+            ranked = sorted([*self.best, (val_loss, self.out_dir / f"step_{self.step:07d}.safetensors")])
+            keep, drop = ranked[: self.train.keep_top_k], ranked[self.train.keep_top_k :]
+            for _, old in drop:
+                old.unlink(missing_ok=True)
+            self.best = keep
+        provenance = {
+            "trainer": "dpmlx train",
+            "data": asdict(self.data_cfg),
+            "train": asdict(self.train),
+            "top_k": [{"val_loss": v, "path": str(p)} for v, p in self.best],
+        }
+        kwargs = dict(
+            ema_params=self.ema,
+            extra_tensors=self._train_state(),
+            training_step=self.step,
+            provenance=provenance,
+        )
+        save_policy(self.policy, path, **kwargs)
+        for _, best_path in self.best:
+            if best_path.name == f"step_{self.step:07d}.safetensors":
+                save_policy(self.policy, best_path, **kwargs)
+        return path
+
+    # ---- loop -------------------------------------------------------------------------------------
+
+    def validation_loss(self) -> float | None:
+        if len(self.val_sampler) == 0:
+            return None
+        mx.random.seed(self.train.seed + 1)  # the same noise at every evaluation
+        spec = BatchSpec(min(self.train.batch_size, len(self.val_sampler)), self.train.seed, self.obs_steps)
+        stream = batches(self.arrays, self.val_sampler, spec)
+        losses = [float(self.policy.compute_loss(next(stream)).item()) for _ in range(self.train.val_batches)]
+        return float(np.mean(losses))
+
+    def _log(self, record: dict[str, float]) -> None:
+        self.history.append(record)
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run(self, num_steps: int | None = None, progress: bool = True) -> dict[str, float]:
+        """Train until ``num_steps`` (default: the config's), checkpointing as configured."""
+        from tqdm import tqdm
+
+        end = num_steps if num_steps is not None else self.train.num_steps
+        per_rank = self.train.batch_size // self.world
+        # Every rank walks the same global batch stream and takes its own slice of each batch.
+        spec = BatchSpec(self.train.batch_size, self.train.seed, self.obs_steps)
+        stream = prefetch(batches(self.arrays, self.train_sampler, spec, start_step=self.step))
+        bar = tqdm(total=end, initial=self.step, desc="train", disable=not progress or self.rank != 0)
+        window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
+        last: dict[str, float] = {}
+        while self.step < end:
+            batch = next(stream)
+            if self.world > 1:
+                lo = self.rank * per_rank
+                batch = {
+                    "obs": {k: v[lo : lo + per_rank] for k, v in batch["obs"].items()},
+                    "action": batch["action"][lo : lo + per_rank],
+                }
+            self._seed_step()
+            loss, _ = self._train_step(tree_map(mx.array, batch))
+            if self.ema is not None:
+                decay = ema_decay(self.step, self.train.ema_power, self.train.ema_max)
+                self.ema = self._ema_update(self.ema, self.policy.parameters(), mx.array(decay))
+                mx.eval(loss, self.ema, self.policy.state, self.optimizer.state)
+            else:
+                mx.eval(loss, self.policy.state, self.optimizer.state)
+            self.step += 1
+            window_loss += loss.item()
+            window_steps += 1
+            bar.update(1)
+            at_log = self.step % self.train.log_every == 0 or self.step == end
+            at_val = self.step % self.train.val_every == 0 or self.step == end
+            at_ckpt = self.step % self.train.checkpoint_every == 0 or self.step == end
+            if at_log or at_val or at_ckpt:
+                elapsed = time.perf_counter() - window_start
+                last = {
+                    "step": self.step,
+                    "loss": window_loss / window_steps,
+                    "lr": float(self.optimizer.learning_rate.item()),
+                    "samples_per_s": window_steps * self.train.batch_size / elapsed,
+                }
+                if at_val:
+                    val = self.validation_loss()
+                    if val is not None:
+                        last["val_loss"] = val
+                self._log(last)
+                bar.set_postfix(
+                    loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", sps=f"{last['samples_per_s']:.0f}"
+                )
+                window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
+                if at_ckpt and self.rank == 0:
+                    self.save(last.get("val_loss"))
+        bar.close()
+        if self.rank == 0:
+            self.plot()
+        return last
+
+    def plot(self) -> Path | None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        if not self.history:
+            return None
+        steps = [h["step"] for h in self.history]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(steps, [h["loss"] for h in self.history], label="train loss")
+        val = [(h["step"], h["val_loss"]) for h in self.history if "val_loss" in h]
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        path = self.out_dir / "loss.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
