@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from policy_core.schedulers import SchedulerConfig
+from policy_core.vision import NORMS
 
 DTYPES = ("float32", "bfloat16", "float16")
 SAMPLERS = ("ddpm", "ddim")
@@ -46,6 +47,9 @@ class ObsEncoderConfig:
     num_keypoints: int = 32
     # One encoder per camera (robomimic's default) or one shared by all cameras.
     share_rgb_model: bool = False
+    # "group": ResNet18-GN as Diffusion Policy. "batch": frozen BatchNorm that always uses the stored
+    # running statistics (for converted BatchNorm backbones, e.g. LeRobot's pretrained ResNet18).
+    norm: str = "group"
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ class PolicyConfig:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.obs_encoder.pool not in POOLS:
             raise ConfigError(f"obs_encoder.pool must be one of {POOLS}, got {self.obs_encoder.pool!r}")
+        if self.obs_encoder.norm not in NORMS:
+            raise ConfigError(f"obs_encoder.norm must be one of {NORMS}, got {self.obs_encoder.norm!r}")
         steps = self.num_inference_steps
         if steps is not None and not 1 <= steps <= self.noise_scheduler.num_train_timesteps:
             raise ConfigError("num_inference_steps must be in [1, noise_scheduler.num_train_timesteps]")

@@ -46,7 +46,7 @@ class DiffusionUnetPolicy(nn.Module):
         # A shared encoder is stored under the first camera's key, so one camera looks the same either way.
         encoder_keys = image_keys[:1] if enc.share_rgb_model else image_keys
         self.rgb_encoders = {
-            key: RgbEncoder(config.obs[key].hwc_shape, enc.crop_shape, enc.pool, enc.num_keypoints)
+            key: RgbEncoder(config.obs[key].hwc_shape, enc.crop_shape, enc.pool, enc.num_keypoints, enc.norm)
             for key in encoder_keys
         }
         feature_dim = sum(

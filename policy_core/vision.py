@@ -1,10 +1,11 @@
 """Image observation encoder of Diffusion Policy's hybrid image policy (NHWC).
 
-ResNet18 trunk with GroupNorm instead of BatchNorm, robomimic-style spatial
-softmax keypoints, and the crop randomizer (random crop per image in training,
-center crop at inference). Pixel normalization is the policy normalizer's job.
-Attribute names mirror torchvision / robomimic so pretrained or reference
-weights map 1:1 (conv weights transposed to (out, kh, kw, in)).
+ResNet18 trunk with GroupNorm instead of BatchNorm (or, for converted checkpoints
+whose backbone was trained with BatchNorm, a frozen BatchNorm), robomimic-style
+spatial softmax keypoints, and the crop randomizer (random crop per image in
+training, center crop at inference). Pixel normalization is the policy
+normalizer's job. Attribute names mirror torchvision / robomimic so pretrained or
+reference weights map 1:1 (conv weights transposed to (out, kh, kw, in)).
 """
 
 import math
@@ -12,10 +13,36 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["ResNet18Trunk", "SpatialSoftmax", "RgbEncoder"]
+__all__ = ["FrozenBatchNorm", "ResNet18Trunk", "SpatialSoftmax", "RgbEncoder"]
+
+NORMS = ("group", "batch")
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm2d with inference semantics only: always normalizes with the stored running statistics.
+
+    Exists for converted checkpoints whose backbone was trained with BatchNorm (LeRobot's default
+    pretrained ResNet18). ``running_mean`` / ``running_var`` are saved with the weights but frozen (not in
+    ``trainable_parameters()``, so optimizers never touch them), and training normalizes with them too
+    (never with batch statistics), so a fine-tuned policy behaves like the eval-mode original.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps  # torch.nn.BatchNorm2d's default
+        self.weight = mx.ones((channels,))
+        self.bias = mx.zeros((channels,))
+        self.running_mean = mx.zeros((channels,))
+        self.running_var = mx.ones((channels,))
+        self.freeze(keys=["running_mean", "running_var"], recurse=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return (x - self.running_mean) * mx.rsqrt(self.running_var + self.eps) * self.weight + self.bias
+
+
+def _norm(channels: int, norm: str) -> nn.Module:
+    if norm == "batch":
+        return FrozenBatchNorm(channels)
     # Diffusion Policy swaps every BatchNorm for GroupNorm with 16 channels per group.
     return nn.GroupNorm(num_groups=channels // 16, dims=channels, pytorch_compatible=True)
 
@@ -28,14 +55,14 @@ def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int, pa
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, norm: str = "group"):
         super().__init__()
         self.conv1 = _conv(in_channels, channels, 3, stride, 1)
-        self.bn1 = _group_norm(channels)
+        self.bn1 = _norm(channels, norm)
         self.conv2 = _conv(channels, channels, 3, 1, 1)
-        self.bn2 = _group_norm(channels)
+        self.bn2 = _norm(channels, norm)
         if stride != 1 or in_channels != channels:
-            self.downsample = [_conv(in_channels, channels, 1, stride, 0), _group_norm(channels)]
+            self.downsample = [_conv(in_channels, channels, 1, stride, 0), _norm(channels, norm)]
 
     def __call__(self, x: mx.array) -> mx.array:
         out = nn.relu(self.bn1(self.conv1(x)))
@@ -48,20 +75,22 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18Trunk(nn.Module):
-    """torchvision resnet18 minus avgpool/fc, GroupNorm. (N, H, W, 3) -> (N, h, w, 512)."""
+    """torchvision resnet18 minus avgpool/fc, GroupNorm or frozen BN. (N, H, W, 3) -> (N, h, w, 512)."""
 
     out_channels = 512
 
-    def __init__(self, in_channels: int = 3):
+    def __init__(self, in_channels: int = 3, norm: str = "group"):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}")
         self.conv1 = _conv(in_channels, 64, 7, 2, 3)
-        self.bn1 = _group_norm(64)
+        self.bn1 = _norm(64, norm)
         # MLX pads max-pooling with -inf, matching torch.
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = [BasicBlock(64, 64), BasicBlock(64, 64)]
-        self.layer2 = [BasicBlock(64, 128, 2), BasicBlock(128, 128)]
-        self.layer3 = [BasicBlock(128, 256, 2), BasicBlock(256, 256)]
-        self.layer4 = [BasicBlock(256, 512, 2), BasicBlock(512, 512)]
+        self.layer1 = [BasicBlock(64, 64, norm=norm), BasicBlock(64, 64, norm=norm)]
+        self.layer2 = [BasicBlock(64, 128, 2, norm), BasicBlock(128, 128, norm=norm)]
+        self.layer3 = [BasicBlock(128, 256, 2, norm), BasicBlock(256, 256, norm=norm)]
+        self.layer4 = [BasicBlock(256, 512, 2, norm), BasicBlock(512, 512, norm=norm)]
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.maxpool(nn.relu(self.bn1(self.conv1(x))))
@@ -120,6 +149,7 @@ class RgbEncoder(nn.Module):
     pool="spatial_softmax": keypoints -> Linear(2 * num_kp, 64) -> ReLU (robomimic
     VisualCore plus ObservationEncoder's feature activation), output_dim 64.
     pool="avg": global average pooling (torchvision fc=Identity), output_dim 512.
+    norm="batch" swaps the trunk's GroupNorms for FrozenBatchNorm (converted BatchNorm backbones).
     """
 
     def __init__(
@@ -128,6 +158,7 @@ class RgbEncoder(nn.Module):
         crop_shape: tuple[int, int] | None = None,
         pool: str = "spatial_softmax",
         num_keypoints: int = 32,
+        norm: str = "group",
     ):
         super().__init__()
         height, width, channels = image_shape
@@ -138,7 +169,7 @@ class RgbEncoder(nn.Module):
         self.image_shape = tuple(image_shape)
         self.crop_shape = None if crop_shape is None else tuple(crop_shape)
         self.pool = pool
-        self.trunk = ResNet18Trunk(channels)
+        self.trunk = ResNet18Trunk(channels, norm)
         if pool == "spatial_softmax":
             self.spatial_softmax = SpatialSoftmax(ResNet18Trunk.out_channels, num_keypoints)
             self.out = nn.Linear(2 * num_keypoints, 64)

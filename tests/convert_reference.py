@@ -1,0 +1,450 @@
+"""Compact PyTorch re-implementations of the policies the converters read, with the original state-dict
+names, plus writers for their on-disk layouts. Test-only: written from the documented architectures of
+real-stanford/diffusion_policy (ConditionalUnet1D, robomimic VisualCore), LeRobot (DiffusionModel,
+DiffusionRgbEncoder, normalization processors) and diffusers' DDIM step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import torch
+from torch import nn
+
+# ---- ConditionalUnet1D (upstream names; ``lerobot=True`` gives LeRobot's port's names) ----------
+
+
+class SinusoidalPosEmb(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half) * -(math.log(10000) / (half - 1)))
+        args = t.float()[:, None] * freqs[None, :]
+        return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+class Conv1dBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, k: int, groups: int = 8):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv1d(cin, cout, k, padding=k // 2), nn.GroupNorm(groups, cout), nn.Mish()
+        )
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, cin, cout, cond_dim, k, groups, scale, lerobot):
+        super().__init__()
+        first, second = Conv1dBlock(cin, cout, k, groups), Conv1dBlock(cout, cout, k, groups)
+        if lerobot:
+            self.conv1, self.conv2 = first, second
+        else:
+            self.blocks = nn.ModuleList([first, second])
+        self.lerobot, self.scale, self.cout = lerobot, scale, cout
+        self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * cout if scale else cout))
+        self.residual_conv = nn.Conv1d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, cond):
+        first, second = (self.conv1, self.conv2) if self.lerobot else self.blocks
+        out = first(x)
+        embed = self.cond_encoder(cond).unsqueeze(-1)
+        out = embed[:, : self.cout] * out + embed[:, self.cout :] if self.scale else out + embed
+        return second(out) + self.residual_conv(x)
+
+
+class Sampler(nn.Module):
+    """Upstream's Downsample1d / Upsample1d: the conv sits under ``.conv``."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Unet(nn.Module):
+    def __init__(self, input_dim, global_cond_dim, dsed, down_dims, k, groups, scale, lerobot=False):
+        super().__init__()
+        self.diffusion_step_encoder = nn.Sequential(
+            SinusoidalPosEmb(dsed), nn.Linear(dsed, 4 * dsed), nn.Mish(), nn.Linear(4 * dsed, dsed)
+        )
+        cond_dim = dsed + global_cond_dim
+        dims = [input_dim, *down_dims]
+        in_out = list(zip(dims[:-1], dims[1:], strict=True))
+
+        def crb(cin, cout):
+            return ResidualBlock(cin, cout, cond_dim, k, groups, scale, lerobot)
+
+        def sampler(conv):
+            return conv if lerobot else Sampler(conv)
+
+        self.down_modules = nn.ModuleList()
+        for i, (cin, cout) in enumerate(in_out):
+            last = i == len(in_out) - 1
+            down = nn.Identity() if last else sampler(nn.Conv1d(cout, cout, 3, 2, 1))
+            self.down_modules.append(nn.ModuleList([crb(cin, cout), crb(cout, cout), down]))
+        self.mid_modules = nn.ModuleList([crb(dims[-1], dims[-1]), crb(dims[-1], dims[-1])])
+        self.up_modules = nn.ModuleList(
+            nn.ModuleList([crb(cout * 2, cin), crb(cin, cin), sampler(nn.ConvTranspose1d(cin, cin, 4, 2, 1))])
+            for cin, cout in reversed(in_out[1:])
+        )
+        self.final_conv = nn.Sequential(
+            Conv1dBlock(down_dims[0], down_dims[0], k), nn.Conv1d(down_dims[0], input_dim, 1)
+        )
+
+    def forward(self, sample, timesteps, global_cond):
+        x = sample.transpose(1, 2)
+        cond = torch.cat([self.diffusion_step_encoder(timesteps), global_cond], dim=-1)
+        skips = []
+        for resnet, resnet2, down in self.down_modules:
+            x = resnet2(resnet(x, cond), cond)
+            skips.append(x)
+            x = down(x)
+        for mid in self.mid_modules:
+            x = mid(x, cond)
+        for resnet, resnet2, up in self.up_modules:
+            x = up(resnet2(resnet(torch.cat([x, skips.pop()], dim=1), cond), cond))
+        return self.final_conv(x).transpose(1, 2)
+
+
+# ---- ResNet18 trunk (torchvision names, as Sequential children 0..7) ---------------------------------
+
+
+def _norm(channels: int, batch_norm: bool) -> nn.Module:
+    return nn.BatchNorm2d(channels) if batch_norm else nn.GroupNorm(channels // 16, channels)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride, bn):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = _norm(cout, bn)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = _norm(cout, bn)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _norm(cout, bn))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def resnet18_trunk(bn: bool) -> nn.Sequential:
+    def layer(cin, cout, stride):
+        return nn.Sequential(BasicBlock(cin, cout, stride, bn), BasicBlock(cout, cout, 1, bn))
+
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False), _norm(64, bn), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+        layer(64, 64, 1), layer(64, 128, 2), layer(128, 256, 2), layer(256, 512, 2),
+    )  # fmt: skip
+
+
+def center_crop(x: torch.Tensor, crop: tuple[int, int] | None) -> torch.Tensor:
+    if crop is None:
+        return x
+    h, w = x.shape[-2:]
+    top, left = int(round((h - crop[0]) / 2.0)), int(round((w - crop[1]) / 2.0))
+    return x[..., top : top + crop[0], left : left + crop[1]]
+
+
+def feature_hw(size: int) -> int:
+    return math.ceil(size / 32)  # robomimic's ResNet18Conv.output_shape (exact for the sizes used here)
+
+
+# ---- robomimic VisualCore / Diffusion Policy hybrid and lowdim policies -------------------------------
+
+
+class RobomimicSpatialSoftmax(nn.Module):
+    def __init__(self, in_c, h, w, num_kp=32):
+        super().__init__()
+        self.nets = nn.Conv2d(in_c, num_kp, 1)
+        self.num_kp, self.h, self.w = num_kp, h, w
+        pos_x, pos_y = np.meshgrid(np.linspace(-1.0, 1.0, w), np.linspace(-1.0, 1.0, h))
+        self.register_buffer("pos_x", torch.from_numpy(pos_x.reshape(1, h * w)).float())
+        self.register_buffer("pos_y", torch.from_numpy(pos_y.reshape(1, h * w)).float())
+        self.register_buffer("temperature", torch.ones(1))
+
+    def forward(self, feature):
+        attention = torch.softmax(self.nets(feature).reshape(-1, self.h * self.w) / self.temperature, dim=-1)
+        x = torch.sum(self.pos_x * attention, dim=1, keepdim=True)
+        y = torch.sum(self.pos_y * attention, dim=1, keepdim=True)
+        return torch.cat([x, y], 1).view(-1, self.num_kp, 2)
+
+
+class VisualCore(nn.Module):
+    def __init__(self, crop, bn):
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.nets = resnet18_trunk(bn)
+        self.pool = RobomimicSpatialSoftmax(512, feature_hw(crop[0]), feature_hw(crop[1]))
+        # The same modules registered a second time: upstream checkpoints carry both names.
+        self.nets = nn.Sequential(self.backbone, self.pool, nn.Flatten(1), nn.Linear(64, 64))
+
+    def forward(self, x):
+        return self.nets[3](self.nets[2](self.pool(self.backbone.nets(x))))
+
+
+class HybridPolicy(nn.Module):
+    """DiffusionUnetHybridImagePolicy's module tree: obs_encoder (robomimic ObservationEncoder), model."""
+
+    def __init__(self, obs_meta, action_dim, n_obs_steps, crop, bn, unet_kwargs):
+        super().__init__()
+        self._dummy_variable = nn.Parameter(torch.zeros(0))
+        self.obs_meta, self.crop = obs_meta, crop
+        self.obs_encoder = nn.Module()
+        self.obs_encoder.obs_nets = nn.ModuleDict(
+            {k: VisualCore(crop, bn) for k, m in obs_meta.items() if m["type"] == "rgb"}
+        )
+        feat = sum(64 if m["type"] == "rgb" else m["shape"][0] for m in obs_meta.values())
+        self.model = Unet(action_dim, feat * n_obs_steps, **unet_kwargs)
+        self.mask_generator = nn.Module()
+        self.mask_generator._dummy_variable = nn.Parameter(torch.zeros(0))
+        self.normalizer = nn.Module()
+        self.normalizer.params_dict = nn.ParameterDict()
+
+    def global_cond(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """nobs: normalized (B, To, ...) observations, images channel-first."""
+        batch = next(iter(nobs.values())).shape[0]
+        feats = []
+        for key, meta in self.obs_meta.items():
+            x = nobs[key].flatten(0, 1)
+            if meta["type"] == "rgb":
+                x = torch.relu(
+                    self.obs_encoder.obs_nets[key](center_crop(x, self.crop))
+                )  # feature_activation
+            feats.append(x)
+        return torch.cat(feats, dim=-1).reshape(batch, -1)
+
+
+class LowdimPolicy(nn.Module):
+    def __init__(self, obs_dim, action_dim, n_obs_steps, unet_kwargs):
+        super().__init__()
+        self._dummy_variable = nn.Parameter(torch.zeros(0))
+        self.model = Unet(action_dim, obs_dim * n_obs_steps, **unet_kwargs)
+        self.mask_generator = nn.Module()
+        self.mask_generator._dummy_variable = nn.Parameter(torch.zeros(0))
+        self.normalizer = nn.Module()
+        self.normalizer.params_dict = nn.ParameterDict()
+
+    def global_cond(self, nobs):
+        return nobs["obs"].reshape(nobs["obs"].shape[0], -1)
+
+
+def set_dp_normalizer(policy: nn.Module, params: dict[str, dict[str, np.ndarray]]) -> None:
+    """``normalizer.params_dict.<key>.{scale, offset, input_stats.{min,max,mean,std}}``."""
+    for key, p in params.items():
+        stats = nn.ParameterDict(
+            {s: nn.Parameter(torch.tensor(p[s]), requires_grad=False) for s in ("min", "max", "mean", "std")}
+        )
+        policy.normalizer.params_dict[key] = nn.ParameterDict(
+            {
+                "scale": nn.Parameter(torch.tensor(p["scale"]), requires_grad=False),
+                "offset": nn.Parameter(torch.tensor(p["offset"]), requires_grad=False),
+                "input_stats": stats,
+            }
+        )
+
+
+# ---- LeRobot DiffusionModel ------------------------------------------------------------------------
+
+
+class LeRobotSpatialSoftmax(nn.Module):
+    def __init__(self, in_c, h, w, num_kp=32):
+        super().__init__()
+        self.nets = nn.Conv2d(in_c, num_kp, 1)
+        self.h, self.w, self.num_kp = h, w, num_kp
+        pos_x, pos_y = np.meshgrid(np.linspace(-1.0, 1.0, w), np.linspace(-1.0, 1.0, h))
+        grid = np.stack([pos_x.reshape(-1), pos_y.reshape(-1)], axis=1)
+        self.register_buffer("pos_grid", torch.from_numpy(grid).float())
+
+    def forward(self, features):
+        attention = torch.softmax(self.nets(features).reshape(-1, self.h * self.w), dim=-1)
+        return (attention @ self.pos_grid).view(-1, self.num_kp, 2)
+
+
+class LeRobotRgbEncoder(nn.Module):
+    def __init__(self, image_hw, crop, bn):
+        super().__init__()
+        self.crop = crop
+        self.backbone = resnet18_trunk(bn)
+        h, w = crop or image_hw
+        self.pool = LeRobotSpatialSoftmax(512, feature_hw(h), feature_hw(w))
+        self.out = nn.Linear(64, 64)
+
+    def forward(self, x):
+        x = torch.flatten(self.pool(self.backbone(center_crop(x, self.crop))), start_dim=1)
+        return torch.relu(self.out(x))
+
+
+class LeRobotPolicy(nn.Module):
+    """DiffusionPolicy: everything under ``diffusion`` (``rgb_encoder``, ``unet``)."""
+
+    def __init__(
+        self, state_dim, cameras, env_dim, action_dim, n_obs_steps, image_hw, crop, bn, separate, unet_kwargs
+    ):
+        super().__init__()
+        self.cameras, self.separate = cameras, separate
+        self.diffusion = nn.Module()
+        if cameras:
+            if separate:
+                self.diffusion.rgb_encoder = nn.ModuleList(
+                    LeRobotRgbEncoder(image_hw, crop, bn) for _ in cameras
+                )
+            else:
+                self.diffusion.rgb_encoder = LeRobotRgbEncoder(image_hw, crop, bn)
+        feat = state_dim + 64 * len(cameras) + env_dim
+        self.diffusion.unet = Unet(action_dim, feat * n_obs_steps, lerobot=True, **unet_kwargs)
+
+    def global_cond(self, batch):
+        """batch: normalized observation.state (B, To, D), observation.images (B, To, N, C, H, W), env."""
+        b, to = batch["observation.state"].shape[:2]
+        feats = [batch["observation.state"]]
+        if self.cameras:
+            images = batch["observation.images"]
+            if self.separate:
+                per_cam = [
+                    enc(images[:, :, i].flatten(0, 1)) for i, enc in enumerate(self.diffusion.rgb_encoder)
+                ]
+                feats.append(torch.stack(per_cam, dim=1).reshape(b, to, -1))  # per step: cam0, cam1, ...
+            else:
+                feats.append(self.diffusion.rgb_encoder(images.flatten(0, 2)).reshape(b, to, -1))
+        if "observation.environment_state" in batch:
+            feats.append(batch["observation.environment_state"])
+        return torch.cat(feats, dim=-1).flatten(start_dim=1)
+
+
+def lerobot_normalize(x, mode, stats, eps, legacy, inverse):
+    """LeRobot's formulas: processors (``legacy=False``) and the older Normalize/Unnormalize modules."""
+    t = {k: torch.tensor(v) for k, v in stats.items()}
+    if mode == "IDENTITY":
+        return x
+    if mode == "MEAN_STD":
+        return x * t["std"] + t["mean"] if inverse else (x - t["mean"]) / (t["std"] + eps)
+    denom = t["max"] - t["min"]
+    if legacy:
+        return (x + 1) / 2 * denom + t["min"] if inverse else (x - t["min"]) / (denom + 1e-8) * 2 - 1
+    denom = torch.where(denom == 0, torch.tensor(eps), denom)
+    return (x + 1) / 2 * denom + t["min"] if inverse else 2 * (x - t["min"]) / denom - 1
+
+
+# ---- sampling, weights, files ----------------------------------------------------------------------
+
+
+def ddim_sample(
+    denoise, x: torch.Tensor, num_train: int, steps: int, clip: float | None = 1.0
+) -> torch.Tensor:
+    """diffusers' DDIMScheduler (squaredcos_cap_v2, epsilon, eta 0, set_alpha_to_one, leading spacing)."""
+
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = torch.tensor(
+        [min(1 - alpha_bar((i + 1) / num_train) / alpha_bar(i / num_train), 0.999) for i in range(num_train)],
+        dtype=torch.float32,
+    )
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    ratio = num_train // steps
+    for t in (np.arange(0, steps) * ratio)[::-1]:
+        eps = denoise(x, torch.full((x.shape[0],), int(t), dtype=torch.long))
+        a_t = alphas_cumprod[t]
+        a_prev = alphas_cumprod[t - ratio] if t - ratio >= 0 else torch.tensor(1.0)
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+    return x
+
+
+def randomize(module: nn.Module, seed: int) -> nn.Module:
+    """Random weights with non-trivial norm affines and BatchNorm running statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.GroupNorm | nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.ConvTranspose1d | nn.Linear):
+                fan_in = (
+                    m.weight[0].numel()
+                    if not isinstance(m, nn.ConvTranspose1d)
+                    else m.weight.shape[0] * m.weight.shape[2]
+                )
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (1.5 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+    return module.eval()
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    mx.save_safetensors(str(path), {k: mx.array(v.detach().cpu().numpy()) for k, v in tensors.items()})
+
+
+def write_lerobot_folder(folder: Path, config: dict, policy: nn.Module, stats: dict, legacy: bool) -> Path:
+    """A ``pretrained_model/`` folder: config.json, model.safetensors and the normalization statistics
+    (processor JSON + step files, or the legacy buffers inside model.safetensors)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = dict(policy.state_dict())
+    features = {**config["input_features"], **config["output_features"]}
+    if legacy:
+        # Normalize/Unnormalize modules registered stats buffers only for non-IDENTITY features.
+        modes = config["normalization_mapping"]
+        for module, names in (
+            ("normalize_inputs", config["input_features"]),
+            ("normalize_targets", config["output_features"]),
+            ("unnormalize_outputs", config["output_features"]),
+        ):
+            for feature in names:
+                mode = modes.get(features[feature]["type"], "IDENTITY")
+                keep = {"MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max")}.get(mode, ())
+                for stat in keep:
+                    tensors[f"{module}.buffer_{feature.replace('.', '_')}.{stat}"] = torch.tensor(
+                        stats[feature][stat]
+                    )
+    else:
+        flat = {f"{f}.{s}": torch.tensor(v) for f, st in stats.items() for s, v in st.items()}
+        norm_cfg = {"eps": 1e-8, "norm_map": config["normalization_mapping"]}
+        pre = [
+            {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
+            {"registry_name": "to_batch_processor", "config": {}},
+            {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}},
+            {"registry_name": "normalizer_processor", "config": {**norm_cfg, "features": features},
+             "state_file": "policy_preprocessor_step_3_normalizer_processor.safetensors"},
+        ]  # fmt: skip
+        outputs = {**norm_cfg, "features": config["output_features"]}
+        post = [
+            {"registry_name": "unnormalizer_processor", "config": outputs,
+             "state_file": "policy_postprocessor_step_0_unnormalizer_processor.safetensors"},
+            {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}},
+        ]  # fmt: skip
+        (folder / "policy_preprocessor.json").write_text(
+            json.dumps({"name": "policy_preprocessor", "steps": pre})
+        )
+        (folder / "policy_postprocessor.json").write_text(
+            json.dumps({"name": "policy_postprocessor", "steps": post})
+        )
+        save_safetensors(folder / pre[3]["state_file"], flat)
+        save_safetensors(
+            folder / post[0]["state_file"], {k: v for k, v in flat.items() if k.startswith("action.")}
+        )
+    save_safetensors(folder / "model.safetensors", tensors)
+    return folder
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
