@@ -68,6 +68,28 @@ def _bench_train(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """Serve the shipped policy in-process, run PushT episodes through the ZeroMQ client, shut down."""
+    import policy_core  # noqa: F401  (first: binds MLX to the optimised BLAS)
+    from clients.sim.eval_pusht import main as eval_main
+    from server.app import ServeConfig, Server
+    from server.models import SHIPPED_CHECKPOINT
+
+    server = Server(
+        ServeConfig(checkpoint=SHIPPED_CHECKPOINT, zmq="tcp://127.0.0.1:*", http_port=0,
+                    model_root=SHIPPED_CHECKPOINT.parent)
+    )  # fmt: skip
+    server.start()
+    try:
+        if not server.manager.wait_for_load(300) or server.manager.active is None:
+            print(f"could not load {SHIPPED_CHECKPOINT}: {server.manager.last_error}", file=sys.stderr)
+            return 1
+        args.server = server.zmq_endpoint
+        return eval_main(args)
+    finally:
+        server.shutdown()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpmlx", description="Diffusion Policy on MLX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,9 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(pusht_data)
     pusht_data.set_defaults(func=_data_pusht)
 
+    from clients.sim.cli import add_eval_arguments
+
+    demo = sub.add_parser("demo", help="serve the shipped PushT policy and run episodes through the client")
+    add_eval_arguments(demo, demo=True)
+    demo.set_defaults(func=_demo)
+
     evaluate = sub.add_parser("eval", help="closed-loop evaluation through the server")
     eval_sub = evaluate.add_subparsers(dest="task", required=True)
-    from clients.sim.cli import add_eval_arguments
 
     pusht_eval = eval_sub.add_parser("pusht", help="PushT episodes via PolicyClient / ActionChunkRunner")
     add_eval_arguments(pusht_eval)

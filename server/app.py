@@ -17,7 +17,7 @@ import zmq
 from server.frontend import ZmqFrontend
 from server.http_api import create_app
 from server.metrics import Metrics
-from server.models import BatchingConfig, ModelManager
+from server.models import SHIPPED_CHECKPOINT, BatchingConfig, ModelManager
 
 log = logging.getLogger("dpmlx.server")
 
@@ -157,7 +157,10 @@ class Server:
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     host, _, port = args.http.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    checkpoint = args.checkpoint.resolve() if args.checkpoint else None
+    # With neither a checkpoint nor a folder to watch, serve the shipped PushT policy.
+    checkpoint = (
+        args.checkpoint.resolve() if args.checkpoint else (None if args.watch else SHIPPED_CHECKPOINT)
+    )
     root = args.model_root or args.watch or (checkpoint.parent if checkpoint else Path.cwd())
     return ServeConfig(
         checkpoint=checkpoint,

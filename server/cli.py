@@ -7,7 +7,11 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, help="policy checkpoint to serve at start-up")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="policy checkpoint to serve at start-up (default: the shipped PushT policy, unless --watch)",
+    )
     parser.add_argument(
         "--zmq", default="tcp://127.0.0.1:5555", help="ZeroMQ bind address (tcp:// or ipc://)"
     )

@@ -27,6 +27,10 @@ from server.metrics import Metrics
 
 log = logging.getLogger("dpmlx.server")
 
+# The PushT keypoint policy trained by `dpmlx train` (configs/pusht_keypoint_small.yaml), shipped with
+# the package: `dpmlx serve` without --checkpoint and `dpmlx demo` serve it.
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "shipped" / "pusht_keypoint_small.safetensors"
+
 
 @dataclass(frozen=True)
 class BatchingConfig:

@@ -1,3 +1,4 @@
+import argparse
 import json
 import subprocess
 import sys
@@ -81,3 +82,42 @@ def test_serve_finishes_in_flight_requests_on_sigterm(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_demo_serves_the_shipped_policy_and_runs_episodes(tmp_path):
+    result = run(
+        "demo",
+        "--episodes",
+        "1",
+        "--max-steps",
+        "15",
+        "--video",
+        str(tmp_path),
+        "--json",
+        str(tmp_path / "d.json"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "mean score" in result.stdout and "chunk round trip" in result.stdout
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert report["model"]["name"] == "pusht-keypoint-small" and report["episodes"] == 1
+    assert len(list(tmp_path.glob("*.gif"))) == 1
+
+
+def test_shipped_policy_matches_its_config():
+    import yaml
+
+    from policy_core import read_checkpoint
+    from policy_core.config import PolicyConfig
+    from server.app import config_from_args
+    from server.cli import add_arguments
+    from server.models import SHIPPED_CHECKPOINT
+
+    ckpt = read_checkpoint(SHIPPED_CHECKPOINT)
+    shipped = yaml.safe_load((ROOT / "configs/pusht_keypoint_small.yaml").read_text())["policy"]
+    assert PolicyConfig.from_dict(ckpt.metadata["config"]) == PolicyConfig.from_dict(shipped)
+    assert SHIPPED_CHECKPOINT.stat().st_size < 20 * 10**6
+    assert ckpt.metadata["training_step"] > 0
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args([])).checkpoint == SHIPPED_CHECKPOINT
+    assert config_from_args(parser.parse_args(["--watch", "runs"])).checkpoint is None

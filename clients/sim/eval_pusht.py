@@ -77,9 +77,14 @@ def main(args: argparse.Namespace) -> int:
     report = evaluate(args)
     print(
         f"\nPushT over {report['episodes']} episodes from seed {report['start_seed']}: "
-        f"mean score {report['mean_score']:.3f}, success rate {report['success_rate']:.3f}, "
-        f"round trip p50 {report['round_trip_ms'].get('p50', float('nan')):.1f} ms"
+        f"mean score {report['mean_score']:.3f}, success rate {report['success_rate']:.3f}"
     )
+    latency = report["round_trip_ms"]
+    if latency["n"]:
+        print(
+            f"chunk round trip over {latency['n']} requests: p50 {latency['p50']:.1f} ms, "
+            f"p90 {latency['p90']:.1f} ms, p99 {latency['p99']:.1f} ms, max {latency['max']:.1f} ms"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
