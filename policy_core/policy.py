@@ -206,12 +206,15 @@ class DiffusionUnetPolicy(nn.Module):
 
     # ---- training -------------------------------------------------------------------------------
 
-    def compute_loss(self, batch: dict[str, Any]) -> mx.array:
+    def compute_loss(
+        self, batch: dict[str, Any], noise: mx.array | None = None, timesteps: mx.array | None = None
+    ) -> mx.array:
         """Denoising MSE with uniformly drawn timesteps (epsilon or sample target, per the scheduler).
 
         batch: ``obs`` {key: (B, >= n_obs_steps, ...)}, ``action`` (B, horizon, action_dim).
-        Draws from MLX's global RNG (noise, timesteps, random crops), so a compiled train step must
-        capture ``mx.random.state``.
+        ``noise`` (B, horizon, action_dim) and ``timesteps`` (B,) may be given (a data-parallel trainer
+        passes each process its slice of the global batch's draws); otherwise they, like the random crops,
+        come from MLX's global RNG, so a compiled train step must capture ``mx.random.state``.
         """
         cfg = self.config
         to = cfg.n_obs_steps
@@ -219,8 +222,10 @@ class DiffusionUnetPolicy(nn.Module):
         naction = self.normalizer.normalize("action", _as_mx(batch["action"]).astype(mx.float32))
         global_cond = self.encode_obs(nobs, random_crop=True)
         sched = cfg.noise_scheduler
-        noise = mx.random.normal(naction.shape)
-        timesteps = mx.random.randint(0, sched.num_train_timesteps, (naction.shape[0],))
+        if noise is None:
+            noise = mx.random.normal(naction.shape)
+        if timesteps is None:
+            timesteps = mx.random.randint(0, sched.num_train_timesteps, (naction.shape[0],))
         noisy = self.noise_scheduler.add_noise(naction, noise, timesteps)
         pred = self.unet(noisy.astype(self.dtype), timesteps, global_cond).astype(mx.float32)
         target = noise if sched.prediction_type == "epsilon" else naction

@@ -191,3 +191,28 @@ def test_train_cli(dataset, tmp_path):
     )  # fmt: skip
     assert bench.returncode == 0, bench.stderr
     assert "steps/s" in bench.stdout and "samples/s" in bench.stdout
+
+
+def test_data_parallel_matches_one_process_on_the_combined_batch(dataset, tmp_path):
+    """2 local processes (mlx.launch, ring backend) vs 1 process: identical ranks, same weights."""
+    config = tiny_config(dataset, num_steps=100, warmup_steps=0)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    worker = [str(ROOT / "tests/distributed_worker.py"), str(tmp_path / "config.json"), str(tmp_path), "3"]
+    launch = Path(sys.executable).parent / "mlx.launch"
+    two = subprocess.run(
+        [str(launch), "-n", "2", "--backend", "ring", "--python", sys.executable, *worker],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = subprocess.run([sys.executable, *worker], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    rank0, rank1 = (
+        np.load(tmp_path / "weights_2proc_rank0.npz"),
+        np.load(tmp_path / "weights_2proc_rank1.npz"),
+    )
+    single, init = np.load(tmp_path / "weights_1proc_rank0.npz"), np.load(tmp_path / "weights_init.npz")
+    assert all(np.array_equal(rank0[k], rank1[k]) for k in rank0.files)
+    moved = max(float(np.abs(single[k] - init[k]).max()) for k in single.files)
+    apart = max(float(np.abs(rank0[k] - single[k]).max()) for k in single.files)
+    assert moved > 1e-3 and apart < 1e-5, (moved, apart)
+    assert (tmp_path / "run2" / "metrics.jsonl").exists()  # only rank 0 writes

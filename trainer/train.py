@@ -161,13 +161,20 @@ class Trainer:
 
     def _compile(self) -> None:
         policy, optimizer, clip = self.policy, self.optimizer, self.train.grad_clip
-        loss_and_grad = nn.value_and_grad(policy, lambda batch: policy.compute_loss(batch))
+        loss_and_grad = nn.value_and_grad(policy, policy.compute_loss)
         state = [policy.state, optimizer.state, mx.random.state]
         distributed = self.world > 1
+        cfg = policy.config
+        global_batch, per_rank = self.train.batch_size, self.train.batch_size // self.world
+        lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
 
         @partial(mx.compile, inputs=state, outputs=state)
         def train_step(batch: dict) -> tuple[mx.array, mx.array]:
-            loss, grads = loss_and_grad(batch)
+            # Draw the noise of the whole global batch and keep this process's rows, so N processes
+            # compute exactly what one process would on the combined batch (up to summation order).
+            noise = mx.random.normal((global_batch, cfg.horizon, cfg.action_dim))[lo:hi]
+            timesteps = mx.random.randint(0, cfg.noise_scheduler.num_train_timesteps, (global_batch,))[lo:hi]
+            loss, grads = loss_and_grad(batch, noise, timesteps)
             if distributed:
                 grads = nn.average_gradients(grads)
                 loss = mx.distributed.all_sum(loss) / self.world
