@@ -4,6 +4,7 @@ import sys
 import threading
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
@@ -216,3 +217,32 @@ def test_data_parallel_matches_one_process_on_the_combined_batch(dataset, tmp_pa
     apart = max(float(np.abs(rank0[k] - single[k]).max()) for k in single.files)
     assert moved > 1e-3 and apart < 1e-5, (moved, apart)
     assert (tmp_path / "run2" / "metrics.jsonl").exists()  # only rank 0 writes
+
+
+def test_rollouts_rank_checkpoints(dataset, tmp_path):
+    config = tiny_config(
+        dataset, num_steps=4, checkpoint_every=2, keep_top_k=1, rollout_every=2, rollout_episodes=1
+    )
+    trainer = Trainer(config, tmp_path)
+    trainer.run(progress=False)
+    scores = {h["step"]: h["rollout_score"] for h in trainer.history if "rollout_score" in h}
+    assert set(scores) == {2, 4} and all(0.0 <= s <= 1.0 for s in scores.values())
+    kept = sorted(p.name for p in tmp_path.glob("step_*.safetensors"))
+    best_step = max(scores, key=lambda k: (scores[k], -k))  # ties keep the earlier checkpoint
+    assert kept == [f"step_{best_step:07d}.safetensors"]
+    top = read_checkpoint(tmp_path / "latest.safetensors").metadata["provenance"]["top_k"]
+    assert top[0]["rank_by"] == pytest.approx(-scores[best_step])
+
+
+def test_bfloat16_training(dataset, tmp_path):
+    config = tiny_config(dataset, num_steps=30, warmup_steps=2, lr=3e-3)
+    config["policy"]["dtype"] = "bfloat16"
+    trainer = Trainer(config, tmp_path)
+    trainer.run(progress=False)
+    assert all(v.dtype == mx.bfloat16 for _, v in tree_flatten(trainer.policy.parameters()))
+    losses = [h["loss"] for h in trainer.history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert (
+        read_checkpoint(tmp_path / "latest.safetensors").tensors["model.unet.final_conv.1.bias"].dtype
+        == mx.bfloat16
+    )

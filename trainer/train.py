@@ -59,6 +59,9 @@ class TrainConfig:
     val_batches: int = 8
     checkpoint_every: int = 1000
     keep_top_k: int = 3
+    rollout_every: int = 0  # steps between PushT rollouts of the EMA policy (0: off); ranks checkpoints
+    rollout_episodes: int = 10
+    rollout_start_seed: int = 1_000_000  # apart from training (0..) and upstream's test seeds (100000..)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -207,7 +210,7 @@ class Trainer:
         self.optimizer.state = tree_unflatten(list(ckpt.group("train.opt").items()))
         self.step = int(ckpt.metadata["training_step"])
         self.best = [
-            (float(b["val_loss"]), Path(b["path"])) for b in ckpt.metadata["provenance"].get("top_k", [])
+            (float(b["rank_by"]), Path(b["path"])) for b in ckpt.metadata["provenance"].get("top_k", [])
         ]
         metrics = self.out_dir / "metrics.jsonl"
         if metrics.exists():
@@ -215,11 +218,12 @@ class Trainer:
             self.history = [h for h in self.history if h["step"] <= self.step]
         mx.eval(self.policy.parameters(), self.optimizer.state, self.ema)
 
-    def save(self, val_loss: float | None) -> Path:
+    def save(self, rank_by: float | None) -> Path:
+        """Write latest.safetensors; keep this step among the best if ``rank_by`` (lower is better) ranks."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "latest.safetensors"
-        if val_loss is not None and self.train.keep_top_k > 0:
-            ranked = sorted([*self.best, (val_loss, self.out_dir / f"step_{self.step:07d}.safetensors")])
+        if rank_by is not None and self.train.keep_top_k > 0:
+            ranked = sorted([*self.best, (rank_by, self.out_dir / f"step_{self.step:07d}.safetensors")])
             keep, drop = ranked[: self.train.keep_top_k], ranked[self.train.keep_top_k :]
             for _, old in drop:
                 old.unlink(missing_ok=True)
@@ -228,7 +232,7 @@ class Trainer:
             "trainer": "dpmlx train",
             "data": asdict(self.data_cfg),
             "train": asdict(self.train),
-            "top_k": [{"val_loss": v, "path": str(p)} for v, p in self.best],
+            "top_k": [{"rank_by": v, "path": str(p)} for v, p in self.best],
         }
         kwargs = dict(
             ema_params=self.ema,
@@ -252,6 +256,21 @@ class Trainer:
         stream = batches(self.arrays, self.val_sampler, spec)
         losses = [float(self.policy.compute_loss(next(stream)).item()) for _ in range(self.train.val_batches)]
         return float(np.mean(losses))
+
+    def rollout_score(self) -> float:
+        """Mean PushT score of the EMA policy (the one that is served) over the rollout seeds."""
+        from trainer.rollout import rollout_score
+
+        seeds = list(
+            range(self.train.rollout_start_seed, self.train.rollout_start_seed + self.train.rollout_episodes)
+        )
+        trained = self.policy.parameters()
+        if self.ema is not None:
+            self.policy.update(self.ema)
+        try:
+            return rollout_score(self.policy, seeds)
+        finally:
+            self.policy.update(trained)
 
     def _log(self, record: dict[str, float]) -> None:
         self.history.append(record)
@@ -307,13 +326,18 @@ class Trainer:
                     val = self.validation_loss()
                     if val is not None:
                         last["val_loss"] = val
+                rollouts = self.train.rollout_every > 0 and self.rank == 0
+                if rollouts and (self.step % self.train.rollout_every == 0 or self.step == end):
+                    last["rollout_score"] = self.rollout_score()
                 self._log(last)
                 bar.set_postfix(
                     loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", sps=f"{last['samples_per_s']:.0f}"
                 )
                 window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
                 if at_ckpt and self.rank == 0:
-                    self.save(last.get("val_loss"))
+                    # Rank by rollout score (higher is better) when rollouts are on, else by validation loss.
+                    score = last.get("rollout_score")
+                    self.save(-score if score is not None else (None if rollouts else last.get("val_loss")))
         bar.close()
         if self.rank == 0:
             self.plot()
