@@ -17,6 +17,7 @@ import json
 import os
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,18 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 # ---- policies -----------------------------------------------------------------------------------
 
 
+def key_mismatch(expected: Iterable[str], got: Iterable[str]) -> str | None:
+    """``missing [...], unexpected [...]`` (the first five of each), or None when the key sets agree."""
+    expected, got = set(expected), set(got)
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if not missing and not unexpected:
+        return None
+    return (
+        f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+    )
+
+
 def policy_metadata(policy: DiffusionUnetPolicy) -> dict[str, Any]:
     """The schema part of the metadata document, derived from the policy config."""
     cfg = policy.config
@@ -290,14 +303,9 @@ def policy_from_checkpoint(
     source = "ema" if use_ema and doc.get("has_ema") else "model"
     weights = ckpt.group(source)
     expected = dict(tree_flatten(policy.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise CheckpointMismatchError(
-            f"{ckpt.path}: {source} weights do not match the config: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
+    mismatch = key_mismatch(expected, weights)
+    if mismatch:
+        raise CheckpointMismatchError(f"{ckpt.path}: {source} weights do not match the config: {mismatch}")
     for name, ref in expected.items():
         got = weights[name]
         if tuple(got.shape) != tuple(ref.shape):

@@ -20,6 +20,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from policy_core.checkpoint import key_mismatch
 from policy_core.config import ConfigError, PolicyConfig
 from policy_core.normalizer import FeatureNorm, LinearNormalizer
 from policy_core.policy import DiffusionUnetPolicy
@@ -151,14 +152,9 @@ def _to_mlx_layout(module: nn.Module, w: np.ndarray) -> np.ndarray:
 def load_weights(policy: DiffusionUnetPolicy, weights: Mapping[str, np.ndarray], where: str) -> None:
     """Assign renamed source tensors to ``policy``: each parameter exactly once, in MLX layout."""
     params = dict(tree_flatten(policy.parameters()))
-    missing = sorted(set(params) - set(weights))
-    unexpected = sorted(set(weights) - set(params))
-    if missing or unexpected:
-        raise ConversionError(
-            f"{where}: source weights do not match the converted architecture: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
+    mismatch = key_mismatch(params, weights)
+    if mismatch:
+        raise ConversionError(f"{where}: source weights do not match the converted architecture: {mismatch}")
     modules = dict(policy.named_modules())
     update = []
     for name, value in weights.items():
