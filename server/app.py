@@ -53,10 +53,11 @@ class ServeConfig:
 
 
 class DirectoryWatch(threading.Thread):
-    """Loads each checkpoint that appears (by atomic rename) in a folder, newest first.
+    """Loads each checkpoint that appears (by atomic rename) in a folder.
 
-    A file is identified by (name, inode, mtime): the trainer replacing ``latest.safetensors`` by rename
-    gives a new inode, so it is picked up; files being written (hidden temp files) are ignored.
+    Follows ``latest.safetensors`` when the folder has one (the trainer's contract; its top-k copies are
+    not loaded again), else the newest ``*.safetensors``. A file is identified by (mtime, name, inode): a
+    replacement by rename gives a new inode, so it is picked up; hidden temp files are ignored.
     """
 
     def __init__(self, folder: Path, manager: ModelManager, interval_s: float, skip_existing: bool):
@@ -68,8 +69,10 @@ class DirectoryWatch(threading.Thread):
         self._seen: tuple | None = found[0] if found else None
 
     def newest(self) -> tuple[tuple, Path] | None:
+        latest = self.folder / "latest.safetensors"
+        paths = [latest] if latest.exists() else self.folder.glob("*.safetensors")
         best = None
-        for path in self.folder.glob("*.safetensors"):
+        for path in paths:
             if path.name.startswith("."):
                 continue
             try:

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -148,7 +149,8 @@ def test_server_hot_loads_what_the_trainer_writes(dataset, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     with running_server(run, watch=run, watch_interval_s=0.1) as srv:
-        trainer = Trainer(tiny_config(dataset, num_steps=4, checkpoint_every=2), run)
+        # With validation on, the trainer also keeps top-k copies (step_*.safetensors) beside latest.
+        trainer = Trainer(tiny_config(dataset, num_steps=4, checkpoint_every=2, val_every=2), run)
         trainer.run(2, progress=False)
         assert wait_for(lambda: srv.manager.active is not None, 120)
         first = srv.manager.active.info.sha256
@@ -156,6 +158,9 @@ def test_server_hot_loads_what_the_trainer_writes(dataset, tmp_path):
         trainer.run(4, progress=False)
         assert wait_for(lambda: srv.manager.active.info.sha256 != first, 120)
         assert srv.manager.active.info.metadata["training_step"] == 4
+        assert list(run.glob("step_*.safetensors"))
+        time.sleep(0.5)  # several watch intervals: the top-k copies are not loaded again
+        assert srv.manager.active.version == 2 and srv.manager.loading is None
 
 
 def test_image_policy_trains(dataset, tmp_path):
