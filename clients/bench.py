@@ -80,8 +80,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with client:
             hello.update(client.server_info)
             client.observe(synthetic_observation(client.server_info["obs_schema"], seed=index))
-            for _ in range(args.warmup):
-                client.infer(**options)
+            try:
+                for _ in range(args.warmup):
+                    client.infer(**options)
+            except ClientError as e:
+                errors.append(f"client {index} warm-up: {e}")
+                barrier.abort()  # the others must not wait for this client forever
+                return
             try:
                 barrier.wait()
             except threading.BrokenBarrierError:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from proto.codec import pack, unpack
+from proto.codec import DecodeError, pack, unpack
 from proto.messages import PROTOCOL_VERSION
 
 
@@ -63,7 +63,7 @@ class ObservationHistory:
         self.steps.clear()
 
     def append(self, obs: dict[str, Any]) -> None:
-        step = {k: np.asarray(v) for k, v in obs.items()}
+        step = {k: np.array(v, copy=True) for k, v in obs.items()}  # environments may reuse their buffers
         if not self.steps:
             self.steps.extend([step] * self.steps.maxlen)  # pad as upstream: repeat the first observation
         else:
@@ -149,8 +149,8 @@ class PolicyClient:
                 reply = unpack(sock.recv_multipart()[-1])
                 if isinstance(reply, dict) and reply.get("id") == rid:
                     return reply
-        except RequestTimeout:
-            self._reset_socket()
+        except (RequestTimeout, DecodeError):
+            self._reset_socket()  # a fresh socket and a fresh hello: nothing stale is read later
             raise
 
     @staticmethod
@@ -205,8 +205,9 @@ class PolicyClient:
 
     def observe(self, obs: dict[str, Any]) -> None:
         """Add one control step's observation (no time axis); a mismatch is refused before it is kept."""
-        if self.server_info is not None:
-            self._validate({k: np.asarray(v)[None] for k, v in obs.items()}, steps=1)
+        info = self.server_info  # read once: a background call may reset it concurrently
+        if info is not None:
+            self._validate(info["obs_schema"], {k: np.asarray(v)[None] for k, v in obs.items()}, steps=1)
         with self._history_lock:
             self.history.append(obs)
 
@@ -229,7 +230,7 @@ class PolicyClient:
         with self._call_lock:
             if self.server_info is None:
                 self._hello()
-            self._validate(stacked)
+            self._validate(self.server_info["obs_schema"], stacked)
             start = time.perf_counter()
             message = {"type": "infer", "obs": stacked}
             if options:
@@ -238,9 +239,9 @@ class PolicyClient:
             round_trip = (time.perf_counter() - start) * 1e3
         return InferResult(reply["action"], reply["model"], reply["timing"], round_trip)
 
-    def _validate(self, stacked: dict[str, np.ndarray], steps: int | None = None) -> None:
+    @staticmethod
+    def _validate(schema: dict[str, Any], stacked: dict[str, np.ndarray], steps: int | None = None) -> None:
         """Check (steps, ...) arrays against the server's schema (steps: n_obs_steps by default)."""
-        schema = self.server_info["obs_schema"]
         if set(stacked) != set(schema):
             raise SchemaMismatch(f"observation keys {sorted(stacked)} != server's {sorted(schema)}")
         for key, spec in schema.items():

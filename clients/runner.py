@@ -37,6 +37,7 @@ class EpisodeResult:
     chunks: int = 0
     dropped_actions: int = 0
     failed_requests: int = 0
+    last_error: str | None = None
     round_trip_ms: list[float] = field(default_factory=list)
     server_ms: list[float] = field(default_factory=list)
     infos: list[dict[str, Any]] = field(default_factory=list)
@@ -124,7 +125,7 @@ class ActionChunkRunner:
             start = time.perf_counter()
             try:
                 pending["result"] = self.client.infer_stacked(stacked, **self.infer_options)
-            except ClientError as e:
+            except Exception as e:  # counted as a failed request; the loop goes on with what it has
                 pending["error"] = e
             pending["seconds"] = time.perf_counter() - start
 
@@ -151,14 +152,15 @@ class ActionChunkRunner:
                 self._primary_until = max(self._primary_until, pending["tick"] + self.n_action_steps - 1)
             else:
                 result.failed_requests += 1
+                result.last_error = repr(pending.get("error"))
             pending.clear()
 
         # The first chunk is awaited before the clock starts.
         while not queue:
             launch(0)
             collect(0, wait=True)
-            if not queue and result.failed_requests > 10:
-                raise ClientError("no action chunk after 10 attempts")
+            if not queue and result.failed_requests >= 10:
+                raise ClientError(f"no action chunk after 10 attempts; last error: {result.last_error}")
         last_action = queue[0]
         next_time = time.perf_counter()
         for tick in range(max_steps):

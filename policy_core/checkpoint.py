@@ -4,7 +4,7 @@ Tensors: ``model.<param>`` (weights), optional ``ema.<param>`` (EMA weights), ``
 and, from the trainer, optional ``train.<...>`` state (optimizer, RNG). The header's ``__metadata__``
 holds ``format`` = ``dpmlx-policy`` and ``dpmlx`` = a JSON document: format version, policy type and full
 config, observation schema, action layout, control rate, training step, creation time, provenance, and
-the SHA-256 of the tensor data (which also identifies the model to clients).
+the SHA-256 of the tensor data (it identifies the weights; servers report it with every action).
 
 The file is standard safetensors (readable by ``mx.load`` and the ``safetensors`` package), but we read
 and write it ourselves so that integrity can be checked before any tensor is trusted. Nothing is pickled.

@@ -114,10 +114,6 @@ class PolicyConfig:
         return [k for k, f in self.obs.items() if f.is_image]
 
     @property
-    def lowdim_keys(self) -> list[str]:
-        return [k for k, f in self.obs.items() if not f.is_image]
-
-    @property
     def default_inference_steps(self) -> int:
         return self.num_inference_steps or self.noise_scheduler.num_train_timesteps
 

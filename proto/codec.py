@@ -2,8 +2,8 @@
 
 An ndarray travels as a plain msgpack map ``{"__ndarray__": True, "data": <bin>, "dtype": "<f4",
 "shape": [...]}`` (the keys as msgpack bin, exactly as openpi's clients write them; str keys are accepted
-too). Decoding is zero-copy: the array is a read-only view of the received bytes. Only boolean, integer
-and float dtypes are accepted; nothing is ever unpickled. Pure Python: msgpack and numpy only.
+too). Arrays are decoded as read-only views of msgpack's bin payload, without a further copy. Only
+boolean, integer and float dtypes are accepted; nothing is ever unpickled. Pure Python: msgpack and numpy.
 """
 
 from __future__ import annotations

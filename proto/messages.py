@@ -53,7 +53,6 @@ class Request:
     id: Any
     obs: dict[str, np.ndarray] = field(default_factory=dict)
     options: InferOptions = field(default_factory=InferOptions)
-    batched: bool = False
 
 
 def error_reply(request_type: Any, request_id: Any, code: str, message: str) -> dict[str, Any]:

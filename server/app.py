@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import threading
@@ -150,11 +151,12 @@ class Server:
         self.frontend.stop_accepting()
         if self.watch is not None:
             self.watch.stop()
-        self.manager.shutdown(timeout)
+        workers_done = self.manager.shutdown(timeout)
         self.frontend.stop()
         self._uvicorn.should_exit = True
         self._http_thread.join(timeout=5)
-        self.context.destroy(linger=0)
+        if workers_done:  # else a worker still holds a socket: leave the context to process exit
+            self.context.destroy(linger=0)
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -171,7 +173,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         http_host=host,
         http_port=int(port),
         watch=args.watch,
-        token=args.token,
+        token=args.token or os.environ.get("DPMLX_TOKEN") or None,
         model_root=Path(root).resolve(),
         batching=BatchingConfig(args.max_batch, args.max_wait_ms, args.max_queue, args.dtype),
         max_message_bytes=int(args.max_message_mb * 2**20),
@@ -188,6 +190,9 @@ def serve_main(args: argparse.Namespace) -> int:
     log.info("ZeroMQ on %s, control plane on %s", server.zmq_endpoint, server.http_url)
     if not is_loopback(server.config.http_host):
         log.warning("control plane exposed on %s (token required for mutations)", server.config.http_host)
+    zmq_host = server.zmq_endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if server.zmq_endpoint.startswith("tcp://") and not is_loopback(zmq_host):
+        log.warning("ZeroMQ bound to %s: any host that reaches it can request actions", server.zmq_endpoint)
     while not stop.wait(0.2):
         pass
     log.info("shutting down: finishing in-flight requests")

@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--http", default="127.0.0.1:8000", help="control plane HOST:PORT")
     parser.add_argument("--watch", type=Path, help="hot-load each new checkpoint written to this folder")
-    parser.add_argument("--token", help="bearer token for mutating control-plane endpoints")
+    parser.add_argument(
+        "--token", help="bearer token for mutating control-plane endpoints (or the DPMLX_TOKEN variable)"
+    )
     parser.add_argument("--model-root", type=Path, help="folder checkpoint loads are confined to")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)

@@ -21,6 +21,7 @@ from proto.messages import (
     PROTOCOL_VERSION,
     ErrorCode,
     ProtocolError,
+    Request,
     error_reply,
     parse_request,
     validate_obs,
@@ -56,6 +57,8 @@ class ZmqFrontend(threading.Thread):
         self.replies = context.socket(zmq.PULL)
         self.replies.bind(self._replies_address)
         self._local = threading.local()
+        self._push_sockets: list[zmq.Socket] = []  # one per worker thread; closed when the front end stops
+        self._push_lock = threading.Lock()
         self._accepting = True
         self._stop_event = threading.Event()
 
@@ -68,6 +71,8 @@ class ZmqFrontend(threading.Thread):
             push = self._local.push = self.context.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 1000)
             push.connect(self._replies_address)
+            with self._push_lock:
+                self._push_sockets.append(push)
         push.send_multipart([*envelope, pack(message)])
 
     # ---- control ----
@@ -98,6 +103,9 @@ class ZmqFrontend(threading.Thread):
         finally:
             self.router.close(linger=500)
             self.replies.close(linger=0)
+            with self._push_lock:  # their worker threads have finished (the server stops them first)
+                for push in self._push_sockets:
+                    push.close(linger=0)
 
     def _forward_replies(self) -> None:
         while True:
@@ -180,17 +188,30 @@ class ZmqFrontend(threading.Thread):
             "n_obs_steps": meta["n_obs_steps"],
             "control_hz": meta["control_hz"],
             "max_message_bytes": self.max_message_bytes,
+            "max_batch": self._active().batching.max_batch,
         }
 
-    def _submit(self, request, envelope: list[bytes], received: float) -> None:
+    def _submit(self, request: Request, envelope: list[bytes], received: float) -> None:
         if not self._accepting:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "server is shutting down")
         worker = self._active()
         obs, batched = validate_obs(request.obs, worker.info.obs_schema)
-        steps = request.options.num_inference_steps
-        max_steps = worker.info.metadata["config"]["noise_scheduler"]["num_train_timesteps"]
-        if steps is not None and steps > max_steps:
+        rows = next(iter(obs.values())).shape[0]
+        if rows > worker.batching.max_batch:
+            # Bounds memory and the set of compiled graphs a client can cause.
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE, f"{rows} rows exceed max_batch {worker.batching.max_batch}"
+            )
+        options = request.options
+        config = worker.info.metadata["config"]
+        max_steps = config["noise_scheduler"]["num_train_timesteps"]
+        if options.num_inference_steps is not None and options.num_inference_steps > max_steps:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"num_inference_steps must be <= {max_steps}")
+        # Spell out the model's defaults so equivalent requests share batches.
+        options.scheduler = options.scheduler or config["sampler"]
+        options.num_inference_steps = (
+            options.num_inference_steps or config["num_inference_steps"] or max_steps
+        )
         meta = worker.info.metadata
         max_actions = meta["action"]["horizon"] - meta["n_obs_steps"] + 1
         n_actions = request.options.n_action_steps

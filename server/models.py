@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from policy_core.policy import ObservationError
 from proto.messages import ErrorCode, InferOptions, ProtocolError, Request
 from server.metrics import Metrics
 
@@ -143,7 +144,10 @@ class ModelWorker(threading.Thread):
         while True:
             batch = self._next_batch()
             if batch:
-                self._execute(batch)
+                try:
+                    self._execute(batch)
+                except Exception:  # e.g. a reply that cannot be sent: keep serving the queue
+                    log.exception("failed to answer a batch")
             elif self._retired.is_set() and self.depth() == 0:
                 with self._submit_lock:
                     if self.depth() == 0:
@@ -203,7 +207,7 @@ class ModelWorker(threading.Thread):
             kind = opts.scheduler or cfg.sampler
             steps = opts.num_inference_steps or cfg.default_inference_steps
             rows = sum(p.rows for p in batch)
-            padded = next((b for b in self.batching.buckets() if b >= rows), rows)
+            padded = next(b for b in self.batching.buckets() if b >= rows)  # rows <= max_batch (front end)
             obs = {k: np.concatenate([p.obs[k] for p in batch]) for k in batch[0].obs}
             # Each request's noise comes from its own seed, so results do not depend on batching.
             noises = [policy.sample_noise(p.rows, steps, p.request.options.seed) for p in batch]
@@ -223,7 +227,8 @@ class ModelWorker(threading.Thread):
             action_pred = np.array(out["action_pred"])[:rows]
         except Exception as e:  # report to every request of the batch; keep serving
             log.exception("inference failed")
-            code = ErrorCode.BAD_REQUEST if isinstance(e, ValueError) else ErrorCode.INTERNAL
+            # Inputs were validated before queuing; an observation error here means the schema changed.
+            code = ErrorCode.SCHEMA_MISMATCH if isinstance(e, ObservationError) else ErrorCode.INTERNAL
             for p in batch:
                 self.metrics.error(code)
                 p.reply(
@@ -340,11 +345,12 @@ class ModelManager:
                 "last_error": self.last_error,
             }
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Retire every worker after it has served its queue, and wait for them."""
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Retire every worker after it has served its queue and wait for them; True if all finished."""
         with self._lock:
             workers = [w for w in (self.active, self.previous, self.loading) if w is not None]
         for w in workers:
             w.retire()
         for w in workers:
             w.join(timeout)
+        return not any(w.is_alive() for w in workers)

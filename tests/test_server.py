@@ -41,6 +41,14 @@ def reference(models):
     return {v: load_policy(models / f"v{v}.safetensors") for v in (1, 2)}
 
 
+def client_call(server, message: dict) -> dict:
+    client = RawClient(server.zmq_endpoint)
+    try:
+        return client.call(message)
+    finally:
+        client.close()
+
+
 def one_obs(policy, seed: int = 0) -> dict[str, np.ndarray]:
     return {k: v[0] for k, v in observation(policy, batch=1, seed=seed).items()}
 
@@ -62,7 +70,7 @@ def test_hello_ping_reset_infer(server, reference, kind, delimiter):
             "agent_pos": {"shape": [2, 2], "dtype": "float32"},
         }
         assert hello["action"] == {"dim": 2, "horizon": 8, "n_action_steps": 4}
-        assert hello["n_obs_steps"] == 2 and hello["control_hz"] == 10.0
+        assert hello["n_obs_steps"] == 2 and hello["control_hz"] == 10.0 and hello["max_batch"] == 8
         assert client.call({"type": "ping", "id": "p"}) == {
             "type": "ping",
             "id": "p",
@@ -95,6 +103,9 @@ def test_batched_request(server, reference):
     client.close()
     assert reply["ok"], reply
     assert reply["action"].shape == (3, 4, 2)
+    # More rows than max_batch (8 here) are refused: they would bound neither memory nor compiled graphs.
+    big = observation(reference[1], batch=9, seed=4)
+    assert client_call(server, {"type": "infer", "id": 10, "obs": big})["error"]["code"] == "too_large"
     x_init, step_noise = reference[1].sample_noise(3, 5, seed=1)  # a batched request draws for all rows
     want = reference[1].predict_action(obs, noise=x_init, step_noise=step_noise)["action"]
     np.testing.assert_allclose(reply["action"], np.array(want), rtol=1e-4, atol=1e-3)

@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from server_helpers import running_server, wait_for
 
 from policy_core import CheckpointCorruptError, load_policy, read_checkpoint
-from trainer.data import BatchSpec, SequenceSampler, batches
+from trainer.data import BatchSpec, SequenceSampler, batches, prefetch
 from trainer.pusht_data import generate, save
 from trainer.train import Trainer, ema_decay
 
@@ -67,6 +67,17 @@ def test_batch_stream_resumes_at_any_step():
         got = next(resumed)
         assert np.array_equal(got["obs"]["x"], expected[k]["obs"]["x"])
         assert got["obs"]["x"].shape == (8, 2) and got["action"].shape == (8, 4)
+
+
+def test_prefetch_passes_errors_to_the_consumer():
+    def broken():
+        yield 1
+        raise ValueError("bad batch")
+
+    stream = prefetch(broken())
+    assert next(stream) == 1
+    with pytest.raises(ValueError, match="bad batch"):
+        next(stream)
 
 
 def test_ema_decay_matches_upstream():

@@ -130,26 +130,40 @@ def batches(
             step += 1
 
 
+@dataclass
+class _Failure:
+    error: BaseException
+
+
 def prefetch(iterator: Iterator, depth: int = 4) -> Iterator:
     """Run ``iterator`` on a background thread so batch assembly overlaps the train step."""
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
-    def produce() -> None:
-        for item in iterator:
-            while not stop.is_set():
-                try:
-                    buffer.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set():
+    def put(item: object) -> None:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
                 return
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                put(item)
+                if stop.is_set():
+                    return
+        except BaseException as e:  # hand the error to the consumer instead of leaving it waiting
+            put(_Failure(e))
 
     thread = threading.Thread(target=produce, daemon=True, name="prefetch")
     thread.start()
     try:
         while True:
-            yield buffer.get()
+            item = buffer.get()
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
     finally:
         stop.set()

@@ -7,10 +7,9 @@ maximum reward. The trainer uses the mean over seeds to rank checkpoints when ro
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 
+from clients.policy_client import ObservationHistory
 from clients.sim.pusht import PushTEnv
 from policy_core.policy import DiffusionUnetPolicy
 
@@ -22,11 +21,14 @@ def rollout_score(policy: DiffusionUnetPolicy, seeds: list[int], max_steps: int 
     scores = []
     for seed in seeds:
         obs, _ = env.reset(seed=seed)
-        history: deque[dict[str, np.ndarray]] = deque([obs] * cfg.n_obs_steps, maxlen=cfg.n_obs_steps)
-        best, done = 0.0, False
+        history = ObservationHistory(cfg.n_obs_steps)
+        history.append(obs)
+        best, done, chunk_index = 0.0, False, 0
         while not done:
-            stacked = {k: np.stack([o[k] for o in history])[None] for k in cfg.obs}
-            chunk = np.array(policy.predict_action(stacked, seed=seed)["action"][0])
+            stacked = {k: v[None] for k, v in history.stacked().items()}
+            # A fresh, reproducible noise draw for every chunk of every episode.
+            chunk = np.array(policy.predict_action(stacked, seed=seed * 10_000 + chunk_index)["action"][0])
+            chunk_index += 1
             for action in chunk:
                 obs, reward, terminated, truncated, _ = env.step(action.astype(np.float64))
                 history.append(obs)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -83,7 +84,7 @@ class DataConfig:
     max_train_episodes: int | None = None
 
 
-def cosine_with_warmup(base_lr: float, warmup: int, total: int):
+def cosine_with_warmup(base_lr: float, warmup: int, total: int) -> Callable[[mx.array], mx.array]:
     """diffusers' get_cosine_schedule_with_warmup as an MLX schedule of the optimizer step."""
 
     def schedule(step: mx.array) -> mx.array:
@@ -105,7 +106,13 @@ def ema_decay(step: int, power: float, max_value: float) -> float:
 
 
 class Trainer:
-    def __init__(self, config: dict[str, Any], out_dir: Path, resume: bool = False, group=None):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        out_dir: Path,
+        resume: bool = False,
+        group: mx.distributed.Group | None = None,
+    ):
         self.config = config
         self.out_dir = Path(out_dir)
         self.train = TrainConfig.from_dict(config.get("train", {}))
@@ -141,6 +148,9 @@ class Trainer:
         self.train_sampler = SequenceSampler(ends, pcfg.horizon, pad_before, pad_after, train_mask)
         self.val_sampler = SequenceSampler(ends, pcfg.horizon, pad_before, pad_after, val_mask)
         self.obs_steps = {k: pcfg.n_obs_steps for k in pcfg.obs}
+        if len(self.train_sampler) < self.train.batch_size:
+            windows, batch = len(self.train_sampler), self.train.batch_size
+            raise ValueError(f"{windows} training windows are fewer than one batch of {batch}")
         if self.train.batch_size % self.world:
             raise ValueError(f"batch_size {self.train.batch_size} is not divisible by {self.world} processes")
 
@@ -174,7 +184,8 @@ class Trainer:
         @partial(mx.compile, inputs=state, outputs=state)
         def train_step(batch: dict) -> tuple[mx.array, mx.array]:
             # Draw the noise of the whole global batch and keep this process's rows, so N processes
-            # compute exactly what one process would on the combined batch (up to summation order).
+            # compute what one process would on the combined batch (up to summation order; image crops
+            # are still drawn per process).
             noise = mx.random.normal((global_batch, cfg.horizon, cfg.action_dim))[lo:hi]
             timesteps = mx.random.randint(0, cfg.noise_scheduler.num_train_timesteps, (global_batch,))[lo:hi]
             loss, grads = loss_and_grad(batch, noise, timesteps)
@@ -204,6 +215,10 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         ckpt = read_checkpoint(path)
+        if bool(ckpt.metadata.get("has_ema")) != self.train.ema:
+            raise ValueError(
+                f"{path}: has_ema={ckpt.metadata.get('has_ema')} but the config says ema={self.train.ema}"
+            )
         self.policy.update(tree_unflatten(list(ckpt.group("model").items())))
         if self.ema is not None:
             self.ema = tree_unflatten(list(ckpt.group("ema").items()))
@@ -214,8 +229,10 @@ class Trainer:
         ]
         metrics = self.out_dir / "metrics.jsonl"
         if metrics.exists():
+            # Drop records written after the checkpoint (by a run that went on and was stopped).
             self.history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             self.history = [h for h in self.history if h["step"] <= self.step]
+            metrics.write_text("".join(json.dumps(h) + "\n" for h in self.history))
         mx.eval(self.policy.parameters(), self.optimizer.state, self.ema)
 
     def save(self, rank_by: float | None) -> Path:
