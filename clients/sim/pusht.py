@@ -210,7 +210,9 @@ class PushTEnv(gym.Env):
             dtype=np.float64,
         )  # fmt: skip
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         super().reset(seed=seed)
         self._setup()
         state = (options or {}).get("reset_to_state")
@@ -222,7 +224,7 @@ class PushTEnv(gym.Env):
         info["is_success"] = False
         return self._obs(), info
 
-    def step(self, action: np.ndarray):
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         action = np.asarray(action, dtype=np.float64)
         if action.shape != (2,) or not np.isfinite(action).all():
             raise ValueError(f"action must be 2 finite numbers, got {action!r}")
