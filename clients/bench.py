@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from clients.policy_client import ClientError, PolicyClient
+from proto.latency import summarize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,19 +45,6 @@ def synthetic_observation(schema: dict[str, dict[str, Any]], seed: int = 0) -> d
         else:
             obs[key] = rng.uniform(-1, 1, shape).astype(np.float32)
     return obs
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.size == 0:
-        return {"n": 0}
-    return {
-        "p50": float(np.percentile(arr, 50)),
-        "p90": float(np.percentile(arr, 90)),
-        "p99": float(np.percentile(arr, 99)),
-        "max": float(arr.max()),
-        "n": int(arr.size),
-    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,9 +113,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": len(errors),
         "error_examples": errors[:5],
         "throughput_rps": len(samples) / elapsed if elapsed > 0 else 0.0,
-        "round_trip_ms": percentiles(round_trip),
-        "server_ms": percentiles(server),
-        "overhead_ms": percentiles([r - s for r, s in samples]),
+        "round_trip_ms": summarize(round_trip),
+        "server_ms": summarize(server),
+        "overhead_ms": summarize(r - s for r, s in samples),
         "samples_ms": {"round_trip": round_trip, "server": server},
     }
     return report

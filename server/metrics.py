@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, deque
 
-import numpy as np
+from proto.latency import summarize
 
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -81,15 +81,7 @@ class Metrics:
 
     def stats(self) -> dict:
         with self._lock:
-            latency = {}
-            for name, values in self.recent.items():
-                arr = np.fromiter(values, dtype=np.float64)
-                latency[name] = (
-                    {p: float(np.percentile(arr, q)) for p, q in (("p50", 50), ("p90", 90), ("p99", 99))}
-                    | {"max": float(arr.max()), "n": int(arr.size)}
-                    if arr.size
-                    else {"n": 0}
-                )
+            latency = {name: summarize(values) for name, values in self.recent.items()}
             return {
                 "requests": dict(self.requests),
                 "errors": dict(self.errors),
@@ -102,39 +94,36 @@ class Metrics:
 
     def prometheus(self, queue_depth: int, model_version: int | None) -> str:
         with self._lock:
-            lines = [
-                "# HELP dpmlx_requests_total Requests received, by type.",
-                "# TYPE dpmlx_requests_total counter",
-            ]
-            lines += [f'dpmlx_requests_total{{type="{t}"}} {n}' for t, n in sorted(self.requests.items())]
-            lines += [
-                "# HELP dpmlx_errors_total Error replies, by code.",
-                "# TYPE dpmlx_errors_total counter",
-            ]
-            lines += [f'dpmlx_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.errors.items())]
-            lines += [
-                "# HELP dpmlx_model_swaps_total Successful model swaps.",
-                "# TYPE dpmlx_model_swaps_total counter",
-            ]
-            lines += [f"dpmlx_model_swaps_total {self.swaps}"]
-            lines += [
-                "# HELP dpmlx_model_load_failures_total Failed loads.",
-                "# TYPE dpmlx_model_load_failures_total counter",
-            ]
-            lines += [f"dpmlx_model_load_failures_total {self.failed_loads}"]
-            lines += [
-                "# HELP dpmlx_queue_depth Requests waiting for the worker.",
-                "# TYPE dpmlx_queue_depth gauge",
-            ]
-            lines += [f"dpmlx_queue_depth {queue_depth}"]
-            lines += [
-                "# HELP dpmlx_model_version Version of the active model.",
-                "# TYPE dpmlx_model_version gauge",
-            ]
-            lines += [f"dpmlx_model_version {model_version if model_version is not None else 0}"]
+            lines = _family(
+                "dpmlx_requests_total", "counter", "Requests received, by type.",
+                [(f'{{type="{t}"}}', n) for t, n in sorted(self.requests.items())],
+            )  # fmt: skip
+            lines += _family(
+                "dpmlx_errors_total", "counter", "Error replies, by code.",
+                [(f'{{code="{c}"}}', n) for c, n in sorted(self.errors.items())],
+            )  # fmt: skip
+            lines += _family(
+                "dpmlx_model_swaps_total", "counter", "Successful model swaps.", [("", self.swaps)]
+            )
+            lines += _family(
+                "dpmlx_model_load_failures_total", "counter", "Failed loads.", [("", self.failed_loads)]
+            )
+            lines += _family(
+                "dpmlx_queue_depth", "gauge", "Requests waiting for the worker.", [("", queue_depth)]
+            )
+            lines += _family(
+                "dpmlx_model_version", "gauge", "Version of the active model.", [("", model_version or 0)]
+            )
             lines += self.server_ms.prometheus("dpmlx_server_latency_ms", "Receipt to reply, per request.")
             lines += self.infer_ms.prometheus(
                 "dpmlx_infer_latency_ms", "Model time per batch, after mx.eval."
             )
             lines += self.batch_size.prometheus("dpmlx_batch_size", "Requests' rows per executed batch.")
             return "\n".join(lines) + "\n"
+
+
+def _family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> list[str]:
+    """One Prometheus metric family: HELP and TYPE lines, then ``name{labels} value`` per sample."""
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"] + [
+        f"{name}{labels} {v}" for labels, v in samples
+    ]

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from clients.bench import percentiles
 from clients.policy_client import PolicyClient
 from clients.runner import ActionChunkRunner
 from clients.sim.pusht import PushTEnv
+from proto.latency import summarize
 
 
 def _save_gif(frames: list[np.ndarray], path: Path, fps: float) -> None:
@@ -68,7 +68,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "success_rate": float(np.mean([r["success"] for r in rows])) if rows else 0.0,
         "realtime": args.realtime,
         "options": options,
-        "round_trip_ms": percentiles(round_trip),
+        "round_trip_ms": summarize(round_trip),
         "per_episode": rows,
     }
 
