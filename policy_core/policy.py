@@ -5,9 +5,9 @@ goes through a ResNet18-GN encoder, every ``low_dim`` key is used as is, and the
 concatenated in ``shape_meta.obs`` order and flattened over the ``n_obs_steps`` axis, as upstream.
 
 Inference is built for latency: the FiLM conditioning of the observation is computed once per request,
-the timestep embeddings of the whole schedule in one batched call, and the encoder plus the complete
-denoising loop are one ``mx.compile``d graph per (sampler, steps); MLX re-specialises it per batch size
-and dtype. A request costs one ``mx.eval``.
+the timestep embeddings of the whole schedule in one batched call, and the UNet runs in its
+channels-first matrix-multiply form (``unet_inference``). The conditioning and the denoising step are
+``mx.compile``d (MLX re-specialises them per batch size and dtype). A request costs one ``mx.eval``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy as np
 from policy_core.config import PolicyConfig
 from policy_core.normalizer import LinearNormalizer
 from policy_core.schedulers import make_scheduler
-from policy_core.unet import ConditionalUnet1D
+from policy_core.unet import ConditionalUnet1D, mish
+from policy_core.unet_inference import denoise
 from policy_core.vision import RgbEncoder
 
 MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -65,9 +66,14 @@ class DiffusionUnetPolicy(nn.Module):
             self.set_dtype(MX_DTYPES[config.dtype])
         # The training-time forward process (add_noise) is the same for either sampler.
         self.noise_scheduler = make_scheduler("ddpm", config.noise_scheduler)
-        # Compiled samplers keyed by (sampler, steps). Set past Module.__setattr__ so the cache stays
-        # out of the module's state tree (which is a compile input).
-        object.__setattr__(self, "_samplers", {})
+        # Set past Module.__setattr__ so these stay out of the module's state tree (a compile input).
+        # The parameters are compile inputs, so a weight update (EMA copy, hot load) is seen.
+        compiled = {
+            "conditioning": mx.compile(self._conditioning, inputs=[self.state]),
+            "denoise": mx.compile(lambda x, films: denoise(self.unet, x, films), inputs=[self.state]),
+        }
+        object.__setattr__(self, "_compiled", compiled)
+        object.__setattr__(self, "_schedulers", {})
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -128,28 +134,46 @@ class DiffusionUnetPolicy(nn.Module):
 
     # ---- sampling -------------------------------------------------------------------------------
 
-    def _sampler(self, kind: str, num_steps: int):
-        """Compiled obs -> normalized action trajectory function for one (sampler, steps) pair."""
+    def _scheduler(self, kind: str, num_steps: int):
         key = (kind, num_steps)
-        if key not in self._samplers:
+        if key not in self._schedulers:
             scheduler = make_scheduler(kind, self.config.noise_scheduler)
             scheduler.set_timesteps(num_steps)
-            timesteps = list(scheduler.timesteps)
+            self._schedulers[key] = scheduler
+        return self._schedulers[key]
 
-            def sample(nobs: list[mx.array], x: mx.array, step_noise: mx.array) -> mx.array:
-                unet = self.unet
-                global_cond = self.encode_obs(nobs)
-                global_films = unet.global_films(global_cond)
-                step_films = unet.step_films(unet.encode_timesteps(mx.array(timesteps)))
-                for i, t in enumerate(timesteps):
-                    films = [g + s[i] for g, s in zip(global_films, step_films, strict=True)]
-                    model_output = unet.forward_film(x.astype(self.dtype), films).astype(mx.float32)
-                    x = scheduler.step(model_output, t, x, noise=step_noise[i])
-                return x
+    def _conditioning(self, nobs: list[mx.array], timesteps: mx.array) -> list[mx.array]:
+        """Per-block FiLM vectors of every step at once, channels first as the trunk wants them:
+        each block's ``cond_encoder`` applied to mish([step embedding, observation features]) of all
+        (step, batch) pairs in one product -> (steps, m, B)."""
+        unet = self.unet
+        global_cond = self.encode_obs(nobs)
+        steps, batch = timesteps.shape[0], global_cond.shape[0]
+        step_embedding = unet.encode_timesteps(timesteps).astype(global_cond.dtype)
+        cond = mx.concatenate(
+            [
+                mx.broadcast_to(step_embedding[:, None], (steps, batch, step_embedding.shape[-1])),
+                mx.broadcast_to(global_cond[None], (steps, batch, global_cond.shape[-1])),
+            ],
+            axis=-1,
+        )
+        cond = mish(cond)
+        return [blk.cond_encoder(cond).transpose(0, 2, 1) for blk in unet.residual_blocks()]
 
-            # The parameters are compile inputs, so a weight update (EMA copy, hot load) is seen.
-            self._samplers[key] = mx.compile(sample, inputs=[self.state])
-        return self._samplers[key]
+    def _sample(self, kind: str, num_steps: int, nobs: list[mx.array], x: mx.array, step_noise: mx.array):
+        """Normalized observations -> normalized action trajectory, as a lazy graph (one eval per request).
+
+        The conditioning and one denoising step are compiled once each (per batch size and dtype) and
+        shared by every sampler and step count; the scheduler's update is a few elementwise ops between
+        them. Compiling the whole unrolled loop instead traced for seconds per (sampler, steps) pair
+        (over a minute for DDPM-100) and ran no faster (benchmarks/NOTES.md).
+        """
+        scheduler = self._scheduler(kind, num_steps)
+        films = self._compiled["conditioning"](nobs, mx.array(scheduler.timesteps))
+        for i, t in enumerate(scheduler.timesteps):
+            model_output = self._compiled["denoise"](x.astype(self.dtype), [f[i] for f in films])
+            x = scheduler.step(model_output.astype(mx.float32), t, x, noise=step_noise[i])
+        return x
 
     def sample_noise(self, batch: int, num_steps: int, seed: int | None = None) -> tuple[mx.array, mx.array]:
         """The initial trajectory x_T (B, horizon, action_dim) and the per-step sampler noise
@@ -197,7 +221,7 @@ class DiffusionUnetPolicy(nn.Module):
         ):
             if tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
-        naction = self._sampler(kind, steps)(self.normalize_obs(obs), x_init, noise_per_step)
+        naction = self._sample(kind, steps, self.normalize_obs(obs), x_init, noise_per_step)
         action_pred = self.normalizer.unnormalize("action", naction)
         start = cfg.n_obs_steps - 1
         action = action_pred[:, start : start + cfg.n_action_steps]

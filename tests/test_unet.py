@@ -2,7 +2,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from policy_core.unet import ConditionalUnet1D, sinusoidal_embedding
+from policy_core.unet import ConditionalUnet1D, mish, sinusoidal_embedding
 
 
 def n_params(module) -> int:
@@ -48,19 +48,16 @@ def test_sinusoidal_embedding_layout():
 
 
 @pytest.mark.parametrize("scale", [True, False])
-def test_split_film_path_equals_reference(scale):
-    """Precomputed global + timestep FiLM terms reproduce the reference forward."""
+def test_forward_film_with_the_blocks_films_equals_reference(scale):
     unet = ConditionalUnet1D(3, 12, 32, (16, 32, 64), kernel_size=5, n_groups=4, cond_predict_scale=scale)
     x = mx.random.normal((4, 16, 3))
     g = mx.random.normal((4, 12))
-    timesteps = [99, 42, 0]
-    step_films = unet.step_films(unet.encode_timesteps(mx.array(timesteps)))
-    global_films = unet.global_films(g)
-    for i, t in enumerate(timesteps):
-        fast = unet.forward_film(x, [gf + sf[i] for gf, sf in zip(global_films, step_films, strict=True)])
+    for t in [99, 42, 0]:
+        cond = mish(mx.concatenate([unet.encode_timesteps(mx.array([t] * 4)), g], axis=-1))
+        films = [blk.cond_encoder(cond) for blk in unet.residual_blocks()]
         ref = unet(x, t, g)
         assert ref.shape == (4, 16, 3)
-        assert mx.abs(fast - ref).max().item() < 1e-5
+        assert mx.abs(unet.forward_film(x, films) - ref).max().item() < 1e-5
 
 
 def test_per_sample_timesteps():
