@@ -42,8 +42,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks import policy_latency
-from benchmarks.policy_latency import CONFIGS, SAMPLERS
+# float32 is float32 on both sides: MLX's CUDA backend would otherwise run fp32 matmuls and convs in TF32
+# (torch's TF32 is turned off in its worker). Set before anything imports MLX.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+from benchmarks import policy_latency  # noqa: E402
+from benchmarks.policy_latency import CONFIGS, SAMPLERS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMEWORKS = ("mlx", "torch-eager", "torch-compile")

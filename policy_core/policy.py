@@ -19,11 +19,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from policy_core import unet_cuda, unet_inference
 from policy_core.config import PolicyConfig
 from policy_core.normalizer import LinearNormalizer
 from policy_core.schedulers import make_scheduler
 from policy_core.unet import ConditionalUnet1D, mish
-from policy_core.unet_inference import denoise
 from policy_core.vision import RgbEncoder
 
 MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -70,7 +70,13 @@ class DiffusionUnetPolicy(nn.Module):
         # The parameters are compile inputs, so a weight update (EMA copy, hot load) is seen.
         compiled = {
             "conditioning": mx.compile(self._conditioning, inputs=[self.state]),
-            "denoise": mx.compile(lambda x, films: denoise(self.unet, x, films), inputs=[self.state]),
+            # The trunk for the device: fused kernels on CUDA, matrix products elsewhere (NOTES.md).
+            "denoise_cuda": mx.compile(
+                lambda x, films: unet_cuda.denoise(self.unet, x, films), inputs=[self.state]
+            ),
+            "denoise": mx.compile(
+                lambda x, films: unet_inference.denoise(self.unet, x, films), inputs=[self.state]
+            ),
         }
         object.__setattr__(self, "_compiled", compiled)
         object.__setattr__(self, "_schedulers", {})
@@ -143,9 +149,9 @@ class DiffusionUnetPolicy(nn.Module):
         return self._schedulers[key]
 
     def _conditioning(self, nobs: list[mx.array], timesteps: mx.array) -> list[mx.array]:
-        """Per-block FiLM vectors of every step at once, channels first as the trunk wants them:
-        each block's ``cond_encoder`` applied to mish([step embedding, observation features]) of all
-        (step, batch) pairs in one product -> (steps, m, B)."""
+        """Per-block FiLM vectors of every step at once: each block's ``cond_encoder`` applied to
+        mish([step embedding, observation features]) of all (step, batch) pairs in one product
+        -> (steps, B, m)."""
         unet = self.unet
         global_cond = self.encode_obs(nobs)
         steps, batch = timesteps.shape[0], global_cond.shape[0]
@@ -158,7 +164,7 @@ class DiffusionUnetPolicy(nn.Module):
             axis=-1,
         )
         cond = mish(cond)
-        return [blk.cond_encoder(cond).transpose(0, 2, 1) for blk in unet.residual_blocks()]
+        return [blk.cond_encoder(cond) for blk in unet.residual_blocks()]
 
     def _sample(self, kind: str, num_steps: int, nobs: list[mx.array], x: mx.array, step_noise: mx.array):
         """Normalized observations -> normalized action trajectory, as a lazy graph (one eval per request).
@@ -170,8 +176,9 @@ class DiffusionUnetPolicy(nn.Module):
         """
         scheduler = self._scheduler(kind, num_steps)
         films = self._compiled["conditioning"](nobs, mx.array(scheduler.timesteps))
+        trunk = self._compiled["denoise_cuda" if unet_cuda.available() else "denoise"]
         for i, t in enumerate(scheduler.timesteps):
-            model_output = self._compiled["denoise"](x.astype(self.dtype), [f[i] for f in films])
+            model_output = trunk(x.astype(self.dtype), [f[i] for f in films])
             x = scheduler.step(model_output.astype(mx.float32), t, x, noise=step_noise[i])
         return x
 

@@ -84,9 +84,9 @@ def _block(x: mx.array, block: Conv1dBlock) -> mx.array:
 
 
 def _residual_block(x: mx.array, block: ConditionalResidualBlock1D, film: mx.array) -> mx.array:
-    """film: (2*out or out, B), the block's FiLM vector transposed."""
+    """film: (B, 2*out or out), the block's FiLM vector."""
     out = _block(x, block.blocks[0])
-    film = film[:, :, None]
+    film = film.T[:, :, None]
     channels = block.out_channels
     out = film[:channels] * out + film[channels:] if block.cond_predict_scale else out + film
     out = _block(out, block.blocks[1])
@@ -97,8 +97,8 @@ def _residual_block(x: mx.array, block: ConditionalResidualBlock1D, film: mx.arr
 def denoise(unet: ConditionalUnet1D, sample: mx.array, films: list[mx.array]) -> mx.array:
     """``unet.forward_film`` in the channels-first GEMM form.
 
-    sample: (B, T, input_dim); films: one (2*out or out, B) per residual block, in forward order (the
-    transposes of ``forward_film``'s). Returns (B, T, input_dim).
+    sample: (B, T, input_dim); films: one (B, 2*out or out) per residual block, in forward order, as
+    ``forward_film`` takes them. Returns (B, T, input_dim).
     """
     films = iter(films)
     x = sample.transpose(2, 0, 1)
