@@ -1,14 +1,19 @@
-"""The sampler's ConditionalUnet1D trunk on MLX's CUDA backend: cuDNN convolutions plus one fused kernel
-for everything between two convolutions.
+"""The sampler's ConditionalUnet1D trunk on MLX's CUDA backend: two kernels per convolution.
 
-At batch 1 a step is bound by the number of kernels, not by bytes (benchmarks/NOTES.md): the module path
-spends ~8 small kernels per Conv1dBlock after the convolution (bias, the GroupNorm transposes and
-statistics, affine, mish, FiLM, residual). ``fused_norm`` does conv bias + GroupNorm + mish + FiLM (scale
-and bias, or bias) + residual add in one kernel, one thread block per (sample, group). Channels-last
-(B, T, C) throughout, so MLX's own (cuDNN) convolutions run unchanged.
+At batch 1 a step is bound by the number and fixed cost of kernels, not by bytes (benchmarks/NOTES.md):
+on an H100 a cuDNN Conv1d of these shapes costs 24-36 us whatever its size, a cuBLAS product 2-3 us, and
+the module path adds ~8 small kernels per Conv1dBlock after the convolution. Here every convolution is
 
-Same parameters and results as ``ConditionalUnet1D.forward_film`` (checked on the GPU by
-tests/test_unet_inference.py). Only used where ``available()``; the pure-MLX trunks serve elsewhere.
+1. one cuBLAS product ``x (B*T, in) @ W (out*k, in)^T`` giving every tap's contribution
+   ``z[b, s, o, k] = W[o, k, :] . x[b, s, :]`` (MLX's (out, k, in) weight is that matrix as a free view;
+   the same holds for the transposed convolution of Upsample1d), and
+2. one kernel that sums the taps into the output positions they belong to and adds the bias; after the
+   Conv1dBlocks' convolutions the same kernel also does GroupNorm + mish + FiLM (scale and bias, or bias)
+   + the residual add, one thread block per (sample, group).
+
+Channels-last (B, T, C) like the module path. Same parameters and results as
+``ConditionalUnet1D.forward_film`` (tests/test_unet_inference.py, on a GPU). Used where ``available()``;
+elsewhere the pure-MLX trunks serve.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from policy_core.unet import ConditionalResidualBlock1D, ConditionalUnet1D, Conv
 
 THREADS = 256
 
-_HEADER = """
+_BLOCK_SUM = """
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffff, v, offset);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -33,33 +38,45 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 """
 
-# y: conv output without bias (B, T, C); bias/gamma/beta: (C,); film: (B, 2C) (FILM 1), (B, C) (FILM 2) or
-# unused (FILM 0); res: (B, T, C) (RES 1) or unused. Grid: one block per (group, sample).
-_SOURCE = """
+# z: taps (B, LEN, CH, KS) of a stride-1 "same" convolution; bias/gamma/beta: (CH,); film: (B, 2 CH)
+# (FILM 1: scale, bias), (B, CH) (FILM 2: bias) or unused (FILM 0); res: (B, LEN, CH) (RES 1) or unused.
+# One block per (group, sample); each thread keeps its PER values in registers between the passes.
+_NORM_SOURCE = """
   constexpr int CG = CH / GROUPS;
   constexpr int N = LEN * CG;
+  constexpr int PER = (N + THREADS - 1) / THREADS;
   const int g = blockIdx.x, b = blockIdx.y;
   __shared__ float scratch[32];
-  const size_t base = (size_t)b * LEN * CH + g * CG;
+  float vals[PER];
   float s = 0.f;
-  for (int i = threadIdx.x; i < N; i += blockDim.x) {
-    const int t = i / CG, c = i % CG;
-    s += static_cast<float>(y[base + (size_t)t * CH + c]) + static_cast<float>(bias[g * CG + c]);
+  for (int j = 0; j < PER; ++j) {
+    const int i = threadIdx.x + j * THREADS;
+    float v = 0.f;
+    if (i < N) {
+      const int t = i / CG, ch = g * CG + i % CG;
+      v = static_cast<float>(bias[ch]);
+      for (int k = 0; k < KS; ++k) {
+        const int src = t + k - KS / 2;
+        if (src >= 0 && src < LEN)
+          v += static_cast<float>(z[(((size_t)b * LEN + src) * CH + ch) * KS + k]);
+      }
+      s += v;
+    }
+    vals[j] = v;
   }
   const float mean = block_sum(s, scratch) / N;
   float q = 0.f;
-  for (int i = threadIdx.x; i < N; i += blockDim.x) {
-    const int t = i / CG, c = i % CG;
-    const float d =
-        static_cast<float>(y[base + (size_t)t * CH + c]) + static_cast<float>(bias[g * CG + c]) - mean;
-    q += d * d;
+  for (int j = 0; j < PER; ++j) {
+    const int i = threadIdx.x + j * THREADS;
+    if (i < N) q += (vals[j] - mean) * (vals[j] - mean);
   }
   const float rstd = rsqrtf(block_sum(q, scratch) / N + (float)EPS);
-  for (int i = threadIdx.x; i < N; i += blockDim.x) {
-    const int t = i / CG, c = i % CG, ch = g * CG + c;
-    const size_t at = base + (size_t)t * CH + c;
-    float v = (static_cast<float>(y[at]) + static_cast<float>(bias[ch]) - mean) * rstd;
-    v = v * static_cast<float>(gamma[ch]) + static_cast<float>(beta[ch]);
+  for (int j = 0; j < PER; ++j) {
+    const int i = threadIdx.x + j * THREADS;
+    if (i >= N) break;
+    const int t = i / CG, ch = g * CG + i % CG;
+    const size_t at = ((size_t)b * LEN + t) * CH + ch;
+    float v = (vals[j] - mean) * rstd * static_cast<float>(gamma[ch]) + static_cast<float>(beta[ch]);
     const float e = __expf(fminf(v, 20.f));
     const float n = e * (e + 2.f);
     v = v * n / (n + 2.f);
@@ -71,77 +88,148 @@ _SOURCE = """
   }
 """
 
-_kernels: dict[float, object] = {}
+# z: taps (B, LIN, CH, KS); out: (B, LOUT, CH) = bias + the taps landing on each output position, for a
+# convolution (input position o * STRIDE + k - PAD) or a transposed one (o = i * STRIDE + k - PAD).
+_TAPS_SOURCE = """
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (size_t)BATCH * LOUT * CH) return;
+  const int ch = idx % CH;
+  const int o = (idx / CH) % LOUT;
+  const int b = idx / ((size_t)CH * LOUT);
+  float v = static_cast<float>(bias[ch]);
+  for (int k = 0; k < KS; ++k) {
+    int i;
+    if (TRANSPOSED) {
+      const int num = o + PAD - k;
+      if (num < 0 || num % STRIDE != 0) continue;
+      i = num / STRIDE;
+    } else {
+      i = o * STRIDE + k - PAD;
+    }
+    if (i >= 0 && i < LIN) v += static_cast<float>(z[(((size_t)b * LIN + i) * CH + ch) * KS + k]);
+  }
+  out[idx] = static_cast<T>(v);
+"""
+
+_kernels: dict[tuple, object] = {}
 
 
 def available() -> bool:
-    """True where the fused kernel can run: MLX's CUDA backend is the default device."""
+    """True where these kernels can run: MLX's CUDA backend is the default device."""
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
-def fused_norm(
-    y: mx.array,
+def _kernel(name: str, inputs: list[str], source: str, header: str = ""):
+    key = (name, header)
+    if key not in _kernels:
+        _kernels[key] = mx.fast.cuda_kernel(
+            name=name, input_names=inputs, output_names=["out"], source=source, header=header
+        )
+    return _kernels[key]
+
+
+def taps(x: mx.array, weight: mx.array) -> mx.array:
+    """Every tap's contribution of a (transposed) convolution: (B, T, in) -> (B, T, out, k)."""
+    batch, length, in_channels = x.shape
+    out_channels, kernel, _ = weight.shape
+    z = x.reshape(batch * length, in_channels) @ weight.reshape(out_channels * kernel, in_channels).T
+    return z.reshape(batch, length, out_channels, kernel)
+
+
+def sum_taps(
+    z: mx.array, bias: mx.array, stride: int = 1, padding: int = 0, transposed: bool = False
+) -> mx.array:
+    """bias + the taps ``z`` (B, T_in, C, k) landing on each output position -> (B, T_out, C)."""
+    batch, length, channels, kernel = z.shape
+    if transposed:
+        out_length = (length - 1) * stride - 2 * padding + kernel
+    else:
+        out_length = (length + 2 * padding - kernel) // stride + 1
+    size = batch * out_length * channels
+    return _kernel("dpmlx_sum_taps", ["z", "bias"], _TAPS_SOURCE)(
+        inputs=[z, bias],
+        template=[
+            ("T", z.dtype),
+            ("BATCH", batch),
+            ("LIN", length),
+            ("LOUT", out_length),
+            ("CH", channels),
+            ("KS", kernel),
+            ("STRIDE", stride),
+            ("PAD", padding),
+            ("TRANSPOSED", int(transposed)),
+        ],
+        grid=((size + THREADS - 1) // THREADS * THREADS, 1, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(batch, out_length, channels)],
+        output_dtypes=[z.dtype],
+    )[0]
+
+
+def norm_taps(
+    z: mx.array,
     bias: mx.array,
     norm: nn.GroupNorm,
     film: mx.array | None = None,
     residual: mx.array | None = None,
 ) -> mx.array:
-    """mish(GroupNorm(y + bias)) [* scale + shift | + shift] [+ residual] on (B, T, C) in one kernel.
+    """mish(GroupNorm(same-padded conv from taps ``z`` + bias)) [* scale + shift | + shift] [+ residual].
 
-    film: (B, 2C) scale-then-shift, (B, C) shift, or None. Statistics and arithmetic in float32.
+    z: (B, T, C, k); film: (B, 2C) scale-then-shift, (B, C) shift, or None. Arithmetic in float32.
     """
-    if norm.eps not in _kernels:
-        _kernels[norm.eps] = mx.fast.cuda_kernel(
-            name="dpmlx_conv_bias_group_norm_mish_film",
-            input_names=["y", "bias", "gamma", "beta", "film", "res"],
-            output_names=["out"],
-            source=_SOURCE,
-            header=f"#define EPS {norm.eps!r}\n{_HEADER}",
-        )
-    batch, length, channels = y.shape
+    batch, length, channels, kernel = z.shape
     film_mode = 0 if film is None else (1 if film.shape[-1] == 2 * channels else 2)
-    placeholder = mx.zeros((1,), dtype=y.dtype)
-    return _kernels[norm.eps](
+    header = f"#define EPS {norm.eps!r}\n#define THREADS {THREADS}\n{_BLOCK_SUM}"
+    inputs = ["z", "bias", "gamma", "beta", "film", "res"]
+    kernel_fn = _kernel("dpmlx_taps_group_norm_mish_film", inputs, _NORM_SOURCE, header)
+    return kernel_fn(
         inputs=[
-            y,
+            z,
             bias,
             norm.weight,
             norm.bias,
-            placeholder if film is None else film,
-            placeholder if residual is None else residual,
+            # An unused input is never read (FILM 0, RES 0): pass any array rather than make one.
+            bias if film is None else film,
+            bias if residual is None else residual,
         ],
         template=[
-            ("T", y.dtype),
+            ("T", z.dtype),
             ("LEN", length),
             ("CH", channels),
+            ("KS", kernel),
             ("GROUPS", norm.num_groups),
             ("FILM", film_mode),
             ("RES", int(residual is not None)),
         ],
         grid=(norm.num_groups * THREADS, batch, 1),
         threadgroup=(THREADS, 1, 1),
-        output_shapes=[y.shape],
-        output_dtypes=[y.dtype],
+        output_shapes=[(batch, length, channels)],
+        output_dtypes=[z.dtype],
     )[0]
 
 
-def _conv(x: mx.array, conv: nn.Conv1d) -> mx.array:
-    """The convolution without its bias (the fused kernel adds it)."""
-    return mx.conv1d(x, conv.weight, stride=conv.stride, padding=conv.padding)
+def _int(value: int | tuple[int, ...]) -> int:
+    return value if isinstance(value, int) else value[0]
+
+
+def conv1d(x: mx.array, conv: nn.Conv1d | nn.ConvTranspose1d) -> mx.array:
+    """A plain (transposed) convolution with bias, channels-last, in two kernels."""
+    transposed = isinstance(conv, nn.ConvTranspose1d)
+    return sum_taps(taps(x, conv.weight), conv.bias, _int(conv.stride), _int(conv.padding), transposed)
 
 
 def _block(x: mx.array, block: Conv1dBlock, film=None, residual=None) -> mx.array:
-    return fused_norm(_conv(x, block.conv), block.conv.bias, block.norm, film, residual)
+    return norm_taps(taps(x, block.conv.weight), block.conv.bias, block.norm, film, residual)
 
 
 def _residual_block(x: mx.array, block: ConditionalResidualBlock1D, film: mx.array) -> mx.array:
     out = _block(x, block.blocks[0], film=film)
-    residual = block.residual_conv(x)
+    residual = x if isinstance(block.residual_conv, nn.Identity) else conv1d(x, block.residual_conv)
     return _block(out, block.blocks[1], residual=residual)
 
 
 def denoise(unet: ConditionalUnet1D, sample: mx.array, films: list[mx.array]) -> mx.array:
-    """``unet.forward_film`` with fused kernels. sample: (B, T, input_dim); films: (B, m) per block."""
+    """``unet.forward_film`` in this form. sample: (B, T, input_dim); films: (B, m) per block."""
     films = iter(films)
     x = sample
     skips = []
@@ -149,13 +237,14 @@ def denoise(unet: ConditionalUnet1D, sample: mx.array, films: list[mx.array]) ->
         x = _residual_block(x, resnet, next(films))
         x = _residual_block(x, resnet2, next(films))
         skips.append(x)
-        x = downsample(x)
+        if not isinstance(downsample, nn.Identity):
+            x = conv1d(x, downsample)
     for resnet in unet.mid_modules:
         x = _residual_block(x, resnet, next(films))
     for resnet, resnet2, upsample in unet.up_modules:
         x = mx.concatenate([x, skips.pop()], axis=-1)
         x = _residual_block(x, resnet, next(films))
         x = _residual_block(x, resnet2, next(films))
-        x = upsample(x)
+        x = conv1d(x, upsample)
     final_block, final_conv = unet.final_conv
-    return final_conv(_block(x, final_block))
+    return conv1d(_block(x, final_block), final_conv)
