@@ -14,6 +14,8 @@ it is ``unet_inference.denoise``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import mlx.core as mx
@@ -92,6 +94,24 @@ class ConditionalResidualBlock1D(nn.Module):
         return out + self.residual_conv(x)
 
 
+@dataclass(frozen=True)
+class TrunkOps:
+    """How ``forward_film`` computes the trunk's pieces; the topology is written once, there."""
+
+    residual_block: Callable[[mx.array, ConditionalResidualBlock1D, mx.array], mx.array]
+    conv_block: Callable[[mx.array, Conv1dBlock], mx.array]
+    conv: Callable[[mx.array, nn.Conv1d | nn.ConvTranspose1d], mx.array]  # Down/Upsample1d, final 1x1
+    channel_axis: int  # where the skip connections are concatenated
+
+
+MODULE_OPS = TrunkOps(
+    residual_block=lambda x, block, film: block(x, film),
+    conv_block=lambda x, block: block(x),
+    conv=lambda x, conv: conv(x),
+    channel_axis=-1,
+)
+
+
 class ConditionalUnet1D(nn.Module):
     def __init__(
         self,
@@ -144,25 +164,32 @@ class ConditionalUnet1D(nn.Module):
         h = sinusoidal_embedding(timesteps, self.step_embed_dim)
         return self.diffusion_step_encoder[1](mish(self.diffusion_step_encoder[0](h)))
 
-    def forward_film(self, sample: mx.array, films: list[mx.array]) -> mx.array:
-        """Denoiser trunk given precomputed per-block FiLM vectors. sample: (B, T, input_dim)."""
+    def forward_film(self, sample: mx.array, films: list[mx.array], ops: TrunkOps | None = None) -> mx.array:
+        """Denoiser trunk given precomputed per-block FiLM vectors (B, m), in forward order.
+
+        sample: (B, T, input_dim), or whatever layout ``ops`` works in (the sampler's fast trunks pass
+        their own ``TrunkOps``; the default runs the modules, the reference path used for training).
+        """
+        ops = ops or MODULE_OPS
         films = iter(films)
         x = sample
         skips = []
         for resnet, resnet2, downsample in self.down_modules:
-            x = resnet(x, next(films))
-            x = resnet2(x, next(films))
+            x = ops.residual_block(x, resnet, next(films))
+            x = ops.residual_block(x, resnet2, next(films))
             skips.append(x)
-            x = downsample(x)
+            if not isinstance(downsample, nn.Identity):
+                x = ops.conv(x, downsample)
         for resnet in self.mid_modules:
-            x = resnet(x, next(films))
+            x = ops.residual_block(x, resnet, next(films))
         # Only len(up_modules) skips are consumed: the level-0 skip is never used (as upstream).
         for resnet, resnet2, upsample in self.up_modules:
-            x = mx.concatenate([x, skips.pop()], axis=-1)
-            x = resnet(x, next(films))
-            x = resnet2(x, next(films))
-            x = upsample(x)
-        return self.final_conv[1](self.final_conv[0](x))
+            x = mx.concatenate([x, skips.pop()], axis=ops.channel_axis)
+            x = ops.residual_block(x, resnet, next(films))
+            x = ops.residual_block(x, resnet2, next(films))
+            x = ops.conv(x, upsample)
+        final_block, final_conv = self.final_conv
+        return ops.conv(ops.conv_block(x, final_block), final_conv)
 
     def __call__(self, sample: mx.array, timestep: mx.array | int, global_cond: mx.array) -> mx.array:
         """Reference path. sample (B, T, input_dim); timestep scalar or (B,); global_cond (B, G)."""

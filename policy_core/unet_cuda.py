@@ -21,7 +21,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from policy_core.unet import ConditionalResidualBlock1D, ConditionalUnet1D, Conv1dBlock
+from policy_core.unet import ConditionalResidualBlock1D, ConditionalUnet1D, Conv1dBlock, TrunkOps
 
 THREADS = 256
 
@@ -228,23 +228,9 @@ def _residual_block(x: mx.array, block: ConditionalResidualBlock1D, film: mx.arr
     return _block(out, block.blocks[1], residual=residual)
 
 
+CUDA_OPS = TrunkOps(residual_block=_residual_block, conv_block=_block, conv=conv1d, channel_axis=-1)
+
+
 def denoise(unet: ConditionalUnet1D, sample: mx.array, films: list[mx.array]) -> mx.array:
     """``unet.forward_film`` in this form. sample: (B, T, input_dim); films: (B, m) per block."""
-    films = iter(films)
-    x = sample
-    skips = []
-    for resnet, resnet2, downsample in unet.down_modules:
-        x = _residual_block(x, resnet, next(films))
-        x = _residual_block(x, resnet2, next(films))
-        skips.append(x)
-        if not isinstance(downsample, nn.Identity):
-            x = conv1d(x, downsample)
-    for resnet in unet.mid_modules:
-        x = _residual_block(x, resnet, next(films))
-    for resnet, resnet2, upsample in unet.up_modules:
-        x = mx.concatenate([x, skips.pop()], axis=-1)
-        x = _residual_block(x, resnet, next(films))
-        x = _residual_block(x, resnet2, next(films))
-        x = conv1d(x, upsample)
-    final_block, final_conv = unet.final_conv
-    return conv1d(_block(x, final_block), final_conv)
+    return unet.forward_film(sample, films, CUDA_OPS)

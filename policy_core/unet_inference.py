@@ -16,7 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from policy_core.unet import ConditionalResidualBlock1D, ConditionalUnet1D, Conv1dBlock, mish
+from policy_core.unet import ConditionalResidualBlock1D, ConditionalUnet1D, Conv1dBlock, TrunkOps, mish
 
 
 def _columns(x: mx.array, kernel: int, stride: int, padding: int) -> mx.array:
@@ -94,27 +94,16 @@ def _residual_block(x: mx.array, block: ConditionalResidualBlock1D, film: mx.arr
     return out + residual
 
 
-def denoise(unet: ConditionalUnet1D, sample: mx.array, films: list[mx.array]) -> mx.array:
-    """``unet.forward_film`` in the channels-first GEMM form.
+def _conv(x: mx.array, conv: nn.Conv1d | nn.ConvTranspose1d) -> mx.array:
+    return upsample1d(x, conv) if isinstance(conv, nn.ConvTranspose1d) else conv1d(x, conv)
 
-    sample: (B, T, input_dim); films: one (B, 2*out or out) per residual block, in forward order, as
-    ``forward_film`` takes them. Returns (B, T, input_dim).
+
+CHANNELS_FIRST_OPS = TrunkOps(residual_block=_residual_block, conv_block=_block, conv=_conv, channel_axis=0)
+
+
+def denoise(unet: ConditionalUnet1D, sample: mx.array, films: list[mx.array]) -> mx.array:
+    """``unet.forward_film`` in the channels-first GEMM form: same arguments, same result.
+
+    sample: (B, T, input_dim); films: one (B, 2*out or out) per residual block, in forward order.
     """
-    films = iter(films)
-    x = sample.transpose(2, 0, 1)
-    skips = []
-    for resnet, resnet2, downsample in unet.down_modules:
-        x = _residual_block(x, resnet, next(films))
-        x = _residual_block(x, resnet2, next(films))
-        skips.append(x)
-        if not isinstance(downsample, nn.Identity):
-            x = conv1d(x, downsample)
-    for resnet in unet.mid_modules:
-        x = _residual_block(x, resnet, next(films))
-    for resnet, resnet2, upsample in unet.up_modules:
-        x = mx.concatenate([x, skips.pop()], axis=0)
-        x = _residual_block(x, resnet, next(films))
-        x = _residual_block(x, resnet2, next(films))
-        x = upsample1d(x, upsample)
-    final_block, final_conv = unet.final_conv
-    return conv1d(_block(x, final_block), final_conv).transpose(1, 2, 0)
+    return unet.forward_film(sample.transpose(2, 0, 1), films, CHANNELS_FIRST_OPS).transpose(1, 2, 0)
