@@ -13,6 +13,7 @@ channels-first matrix-multiply form (``unet_inference``). The conditioning and t
 from __future__ import annotations
 
 import secrets
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -27,6 +28,8 @@ from policy_core.unet import ConditionalUnet1D, mish
 from policy_core.vision import RgbEncoder
 
 MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+STEPS_PER_CALL = 10
+"""Denoising steps per compiled call: longer chunks trace longer, shorter ones pay more host overhead."""
 
 
 class ObservationError(ValueError):
@@ -68,16 +71,9 @@ class DiffusionUnetPolicy(nn.Module):
         self.noise_scheduler = make_scheduler("ddpm", config.noise_scheduler)
         # Set past Module.__setattr__ so these stay out of the module's state tree (a compile input).
         # The parameters are compile inputs, so a weight update (EMA copy, hot load) is seen.
-        compiled = {
-            "conditioning": mx.compile(self._conditioning, inputs=[self.state]),
-            # The trunk for the device: fused kernels on CUDA, matrix products elsewhere (NOTES.md).
-            "denoise_cuda": mx.compile(
-                lambda x, films: unet_cuda.denoise(self.unet, x, films), inputs=[self.state]
-            ),
-            "denoise": mx.compile(
-                lambda x, films: unet_inference.denoise(self.unet, x, films), inputs=[self.state]
-            ),
-        }
+        compiled = {"conditioning": mx.compile(self._conditioning, inputs=[self.state])}
+        for kind in ("ddim", "ddpm"):
+            compiled[kind] = mx.compile(partial(self._denoising_steps, kind), inputs=[self.state])
         object.__setattr__(self, "_compiled", compiled)
         object.__setattr__(self, "_schedulers", {})
 
@@ -166,20 +162,42 @@ class DiffusionUnetPolicy(nn.Module):
         cond = mish(cond)
         return [blk.cond_encoder(cond) for blk in unet.residual_blocks()]
 
+    def _denoising_steps(
+        self,
+        kind: str,
+        x: mx.array,
+        films: list[mx.array],
+        step_noise: mx.array,
+        coeffs: mx.array,
+    ) -> mx.array:
+        """``len(coeffs)`` consecutive denoising steps: films (S, B, m) per block, step_noise (S, ...),
+        coeffs (S, 5) the scheduler's per-step coefficients. Compiled once per (kind, S, batch, dtype)."""
+        # The trunk for the device: fused kernels on CUDA, matrix products elsewhere (NOTES.md).
+        trunk = unet_cuda.denoise if unet_cuda.available() else unet_inference.denoise
+        scheduler = self._scheduler(kind, 1)  # update() depends on the kind and config only
+        for j in range(coeffs.shape[0]):
+            model_output = trunk(self.unet, x.astype(self.dtype), [f[j] for f in films])
+            step_coeffs = tuple(coeffs[j, c] for c in range(coeffs.shape[1]))
+            # Noise is passed to every step: the table's std is 0 where a step adds none (DDPM's last),
+            # and deterministic DDIM ignores it (so it is never computed).
+            x = scheduler.update(model_output.astype(mx.float32), x, step_coeffs, step_noise[j])
+        return x
+
     def _sample(self, kind: str, num_steps: int, nobs: list[mx.array], x: mx.array, step_noise: mx.array):
         """Normalized observations -> normalized action trajectory, as a lazy graph (one eval per request).
 
-        The conditioning and one denoising step are compiled once each (per batch size and dtype) and
-        shared by every sampler and step count; the scheduler's update is a few elementwise ops between
-        them. Compiling the whole unrolled loop instead traced for seconds per (sampler, steps) pair
-        (over a minute for DDPM-100) and ran no faster (benchmarks/NOTES.md).
+        The conditioning is one compiled call; the denoising loop runs in compiled chunks of up to
+        ``STEPS_PER_CALL`` steps that take the scheduler's coefficients as inputs, so one trace serves
+        every step count and position in the schedule (DDIM-10 is one call, DDPM-100 ten). Each compiled
+        call costs ~0.3 ms of host time to gather its inputs, which per-step calls paid every step; an
+        unrolled 100-step trace took over a minute (benchmarks/NOTES.md).
         """
         scheduler = self._scheduler(kind, num_steps)
         films = self._compiled["conditioning"](nobs, mx.array(scheduler.timesteps))
-        trunk = self._compiled["denoise_cuda" if unet_cuda.available() else "denoise"]
-        for i, t in enumerate(scheduler.timesteps):
-            model_output = trunk(x.astype(self.dtype), [f[i] for f in films])
-            x = scheduler.step(model_output.astype(mx.float32), t, x, noise=step_noise[i])
+        coeffs = scheduler.coefficient_table()
+        for start in range(0, num_steps, STEPS_PER_CALL):
+            chunk = slice(start, min(start + STEPS_PER_CALL, num_steps))
+            x = self._compiled[kind](x, [f[chunk] for f in films], step_noise[chunk], coeffs[chunk])
         return x
 
     def sample_noise(self, batch: int, num_steps: int, seed: int | None = None) -> tuple[mx.array, mx.array]:

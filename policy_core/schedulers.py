@@ -149,6 +149,40 @@ class _Scheduler(ABC):
         prev = self._previous_timesteps(timesteps, ratio)
         self._coeffs = {t: self._step_coeffs(t, p) for t, p in zip(timesteps, prev, strict=True)}
 
+    def coefficient_table(self) -> mx.array:
+        """(num_inference_steps, 5) float32: ``update``'s coefficients for each entry of ``timesteps``, so a
+        compiled sampler can take them as inputs instead of baking one timestep's into its trace."""
+        if not self._coeffs:
+            raise ValueError("call set_timesteps() before coefficient_table()")
+        return mx.array([self._coeffs[t] for t in self.timesteps], dtype=mx.float32)
+
+    def step(
+        self, model_output: mx.array, timestep: int, sample: mx.array, noise: mx.array | None = None
+    ) -> mx.array:
+        """One reverse step x_t -> x_prev at ``timestep`` (a Python int from ``timesteps``).
+
+        ``noise`` (standard normal) is required where the step draws noise (``needs_noise``).
+        """
+        coeffs = self._lookup(timestep)
+        if self.needs_noise(timestep) and noise is None:
+            raise ValueError(f"{type(self).__name__} step at timestep {timestep} needs explicit noise")
+        return self.update(model_output, sample, coeffs, noise)
+
+    @abstractmethod
+    def needs_noise(self, timestep: int) -> bool:
+        """Whether the step at ``timestep`` adds noise."""
+
+    @abstractmethod
+    def update(
+        self,
+        model_output: mx.array,
+        sample: mx.array,
+        coeffs: tuple[float | mx.array, ...],
+        noise: mx.array | None = None,
+    ) -> mx.array:
+        """The step's arithmetic given its coefficients (Python floats, or float32 scalars from
+        ``coefficient_table``; the same float32 values either way). Noise is added when given."""
+
     def _alpha_prod(self, t: int, final: np.float32) -> np.float32:
         return self.alphas_cumprod[t] if t >= 0 else final
 
@@ -220,19 +254,19 @@ class DDPMScheduler(_Scheduler):
             std = np.sqrt(variance)
         else:  # fixed_small_log: same std, computed through the log domain as diffusers does
             std = np.exp(_F32(0.5) * np.log(variance))
+        if not self.needs_noise(t):
+            std = _F32(0.0)  # the last step adds no noise, even where a table-driven sampler passes some
         return tuple(float(c) for c in (np.sqrt(beta_prod), np.sqrt(a_t), x0_coeff, sample_coeff, std))
 
-    def step(
-        self, model_output: mx.array, timestep: int, sample: mx.array, noise: mx.array | None = None
-    ) -> mx.array:
-        """One reverse step x_t -> x_prev. `noise` (standard normal) is required when t > 0."""
-        sqrt_beta, sqrt_alpha, x0_coeff, sample_coeff, std = self._lookup(timestep)
+    def needs_noise(self, timestep: int) -> bool:
+        return timestep > 0  # diffusers adds no noise on the step from t == 0
+
+    def update(self, model_output, sample, coeffs, noise=None):
+        sqrt_beta, sqrt_alpha, x0_coeff, sample_coeff, std = coeffs
         model_output = model_output.astype(sample.dtype)
         x0 = self._clip(self._pred_original(model_output, sample, sqrt_beta, sqrt_alpha))
         prev = x0_coeff * x0 + sample_coeff * sample
-        if timestep > 0:  # diffusers adds no noise on the step from t == 0
-            if noise is None:
-                raise ValueError(f"DDPM step at timestep {timestep} > 0 needs explicit noise")
+        if noise is not None:
             prev = prev + std * noise.astype(sample.dtype)
         return prev
 
@@ -257,11 +291,11 @@ class DDIMScheduler(_Scheduler):
             float(c) for c in (np.sqrt(beta_prod), np.sqrt(a_t), np.sqrt(a_prev), direction_coeff, std)
         )
 
-    def step(
-        self, model_output: mx.array, timestep: int, sample: mx.array, noise: mx.array | None = None
-    ) -> mx.array:
-        """One reverse step x_t -> x_prev. `noise` (standard normal) is required iff config.eta > 0."""
-        sqrt_beta, sqrt_alpha, sqrt_alpha_prev, direction_coeff, std = self._lookup(timestep)
+    def needs_noise(self, timestep: int) -> bool:
+        return self.config.eta > 0
+
+    def update(self, model_output, sample, coeffs, noise=None):
+        sqrt_beta, sqrt_alpha, sqrt_alpha_prev, direction_coeff, std = coeffs
         model_output = model_output.astype(sample.dtype)
         x0 = self._pred_original(model_output, sample, sqrt_beta, sqrt_alpha)
         if self.config.prediction_type == "epsilon":
@@ -269,9 +303,7 @@ class DDIMScheduler(_Scheduler):
         else:  # epsilon implied by the *unclipped* x0 prediction, as in diffusers
             eps = (sample - sqrt_alpha * x0) / sqrt_beta
         prev = sqrt_alpha_prev * self._clip(x0) + direction_coeff * eps
-        if self.config.eta > 0:
-            if noise is None:
-                raise ValueError("DDIM step with eta > 0 needs explicit noise")
+        if noise is not None and self.config.eta > 0:
             prev = prev + std * noise.astype(sample.dtype)
         return prev
 
