@@ -7,12 +7,13 @@ imported before anything imports MLX; ``policy_core/__init__.py`` does that.
 
 The first choice is the OpenBLAS that every numpy wheel bundles (0.3.31 with numpy 2.4, runtime CPU
 dispatch): on the sampler's matrix-vector-like products it is ~1.3x faster than Debian's 0.3.21. Its
-symbols are renamed (``scipy_cblas_sgemm64_``, 64-bit integers), so a ten-line shim that exports the two
-routines MLX calls, ``cblas_sgemm`` and ``cblas_dgemm``, is compiled once with the C compiler (MLX's CPU
-``mx.compile`` needs one too) and cached. Without a compiler or numpy's library, a system OpenBLAS is
-used; without either, the reference BLAS stays.
+symbols are renamed (``scipy_cblas_sgemm64_``, 64-bit integers), so a ten-line shim that exports MLX's
+real-valued products, ``cblas_sgemm`` and ``cblas_dgemm``, is compiled once with the C compiler (MLX's CPU
+``mx.compile`` needs one too) and cached (complex ``cblas_cgemm`` stays on the bundled BLAS). Without a
+compiler or numpy's library, a system OpenBLAS is used; without either, the reference BLAS stays.
 
-Override with ``DPMLX_BLAS``: a path to a CBLAS shared library, or ``reference`` to keep the bundled one.
+Override with ``DPMLX_BLAS``: a path to a CBLAS shared library, or ``reference`` to keep the bundled one
+(either way nothing is compiled).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -68,35 +71,57 @@ def numpy_openblas() -> Path | None:
     return found[0] if found else None
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dpmlx"
+def _cache_dir() -> Path | None:
+    """``$XDG_CACHE_HOME/dpmlx`` or ``~/.cache/dpmlx`` if it is (or can be made) a directory of ours that
+    nobody else can write to; None otherwise (no home, read-only, foreign or shared)."""
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        directory = Path(base) / "dpmlx"
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.lstat()
+    except (OSError, RuntimeError, KeyError):
+        return None
+    private = stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+    return directory if private else None
 
 
 def build_shim(openblas: Path) -> Path | None:
-    """Compile (once, cached per library and source) the CBLAS shim over ``openblas``; None on failure."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    """The CBLAS shim over ``openblas``: cached in the user's cache directory, else built into a fresh
+    private temporary directory (never a shared, guessable path: the result is loaded as code).
+    None without a compiler or when the build fails (then a warning carries the compiler's message)."""
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not compiler[0]:
         return None
     key = hashlib.sha256(f"{openblas}\n{SHIM_SOURCE}".encode()).hexdigest()[:16]
-    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"dpmlx-{os.getuid()}"):
-        target = directory / f"libdpmlx_cblas_{key}.so"
-        if target.exists():
-            return target
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=directory) as work:
-                source = Path(work) / "cblas_shim.c"
-                source.write_text(SHIM_SOURCE)
-                built = Path(work) / target.name
-                command = [compiler, "-O2", "-shared", "-fPIC", "-Wl,--no-undefined", str(source)]
-                command += ["-o", str(built), str(openblas), f"-Wl,-rpath,{openblas.parent}"]
-                subprocess.run(command, check=True, capture_output=True, timeout=120)
-                built.replace(target)  # atomic: concurrent importers see a whole file or none
-            return target
-        except (OSError, subprocess.SubprocessError):
-            continue
-    return None
+    name = f"libdpmlx_cblas_{key}.so"
+    cache = _cache_dir()
+    if cache is not None and (cache / name).is_file() and (cache / name).stat().st_uid == os.getuid():
+        return cache / name
+    work = None
+    try:
+        work = Path(tempfile.mkdtemp(prefix="dpmlx-cblas-", dir=cache))
+        source = work / "cblas_shim.c"
+        source.write_text(SHIM_SOURCE)
+        built = work / name
+        command = [*compiler, "-O2", "-shared", "-fPIC", "-Wl,--no-undefined", str(source), "-o", str(built)]
+        command += [str(openblas), "-Xlinker", "-rpath", "-Xlinker", str(openblas.parent)]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        detail = getattr(exc, "stderr", b"") or b""
+        warnings.warn(
+            f"could not build the BLAS shim ({exc}; {detail.decode(errors='replace')[-300:]}); "
+            "falling back to the system OpenBLAS if there is one",
+            stacklevel=2,
+        )
+        return None
+    if cache is None:
+        return built
+    target = cache / name
+    built.replace(target)  # atomic: concurrent importers see a whole file or none
+    shutil.rmtree(work, ignore_errors=True)
+    return target
 
 
 def _candidates() -> list[str]:

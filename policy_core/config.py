@@ -106,6 +106,8 @@ class PolicyConfig:
         steps = self.num_inference_steps
         if steps is not None and not 1 <= steps <= self.noise_scheduler.num_train_timesteps:
             raise ConfigError("num_inference_steps must be in [1, noise_scheduler.num_train_timesteps]")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError("kernel_size must be odd (upstream pads by kernel_size // 2 on each side)")
         if any(d % self.n_groups for d in self.down_dims) or self.down_dims[0] % 8:
             raise ConfigError("down_dims must be divisible by n_groups (and down_dims[0] by 8)")
 

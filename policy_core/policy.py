@@ -4,10 +4,10 @@ One class serves low-dimensional (state/keypoint) and image (+ state) observatio
 goes through a ResNet18-GN encoder, every ``low_dim`` key is used as is, and the per-step features are
 concatenated in ``shape_meta.obs`` order and flattened over the ``n_obs_steps`` axis, as upstream.
 
-Inference is built for latency: the FiLM conditioning of the observation is computed once per request,
-the timestep embeddings of the whole schedule in one batched call, and the UNet runs in its
-channels-first matrix-multiply form (``unet_inference``). The conditioning and the denoising step are
-``mx.compile``d (MLX re-specialises them per batch size and dtype). A request costs one ``mx.eval``.
+Inference is built for latency: the FiLM conditioning of every step is computed once per request in one
+product per block, and the UNet runs in a form built for batch 1 (``unet_inference`` on CPU and Metal,
+``unet_cuda`` on CUDA). The conditioning and chunks of up to ten denoising steps are ``mx.compile``d
+(MLX re-specialises them per batch size and dtype). A request costs one ``mx.eval``.
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ Only what diffusion-policy action sampling needs: "leading" timestep spacing, ep
 fixed-small variance, x0 clipping. Parity with diffusers (fp32, full trajectories) is checked against
 golden vectors in tests/golden/schedulers.npz.
 
-Design: `step` receives the timestep as a Python int, so every schedule coefficient is a Python float looked
-up from tables precomputed in numpy. `step` is then pure MLX arithmetic on its array inputs and can be traced
-by `mx.compile` in an unrolled denoising loop. It never draws random numbers: callers pass `noise` explicitly,
-which keeps sampling reproducible.
+Design: every schedule coefficient is precomputed in numpy (float32, in diffusers' order of operations).
+`step` takes the timestep as a Python int and looks its coefficients up; `update` is the step's arithmetic
+given the coefficients, which a compiled sampler passes as a float32 table (`coefficient_table`) so one
+trace serves every timestep. Neither draws random numbers: callers pass `noise` explicitly, which keeps
+sampling reproducible.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ class _Scheduler(ABC):
     def _lookup(self, timestep: int) -> tuple[float, ...]:
         if not self._coeffs:
             raise ValueError("call set_timesteps() before step()")
-        # A Python int is required: coefficients must be trace-time constants under mx.compile.
+        # A Python int from the schedule: the coefficients are looked up, not computed from an array.
         if (
             isinstance(timestep, bool)
             or not isinstance(timestep, numbers.Integral)

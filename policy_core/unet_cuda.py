@@ -120,12 +120,19 @@ def available() -> bool:
 
 
 def _kernel(name: str, inputs: list[str], source: str, header: str = ""):
+    # MLX caches the compiled kernel by name and template arguments only: whatever the header fixes
+    # must be in the name (and every input must have the dtype T, see _same_dtype).
     key = (name, header)
     if key not in _kernels:
         _kernels[key] = mx.fast.cuda_kernel(
             name=name, input_names=inputs, output_names=["out"], source=source, header=header
         )
     return _kernels[key]
+
+
+def _same_dtype(dtype: mx.Dtype, *arrays: mx.array | None) -> list[mx.array | None]:
+    """The kernels are compiled per T only, so every input is given in T (a no-op for a uniform model)."""
+    return [a if a is None or a.dtype == dtype else a.astype(dtype) for a in arrays]
 
 
 def taps(x: mx.array, weight: mx.array) -> mx.array:
@@ -146,6 +153,7 @@ def sum_taps(
     else:
         out_length = (length + 2 * padding - kernel) // stride + 1
     size = batch * out_length * channels
+    (bias,) = _same_dtype(z.dtype, bias)
     return _kernel("dpmlx_sum_taps", ["z", "bias"], _TAPS_SOURCE)(
         inputs=[z, bias],
         template=[
@@ -179,15 +187,17 @@ def norm_taps(
     """
     batch, length, channels, kernel = z.shape
     film_mode = 0 if film is None else (1 if film.shape[-1] == 2 * channels else 2)
+    bias, gamma, beta, film, residual = _same_dtype(z.dtype, bias, norm.weight, norm.bias, film, residual)
     header = f"#define EPS {norm.eps!r}\n#define THREADS {THREADS}\n{_BLOCK_SUM}"
     inputs = ["z", "bias", "gamma", "beta", "film", "res"]
-    kernel_fn = _kernel("dpmlx_taps_group_norm_mish_film", inputs, _NORM_SOURCE, header)
+    eps_tag = f"{norm.eps:.3e}".replace(".", "_").replace("-", "m").replace("+", "p")
+    kernel_fn = _kernel(f"dpmlx_taps_group_norm_mish_film_eps{eps_tag}", inputs, _NORM_SOURCE, header)
     return kernel_fn(
         inputs=[
             z,
             bias,
-            norm.weight,
-            norm.bias,
+            gamma,
+            beta,
             # An unused input is never read (FILM 0, RES 0): pass any array rather than make one.
             bias if film is None else film,
             bias if residual is None else residual,

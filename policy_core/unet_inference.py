@@ -22,7 +22,7 @@ from policy_core.unet import ConditionalResidualBlock1D, ConditionalUnet1D, Conv
 def _columns(x: mx.array, kernel: int, stride: int, padding: int) -> mx.array:
     """im2col of (C, B, T) -> (kernel * C, B * T_out), rows ordered (tap, channel) like MLX's weights."""
     channels, batch, length = x.shape
-    if kernel == 1 and stride == 1:
+    if kernel == 1 and stride == 1 and padding == 0:
         return x.reshape(channels, batch * length)
     padded = mx.pad(x, [(0, 0), (0, 0), (padding, padding)])
     span = length + 2 * padding

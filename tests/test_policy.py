@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers import observation, tiny_policy, training_batch
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from policy_core import ConfigError, ObservationError, build_policy
 from policy_core.vision import RgbEncoder
@@ -101,15 +101,38 @@ def _reference_sample(policy, obs, kind, steps, x_init, step_noise):
     return policy.normalizer.unnormalize("action", x)
 
 
-@pytest.mark.parametrize("kind, steps", [("ddim", 5), ("ddpm", 10)])
-def test_fast_path_matches_reference_loop(kind, steps):
-    policy = tiny_policy(image=True)
+@pytest.mark.parametrize(
+    "kind, steps, scheduler",
+    [
+        ("ddim", 5, {}),
+        ("ddpm", 10, {}),
+        # Chunks of 10 + 3 steps; DDPM's last step draws no noise.
+        ("ddpm", 13, {"prediction_type": "sample", "variance_type": "fixed_small_log"}),
+        ("ddim", 12, {"eta": 0.5, "clip_sample": False}),
+    ],
+)
+def test_fast_path_matches_reference_loop(kind, steps, scheduler):
+    policy = tiny_policy(image=True, noise_scheduler=scheduler)
     obs = observation(policy, batch=2)
     seed = 3
     out = policy.predict_action(obs, scheduler=kind, num_inference_steps=steps, seed=seed)
     x_init, step_noise = policy.sample_noise(2, steps, seed)  # what predict_action draws for the seed
     ref = _reference_sample(policy, obs, kind, steps, x_init, step_noise)
     assert mx.abs(out["action_pred"] - ref).max().item() < 1e-3  # pixels, actions span 0..512
+
+
+def test_compiled_sampler_sees_new_weights():
+    policy = tiny_policy(image=False)
+    obs = observation(policy, batch=1)
+    before = policy.predict_action(obs, seed=0)["action_pred"]
+    other = tiny_policy(image=False, seed=1)
+    other.update(tree_map(lambda p: p + 0.01 * mx.random.normal(p.shape), other.parameters()))
+    policy.update(other.parameters())  # replaced in place, as an EMA copy or a hot load does
+    after = policy.predict_action(obs, seed=0)["action_pred"]
+    x_init, step_noise = policy.sample_noise(1, policy.config.default_inference_steps, 0)
+    ref = _reference_sample(policy, obs, "ddim", policy.config.default_inference_steps, x_init, step_noise)
+    assert not mx.allclose(before, after).item()
+    assert mx.abs(after - ref).max().item() < 1e-3
 
 
 def test_explicit_noise_is_used_and_scheduler_switch_needs_no_reload():
@@ -220,6 +243,7 @@ def test_avg_pool_encoder_variant():
         ({"n_action_steps": 9}, "n_action_steps"),
         ({"sampler": "euler"}, "sampler"),
         ({"dtype": "int8"}, "dtype"),
+        ({"kernel_size": 4}, "kernel_size must be odd"),
         ({"obs_encoder": {"pool": "max"}}, "pool"),
         ({"noise_scheduler": {"beta_schedule": "cosine"}}, "beta_schedule"),
         ({"down_dim": [16]}, "unknown policy config field"),
