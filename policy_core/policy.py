@@ -188,9 +188,9 @@ class DiffusionUnetPolicy(nn.Module):
 
         The conditioning is one compiled call; the denoising loop runs in compiled chunks of up to
         ``STEPS_PER_CALL`` steps that take the scheduler's coefficients as inputs, so one trace serves
-        every step count and position in the schedule (DDIM-10 is one call, DDPM-100 ten). Each compiled
-        call costs ~0.3 ms of host time to gather its inputs, which per-step calls paid every step; an
-        unrolled 100-step trace took over a minute (benchmarks/NOTES.md).
+        every step count and position in the schedule (DDIM-10 is one call, DDPM-100 ten), and the
+        scheduler's update is compiled with the trunk. Request time measured the same as one compiled
+        call per step on CPU; an unrolled 100-step trace took over a minute (benchmarks/NOTES.md).
         """
         scheduler = self._scheduler(kind, num_steps)
         films = self._compiled["conditioning"](nobs, mx.array(scheduler.timesteps))

@@ -7,8 +7,8 @@ so parameter counts equal upstream's and PyTorch weights map 1:1.
 
 Besides the reference ``__call__`` used for training, the model exposes the pieces the sampler needs to
 compute the FiLM conditioning of every step once per request (``encode_timesteps``, ``residual_blocks``)
-and to run the trunk on precomputed FiLM vectors (``forward_film``; the sampler's channels-first form of
-it is ``unet_inference.denoise``).
+and to run the trunk on precomputed FiLM vectors (``forward_film``; the sampler runs it through
+``unet_inference.denoise`` or, on CUDA, ``unet_cuda.denoise``).
 """
 
 from __future__ import annotations
@@ -102,6 +102,12 @@ class TrunkOps:
     conv_block: Callable[[mx.array, Conv1dBlock], mx.array]
     conv: Callable[[mx.array, nn.Conv1d | nn.ConvTranspose1d], mx.array]  # Down/Upsample1d, final 1x1
     channel_axis: int  # where the skip connections are concatenated
+
+
+def stride_padding(conv: nn.Conv1d | nn.ConvTranspose1d) -> tuple[int, int]:
+    """A 1-D (transposed) convolution's stride and padding as ints, for the trunks that do its work."""
+    first = [value if isinstance(value, int) else value[0] for value in (conv.stride, conv.padding)]
+    return first[0], first[1]
 
 
 MODULE_OPS = TrunkOps(

@@ -21,7 +21,13 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from policy_core.unet import ConditionalResidualBlock1D, ConditionalUnet1D, Conv1dBlock, TrunkOps
+from policy_core.unet import (
+    ConditionalResidualBlock1D,
+    ConditionalUnet1D,
+    Conv1dBlock,
+    TrunkOps,
+    stride_padding,
+)
 
 THREADS = 256
 
@@ -218,14 +224,10 @@ def norm_taps(
     )[0]
 
 
-def _int(value: int | tuple[int, ...]) -> int:
-    return value if isinstance(value, int) else value[0]
-
-
 def conv1d(x: mx.array, conv: nn.Conv1d | nn.ConvTranspose1d) -> mx.array:
     """A plain (transposed) convolution with bias, channels-last, in two kernels."""
     transposed = isinstance(conv, nn.ConvTranspose1d)
-    return sum_taps(taps(x, conv.weight), conv.bias, _int(conv.stride), _int(conv.padding), transposed)
+    return sum_taps(taps(x, conv.weight), conv.bias, *stride_padding(conv), transposed)
 
 
 def _block(x: mx.array, block: Conv1dBlock, film=None, residual=None) -> mx.array:

@@ -16,7 +16,14 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from policy_core.unet import ConditionalResidualBlock1D, ConditionalUnet1D, Conv1dBlock, TrunkOps, mish
+from policy_core.unet import (
+    ConditionalResidualBlock1D,
+    ConditionalUnet1D,
+    Conv1dBlock,
+    TrunkOps,
+    mish,
+    stride_padding,
+)
 
 
 def _columns(x: mx.array, kernel: int, stride: int, padding: int) -> mx.array:
@@ -34,8 +41,7 @@ def _columns(x: mx.array, kernel: int, stride: int, padding: int) -> mx.array:
 def conv1d(x: mx.array, conv: nn.Conv1d) -> mx.array:
     """``conv`` (zero padding, no dilation or groups) on (C_in, B, T) -> (C_out, B, T_out)."""
     out_channels, kernel, in_channels = conv.weight.shape
-    stride = conv.stride if isinstance(conv.stride, int) else conv.stride[0]
-    padding = conv.padding if isinstance(conv.padding, int) else conv.padding[0]
+    stride, padding = stride_padding(conv)
     batch = x.shape[1]
     cols = _columns(x, kernel, stride, padding)
     y = mx.addmm(conv.bias[:, None], conv.weight.reshape(out_channels, kernel * in_channels), cols)
@@ -51,8 +57,7 @@ def upsample1d(x: mx.array, conv: nn.ConvTranspose1d) -> mx.array:
     transposed convolution takes ~25x longer than this on these shapes.)
     """
     out_channels, kernel, in_channels = conv.weight.shape
-    stride = conv.stride if isinstance(conv.stride, int) else conv.stride[0]
-    padding = conv.padding if isinstance(conv.padding, int) else conv.padding[0]
+    stride, padding = stride_padding(conv)
     if (kernel, stride, padding) != (4, 2, 1):
         raise ValueError(f"upsample1d needs kernel 4, stride 2, padding 1; got {kernel}, {stride}, {padding}")
     channels, batch, length = x.shape
