@@ -101,7 +101,7 @@ class TrunkOps:
     residual_block: Callable[[mx.array, ConditionalResidualBlock1D, mx.array], mx.array]
     conv_block: Callable[[mx.array, Conv1dBlock], mx.array]
     conv: Callable[[mx.array, nn.Conv1d | nn.ConvTranspose1d], mx.array]  # Down/Upsample1d, final 1x1
-    channel_axis: int  # where the skip connections are concatenated
+    concat: Callable[[mx.array, mx.array], mx.array]  # an up level's input with its skip, along channels
 
 
 def stride_padding(conv: nn.Conv1d | nn.ConvTranspose1d) -> tuple[int, int]:
@@ -114,7 +114,7 @@ MODULE_OPS = TrunkOps(
     residual_block=lambda x, block, film: block(x, film),
     conv_block=lambda x, block: block(x),
     conv=lambda x, conv: conv(x),
-    channel_axis=-1,
+    concat=lambda x, skip: mx.concatenate([x, skip], axis=-1),
 )
 
 
@@ -190,7 +190,7 @@ class ConditionalUnet1D(nn.Module):
             x = ops.residual_block(x, resnet, next(films))
         # Only len(up_modules) skips are consumed: the level-0 skip is never used (as upstream).
         for resnet, resnet2, upsample in self.up_modules:
-            x = mx.concatenate([x, skips.pop()], axis=ops.channel_axis)
+            x = ops.concat(x, skips.pop())
             x = ops.residual_block(x, resnet, next(films))
             x = ops.residual_block(x, resnet2, next(films))
             x = ops.conv(x, upsample)

@@ -240,7 +240,12 @@ def _residual_block(x: mx.array, block: ConditionalResidualBlock1D, film: mx.arr
     return _block(out, block.blocks[1], residual=residual)
 
 
-CUDA_OPS = TrunkOps(residual_block=_residual_block, conv_block=_block, conv=conv1d, channel_axis=-1)
+CUDA_OPS = TrunkOps(
+    residual_block=_residual_block,
+    conv_block=_block,
+    conv=conv1d,
+    concat=lambda x, skip: mx.concatenate([x, skip], axis=-1),
+)
 
 
 def denoise(unet: ConditionalUnet1D, sample: mx.array, films: list[mx.array]) -> mx.array:

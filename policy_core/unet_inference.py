@@ -103,7 +103,12 @@ def _conv(x: mx.array, conv: nn.Conv1d | nn.ConvTranspose1d) -> mx.array:
     return upsample1d(x, conv) if isinstance(conv, nn.ConvTranspose1d) else conv1d(x, conv)
 
 
-CHANNELS_FIRST_OPS = TrunkOps(residual_block=_residual_block, conv_block=_block, conv=_conv, channel_axis=0)
+CHANNELS_FIRST_OPS = TrunkOps(
+    residual_block=_residual_block,
+    conv_block=_block,
+    conv=_conv,
+    concat=lambda x, skip: mx.concatenate([x, skip], axis=0),
+)
 
 
 def denoise(unet: ConditionalUnet1D, sample: mx.array, films: list[mx.array]) -> mx.array:
