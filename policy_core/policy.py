@@ -5,14 +5,17 @@ goes through a ResNet18-GN encoder, every ``low_dim`` key is used as is, and the
 concatenated in ``shape_meta.obs`` order and flattened over the ``n_obs_steps`` axis, as upstream.
 
 Inference is built for latency: the FiLM conditioning of every step is computed once per request in one
-product per block, and the UNet runs in a form built for batch 1 (``unet_inference`` on CPU and Metal,
-``unet_cuda`` on CUDA). The conditioning and chunks of up to ten denoising steps are ``mx.compile``d
-(MLX re-specialises them per batch size and dtype). A request costs one ``mx.eval``.
+product per block. On CUDA the whole denoising loop is then one persistent kernel (``cuda_sampler``, for
+batches whose trajectory fits it); elsewhere the UNet runs in a form built for batch 1 (``unet_inference``
+on CPU and Metal, ``unet_cuda`` on CUDA beyond the kernel's batch sizes) in ``mx.compile``d chunks of up
+to ten denoising steps (MLX re-specialises them per batch size and dtype). A request costs one or two
+``mx.eval``.
 """
 
 from __future__ import annotations
 
 import secrets
+import warnings
 from functools import partial
 from typing import Any
 
@@ -22,6 +25,7 @@ import numpy as np
 
 from policy_core import unet_cuda, unet_inference
 from policy_core.config import PolicyConfig
+from policy_core.cuda_sampler import CudaSampler, KernelAborted
 from policy_core.normalizer import LinearNormalizer
 from policy_core.schedulers import make_scheduler
 from policy_core.unet import ConditionalUnet1D, mish
@@ -75,6 +79,7 @@ class DiffusionUnetPolicy(nn.Module):
         for kind in ("ddim", "ddpm"):
             compiled[kind] = mx.compile(partial(self._denoising_steps, kind), inputs=[self.state])
         object.__setattr__(self, "_compiled", compiled)
+        object.__setattr__(self, "_cuda_sampler", CudaSampler(self.unet))
         object.__setattr__(self, "_schedulers", {})
 
     @property
@@ -184,9 +189,10 @@ class DiffusionUnetPolicy(nn.Module):
         return x
 
     def _sample(self, kind: str, num_steps: int, nobs: list[mx.array], x: mx.array, step_noise: mx.array):
-        """Normalized observations -> normalized action trajectory, as a lazy graph (one eval per request).
+        """Normalized observations -> normalized action trajectory.
 
-        The conditioning is one compiled call; the denoising loop runs in compiled chunks of up to
+        The conditioning is one compiled call. On CUDA, where the shape fits, the whole denoising loop is
+        then one persistent kernel (``cuda_sampler``). Elsewhere it runs in compiled chunks of up to
         ``STEPS_PER_CALL`` steps that take the scheduler's coefficients as inputs, so one trace serves
         every step count and position in the schedule (DDIM-10 is one call, DDPM-100 ten), and the
         scheduler's update is compiled with the trunk. Request time measured the same as one compiled
@@ -195,6 +201,11 @@ class DiffusionUnetPolicy(nn.Module):
         scheduler = self._scheduler(kind, num_steps)
         films = self._compiled["conditioning"](nobs, mx.array(scheduler.timesteps))
         coeffs = scheduler.coefficient_table()
+        if self._cuda_sampler.supports(x.shape[0], x.shape[1]):
+            try:
+                return self._cuda_sampler(scheduler, x, films, step_noise, coeffs)
+            except KernelAborted as error:
+                warnings.warn(f"{error}; this request runs on the chunked sampler", stacklevel=2)
         for start in range(0, num_steps, STEPS_PER_CALL):
             chunk = slice(start, min(start + STEPS_PER_CALL, num_steps))
             x = self._compiled[kind](x, [f[chunk] for f in films], step_noise[chunk], coeffs[chunk])

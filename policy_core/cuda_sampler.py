@@ -1,0 +1,832 @@
+"""The whole denoising loop on MLX's CUDA backend as one persistent kernel.
+
+At batch 1 the chunked sampler pays MLX's fixed cost per primitive (~65 kernels and ~200 views per step,
+4-10 us each on an H100) far above the time to read the weights (benchmarks/NOTES.md). Here a request's
+every step is one kernel launch: one thread block per SM stays resident and walks a program of *phases*,
+with a grid-wide barrier between them. A phase
+
+1. stages its input trajectory in shared memory, building it from earlier phases' raw outputs:
+   GroupNorm (statistics combined from the producer's per-row mean and sum of squared deviations) +
+   mish + FiLM + residual add, and the skip concatenation of the up path; and
+2. computes the output rows of one or two convolutions (a Conv1dBlock's and the residual 1x1's share
+   the input), one warp per output channel streaming its weight row once for every output position,
+   the rows of the next phase already on their way to L2. The last convolution's rows apply the
+   scheduler's update to the trajectory.
+
+Activations and arithmetic are float32 whatever the weights' dtype. The program is recorded by running
+``ConditionalUnet1D.forward_film`` with symbolic tensors (the topology is written once, there);
+tests/test_cuda_sampler.py interprets it in numpy against ``forward_film`` on any machine and runs the
+kernel against the chunked sampler on a GPU. The barrier needs every block resident: the grid is one
+block per SM, one such kernel runs at a time per process, and a barrier that waits past ``TIMEOUT_S``
+aborts the kernel (``KernelAborted``; the policy reruns the request on the chunked sampler) instead of
+hanging. Used where ``CudaSampler.supports()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import threading
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from policy_core import unet_cuda
+from policy_core.schedulers import DDIMScheduler, DDPMScheduler
+from policy_core.unet import (
+    ConditionalResidualBlock1D,
+    ConditionalUnet1D,
+    Conv1dBlock,
+    TrunkOps,
+    stride_padding,
+)
+
+THREADS = 256
+MAX_SHARED_BYTES = 200 * 1024
+MAX_ACCUMULATORS = 64  # batch * horizon: each lane keeps one float per output column
+TIMEOUT_S = 2.0
+MAX_GROUP_ROWS = 256  # channels per GroupNorm group: each lane combines up to 8 rows' statistics
+
+# A phase record: header, two input sources, two row sets (ints; field names shared with the kernel).
+HEADER_FIELDS = ("NSRC", "LEN", "CIN", "NROWSETS", "STAGE_W")
+SOURCE_FIELDS = (
+    "SLOT", "CH", "NORMED", "ROW_STATS", "GAMMA", "BETA", "GROUPS", "EPS",
+    "FILM_MODE", "FILM_OFF", "RES", "MAT",
+)  # fmt: skip
+ROWSET_FIELDS = ("VARIANT", "W", "B", "OUT", "OUT_LEN", "OUT_SLOT", "STATS_SLOT", "ROW_ELEMS", "EPILOGUE")
+SRC0 = len(HEADER_FIELDS)
+RS0 = SRC0 + 2 * len(SOURCE_FIELDS)
+REC = RS0 + 2 * len(ROWSET_FIELDS)
+
+
+@dataclass(frozen=True)
+class _Plain:
+    """A (B, length, channels) float32 tensor at ``slot`` in the workspace; a convolution's output also
+    has its rows' (mean, sum of squared deviations) at ``row_stats``, (B, channels, 2), for GroupNorm."""
+
+    slot: int
+    channels: int
+    length: int
+    row_stats: int = -1
+
+
+@dataclass(frozen=True)
+class _Normed:
+    """mish(GroupNorm(raw)) [FiLM] [+ residual], built where it is consumed."""
+
+    raw: _Plain
+    norm: nn.GroupNorm
+    film: tuple[int, int] | None = None  # (mode 1 scale+bias | 2 bias, offset in the FiLM row)
+    residual: _Plain | None = None
+
+    @property
+    def channels(self) -> int:
+        return self.raw.channels
+
+    @property
+    def length(self) -> int:
+        return self.raw.length
+
+
+@dataclass(frozen=True)
+class _Concat:
+    parts: tuple[_Plain | _Normed, _Plain | _Normed]
+
+    @property
+    def channels(self) -> int:
+        return sum(p.channels for p in self.parts)
+
+    @property
+    def length(self) -> int:
+        return self.parts[0].length
+
+
+class _Program:
+    """The phases of one denoising step, recorded from ``forward_film``."""
+
+    def __init__(self, unet: ConditionalUnet1D, batch: int, horizon: int):
+        self.batch = batch
+        self.refs: list[tuple[nn.Module, str]] = []  # kernel inputs p0.. by (module, attribute)
+        self._ref_index: dict[tuple[int, str], int] = {}
+        self.variants: dict[tuple[int, ...], int] = {}
+        self.records: list[list[int]] = []
+        self.ws_size = 0
+        self.max_stage = 0  # floats of the largest staged input
+        self.max_groups = 1
+        self.max_group_rows = 0
+        self.x = self._alloc(_input_dim(unet), horizon)
+        films, offset = [], 0
+        for block in unet.residual_blocks():
+            films.append((1 if block.cond_predict_scale else 2, offset))
+            offset += block.cond_encoder.weight.shape[0]
+        self.film_width = offset
+        ops = TrunkOps(
+            residual_block=self._residual_block,
+            conv_block=self._conv_block,
+            conv=self._conv,
+            concat=lambda x, skip: _Concat((x, skip)),
+        )
+        out = unet.forward_film(self.x, films, ops)
+        # The last phase is the final 1x1 convolution: its rows update the trajectory in place.
+        last = self.records[-1]
+        if not (isinstance(out, _Plain) and last[RS0 + ROWSET_FIELDS.index("OUT_SLOT")] == out.slot):
+            raise AssertionError("the trunk must end in a convolution")
+        if (out.channels, out.length) != (self.x.channels, self.x.length):
+            raise AssertionError("the trunk must map the trajectory to its own shape")
+        last[RS0 + ROWSET_FIELDS.index("OUT_SLOT")] = self.x.slot
+        last[RS0 + ROWSET_FIELDS.index("EPILOGUE")] = 1
+
+    @property
+    def stage_floats(self) -> int:
+        return -(-self.max_stage // 4) * 4  # keeps the statistics 16-byte aligned
+
+    @property
+    def stats_floats(self) -> int:
+        return 2 * self.batch * self.max_groups * 2  # (source, sample, group) -> mean, 1 / std
+
+    @property
+    def shared_bytes(self) -> int:
+        """Dynamic shared memory: the staged input, GroupNorm statistics and the phase records."""
+        return 4 * (self.stage_floats + self.stats_floats + REC * len(self.records))
+
+    def _alloc(self, channels: int, length: int, row_stats: bool = False) -> _Plain:
+        slot = self.ws_size
+        self.ws_size += self.batch * length * channels
+        if not row_stats:
+            return _Plain(slot, channels, length)
+        self.ws_size += self.batch * channels * 2
+        return _Plain(slot, channels, length, slot + self.batch * length * channels)
+
+    def _ref(self, module: nn.Module, name: str) -> int:
+        key = (id(module), name)
+        if key not in self._ref_index:
+            self._ref_index[key] = len(self.refs)
+            self.refs.append((module, name))
+        return self._ref_index[key]
+
+    def _source(self, src: _Plain | _Normed, materialize: _Plain | None) -> list[int]:
+        fields = dict.fromkeys(SOURCE_FIELDS, 0)
+        fields.update(
+            CH=src.channels, FILM_OFF=0, RES=-1, MAT=-1 if materialize is None else materialize.slot
+        )
+        if isinstance(src, _Plain):
+            fields["SLOT"] = src.slot
+        else:
+            norm = src.norm
+            self.max_groups = max(self.max_groups, norm.num_groups)
+            self.max_group_rows = max(self.max_group_rows, src.channels // norm.num_groups)
+            fields.update(
+                SLOT=src.raw.slot,
+                NORMED=1,
+                ROW_STATS=src.raw.row_stats,
+                GAMMA=self._ref(norm, "weight"),
+                BETA=self._ref(norm, "bias"),
+                GROUPS=norm.num_groups,
+                EPS=int(np.array(norm.eps, dtype=np.float32).view(np.int32)),
+                RES=-1 if src.residual is None else src.residual.slot,
+            )
+            if src.film is not None:
+                fields["FILM_MODE"], fields["FILM_OFF"] = src.film
+        return [fields[name] for name in SOURCE_FIELDS]
+
+    def _phase(
+        self,
+        src: _Plain | _Normed | _Concat,
+        convs: list[tuple[nn.Conv1d | nn.ConvTranspose1d, _Plain]],
+        materialize: _Plain | None = None,
+    ) -> None:
+        parts = src.parts if isinstance(src, _Concat) else (src,)
+        length, cin = src.length, src.channels
+        self.max_stage = max(self.max_stage, self.batch * length * cin)
+        stage_width = 4 if all(p.channels % 4 == 0 for p in parts) else 1
+        record = [len(parts), length, cin, len(convs), stage_width]
+        for i in range(2):
+            record += self._source(parts[i], materialize) if i < len(parts) else [0] * len(SOURCE_FIELDS)
+        for i in range(2):
+            if i >= len(convs):
+                record += [0] * len(ROWSET_FIELDS)
+                continue
+            conv, out = convs[i]
+            out_channels, kernel, in_channels = conv.weight.shape
+            if in_channels != cin:
+                raise AssertionError(f"convolution expects {in_channels} channels, its input has {cin}")
+            stride, padding = stride_padding(conv)
+            # Lengths are runtime arguments: fewer instantiations keep the kernel's code in cache.
+            variant = (
+                kernel,
+                stride,
+                padding,
+                int(isinstance(conv, nn.ConvTranspose1d)),
+                8 if cin % 8 == 0 else 1,
+            )
+            self.variants.setdefault(variant, len(self.variants))
+            bias = self._ref(conv, "bias")
+            record += [
+                self.variants[variant],
+                self._ref(conv, "weight"),
+                bias,
+                out_channels,
+                out.length,
+                out.slot,
+                out.row_stats,
+                kernel * in_channels,
+                0,
+            ]
+        self.records.append(record)
+
+    def _conv_out(self, x, conv: nn.Conv1d | nn.ConvTranspose1d) -> _Plain:
+        out_channels, kernel, _ = conv.weight.shape
+        stride, padding = stride_padding(conv)
+        if isinstance(conv, nn.ConvTranspose1d):
+            length = (x.length - 1) * stride - 2 * padding + kernel
+        else:
+            length = (x.length + 2 * padding - kernel) // stride + 1
+        return self._alloc(out_channels, length, row_stats=True)
+
+    def _conv(self, x, conv: nn.Conv1d | nn.ConvTranspose1d) -> _Plain:
+        out = self._conv_out(x, conv)
+        self._phase(x, [(conv, out)])
+        return out
+
+    def _conv_block(self, x, block: Conv1dBlock) -> _Normed:
+        return _Normed(self._conv(x, block.conv), block.norm)
+
+    def _residual_block(self, x, block: ConditionalResidualBlock1D, film: tuple[int, int]) -> _Normed:
+        first, second = block.blocks
+        hidden = self._conv_out(x, first.conv)
+        convs = [(first.conv, hidden)]
+        materialize = None
+        if isinstance(block.residual_conv, nn.Identity):
+            if isinstance(x, _Concat):
+                raise AssertionError("an identity residual of a concatenation")
+            # The input is the residual two phases on: a normed input is written out while staged.
+            residual = x if isinstance(x, _Plain) else self._alloc(x.channels, x.length)
+            materialize = None if isinstance(x, _Plain) else residual
+        else:
+            residual = self._conv_out(x, block.residual_conv)
+            convs.append((block.residual_conv, residual))
+        self._phase(x, convs, materialize)
+        out = self._conv(_Normed(hidden, first.norm, film), second.conv)
+        return _Normed(out, second.norm, residual=residual)
+
+
+def _input_dim(unet: ConditionalUnet1D) -> int:
+    return unet.final_conv[1].weight.shape[0]
+
+
+# Device helpers and one convolution row; WT, BATCH, HORIZON, ADIM, ... are #defined per program.
+_HELPERS = r"""
+__device__ __forceinline__ float as_float(float v) { return v; }
+__device__ __forceinline__ float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float as_float(__half v) { return __half2float(v); }
+
+template <int VEC>
+__device__ __forceinline__ void load_weights(const WT* p, float* w) {
+  if constexpr (VEC == 1) {
+    w[0] = as_float(p[0]);
+  } else if constexpr (sizeof(WT) == 4) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+  } else {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    const WT* h = reinterpret_cast<const WT*>(&u);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) w[e] = as_float(h[e]);
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void load_staged(const float* p, float* x) {
+  if constexpr (VEC == 1) {
+    x[0] = p[0];
+  } else {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Same arithmetic as policy_core.schedulers' update() given one row of coefficient_table().
+__device__ __forceinline__ float scheduler_update(float out, float x, const float* c, float noise) {
+  const float x0 = PRED_EPS ? (x - c[0] * out) / c[1] : out;
+  const float x0c = CLIP ? fminf(fmaxf(x0, -CLIP_RANGE), CLIP_RANGE) : x0;
+#if DDPM
+  return (c[2] * x0c + c[3] * x) + c[4] * noise;
+#else
+  const float eps = PRED_EPS ? out : (x - c[1] * x0) / c[0];
+  const float prev = c[2] * x0c + c[3] * eps;
+  return ADD_NOISE ? prev + c[4] * noise : prev;
+#endif
+}
+
+__device__ __forceinline__ float mish(float v) {
+  const float e = __expf(fminf(v, 20.f));
+  const float n = e * (e + 2.f);
+  return v * __fdividef(n, n + 2.f);
+}
+
+struct Ctx {
+  const WT* const* p;
+  float* ws;
+  const float* films;
+  const float* noise;
+  const float* coeffs;
+  int step;
+};
+
+// One output channel o of a (transposed) convolution, all batch * output positions, by one warp:
+// lanes stride over input channels VEC at a time holding that slice of every tap's weights, and
+// slide over the staged input positions. Position arithmetic is compile-time after unrolling.
+template <int K, int S, int P, bool TR, int VEC>
+__device__ void conv_row(const int* rs, int o, int cin, int lin, const float* xs, const Ctx& cx, int lane) {
+  const int lout = rs[R_OUT_LEN];
+  const WT* w = cx.p[rs[R_W]] + (size_t)o * K * cin;
+  float acc[BATCH][HORIZON];
+#pragma unroll
+  for (int b = 0; b < BATCH; ++b)
+#pragma unroll
+    for (int t = 0; t < HORIZON; ++t) acc[b][t] = 0.f;
+  for (int c = lane * VEC; c < cin; c += 32 * VEC) {
+    float wv[K][VEC];
+#pragma unroll
+    for (int j = 0; j < K; ++j) load_weights<VEC>(w + j * cin + c, wv[j]);
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+#pragma unroll
+      for (int m = 0; m < HORIZON; ++m) {
+        if (m >= lin) break;
+        float xv[VEC];
+        load_staged<VEC>(xs + (b * lin + m) * cin + c, xv);
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+          int t;
+          if constexpr (TR) {
+            t = m * S + j - P;
+          } else {
+            const int num = m - j + P;
+            if (num % S != 0) continue;
+            t = num / S;
+          }
+          if (t < 0 || t >= HORIZON || t >= lout) continue;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[b][t] = fmaf(wv[j][e], xv[e], acc[b][t]);
+        }
+      }
+    }
+  }
+  const float bias = as_float(cx.p[rs[R_B]][o]);
+  const int out_channels = rs[R_OUT];
+  float* out = cx.ws + rs[R_OUT_SLOT];
+#pragma unroll
+  for (int b = 0; b < BATCH; ++b)
+#pragma unroll
+    for (int t = 0; t < HORIZON; ++t) acc[b][t] = warp_sum(acc[b][t]) + bias;
+#pragma unroll
+  for (int b = 0; b < BATCH; ++b) {
+#pragma unroll
+    for (int t = 0; t < HORIZON; ++t) {
+      if (t < lout && lane == (b * HORIZON + t) % 32) {
+        const size_t at = (size_t)(b * lout + t) * out_channels + o;
+        if (rs[R_EPILOGUE]) {
+          const size_t noise_at = (((size_t)cx.step * BATCH + b) * lout + t) * ADIM + o;
+          const float noise = ADD_NOISE ? cx.noise[noise_at] : 0.f;
+          out[at] = scheduler_update(acc[b][t], __ldcg(out + at), cx.coeffs + cx.step * 5, noise);
+        } else {
+          out[at] = acc[b][t];
+        }
+      }
+    }
+  }
+  // The row's mean and sum of squared deviations per sample: its consumer's GroupNorm combines them.
+  if (rs[R_STATS_SLOT] >= 0 && lane < BATCH) {
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+      if (b != lane) continue;
+      float mean = 0.f, m2 = 0.f;
+#pragma unroll
+      for (int t = 0; t < HORIZON; ++t) mean += t < lout ? acc[b][t] : 0.f;
+      mean /= lout;
+#pragma unroll
+      for (int t = 0; t < HORIZON; ++t) m2 += t < lout ? (acc[b][t] - mean) * (acc[b][t] - mean) : 0.f;
+      float* stats = cx.ws + rs[R_STATS_SLOT] + ((size_t)b * out_channels + o) * 2;
+      *reinterpret_cast<float2*>(stats) = make_float2(mean, m2);
+    }
+  }
+}
+
+// Starts moving a phase's weight rows for this warp from HBM to L2 (Hopper bulk prefetch), so their
+// loads overlap the barrier and the staging before them.
+__device__ __forceinline__ void prefetch_rows(const int* rec, const Ctx& cx, int warp_id, int warps) {
+#if __CUDA_ARCH__ >= 900
+  const int rows0 = rec[RS0 + R_OUT];
+  const int rows = rows0 + (rec[F_NROWSETS] > 1 ? rec[RS0 + ROWSET_FIELDS + R_OUT] : 0);
+  for (int row = warp_id; row < rows; row += warps) {
+    const int* rs = rec + RS0 + (row < rows0 ? 0 : ROWSET_FIELDS);
+    const int o = row < rows0 ? row : row - rows0;
+    const unsigned int bytes = (unsigned int)(rs[R_ROW_ELEMS] * sizeof(WT));
+    if (bytes % 16 != 0 || (threadIdx.x & 31) != 0) continue;
+    const WT* w = cx.p[rs[R_W]] + (size_t)o * rs[R_ROW_ELEMS];
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(w), "r"(bytes) : "memory");
+  }
+#endif
+}
+
+__device__ __forceinline__ unsigned int load_acquire(const unsigned int* p) {
+  unsigned int v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Grid-wide barrier. Arrivals count on sync[0] (monotonic); the last block of a round bumps the
+// generation sync[1], on which the others wait: spinning on the counter itself starves the arrivals
+// (~3 us per block measured). A wait past TIMEOUT_NS (a block that never became resident) sets
+// sync[2], and every block returns false from then on.
+__device__ bool grid_barrier(unsigned int* sync, int* ok) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned int generation = load_acquire(sync + 1);
+    __threadfence();
+    const unsigned int arrived = atomicAdd(sync, 1u) + 1;
+    int good = 1;
+    if (arrived % gridDim.x == 0) {
+      __threadfence();
+      atomicAdd(sync + 1, 1u);
+    } else {
+      const unsigned long long start = global_ns();
+      for (int spins = 0; load_acquire(sync + 1) == generation; ++spins) {
+        if ((spins & 63) == 63) {
+          if (load_acquire(sync + 2) != 0u) { good = 0; break; }
+          if (global_ns() - start > TIMEOUT_NS) { atomicExch(sync + 2, 1u); good = 0; break; }
+        }
+      }
+    }
+    if (load_acquire(sync + 2) != 0u) good = 0;
+    *ok = good;
+  }
+  __syncthreads();
+  return *ok != 0;
+}
+
+template <int W>
+__device__ __forceinline__ void load_cg(const float* p, float* v) {
+  if constexpr (W == 4) {
+    const float4 a = __ldcg(reinterpret_cast<const float4*>(p));
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  } else {
+    v[0] = __ldcg(p);
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void store(float* p, const float* v) {
+  if constexpr (W == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+    p[0] = v[0];
+  }
+}
+
+// Builds a phase's input (B, LEN, CIN) in shared memory from its one or two sources, W channels at a
+// time: raw values first, then GroupNorm statistics from shared memory, then normalisation, mish, FiLM
+// and the residual in place. Global loads are issued UNROLL at a time before their results are used
+// (shared stores through a generic pointer would otherwise serialise them at L2 latency each).
+template <int W>
+__device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
+  constexpr int UNROLL = 8;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int len = rec[F_LEN], cin = rec[F_CIN], nsrc = rec[F_NSRC], rows = BATCH * len;
+  for (int i = 0, offset = 0; i < nsrc; offset += rec[SRC0 + i * SRC_FIELDS + S_CH], ++i) {
+    const int* src = rec + SRC0 + i * SRC_FIELDS;
+    const int ch = src[S_CH], per_row = ch / W, n = rows * per_row;
+    const float* raw = cx.ws + src[S_SLOT];
+    for (int first = threadIdx.x; first < n; first += THREADS * UNROLL) {
+      float v[UNROLL][W];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int e = first + u * THREADS, bl = e / per_row, c = (e - bl * per_row) * W;
+        if (e < n) load_cg<W>(raw + (size_t)bl * ch + c, v[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int e = first + u * THREADS, bl = e / per_row, c = (e - bl * per_row) * W;
+        if (e < n) store<W>(xs + bl * cin + offset + c, v[u]);
+      }
+    }
+  }
+  // GroupNorm statistics from the producer's per-row (mean, M2): Chan et al.'s pairwise combination.
+  for (int i = 0; i < nsrc; ++i) {
+    const int* src = rec + SRC0 + i * SRC_FIELDS;
+    if (!src[S_NORMED]) continue;
+    const int ch = src[S_CH], groups = src[S_GROUPS], cg = ch / groups;
+    for (int pair = warp; pair < BATCH * groups; pair += WARPS) {
+      const int b = pair / groups, g = pair % groups;
+      const float* rows = cx.ws + src[S_ROW_STATS] + ((size_t)b * ch + g * cg) * 2;
+      float2 part[MAX_GROUP_ROWS / 32];
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < MAX_GROUP_ROWS / 32; ++j) {
+        const int r = lane + 32 * j;
+        part[j] = r < cg ? __ldcg(reinterpret_cast<const float2*>(rows) + r) : make_float2(0.f, 0.f);
+        sum += part[j].x;
+      }
+      const float mean = warp_sum(sum) / cg;
+      float m2 = 0.f;
+#pragma unroll
+      for (int j = 0; j < MAX_GROUP_ROWS / 32; ++j) {
+        const float d = part[j].x - mean;
+        if (lane + 32 * j < cg) m2 += part[j].y + len * d * d;
+      }
+      const float var = warp_sum(m2) / (cg * len);
+      if (lane == 0) {
+        float* st = stats + ((i * BATCH + b) * GMAX + g) * 2;
+        st[0] = mean;
+        st[1] = rsqrtf(var + __int_as_float(src[S_EPS]));
+      }
+    }
+  }
+  __syncthreads();
+  // Each thread keeps W channels' affine terms in registers across the positions it transforms.
+  for (int i = 0, offset = 0; i < nsrc; offset += rec[SRC0 + i * SRC_FIELDS + S_CH], ++i) {
+    const int* src = rec + SRC0 + i * SRC_FIELDS;
+    if (!src[S_NORMED]) continue;
+    const int ch = src[S_CH], quads = ch / W, cg = ch / src[S_GROUPS], film_mode = src[S_FILM_MODE];
+    const int q_threads = min(quads, THREADS), row_threads = THREADS / q_threads;
+    const int row0 = threadIdx.x / q_threads;
+    if (row0 >= row_threads) continue;
+    const float* residual = src[S_RES] >= 0 ? cx.ws + src[S_RES] : nullptr;
+    float* copy = src[S_MAT] >= 0 ? cx.ws + src[S_MAT] : nullptr;
+    for (int q = threadIdx.x % q_threads; q < quads; q += q_threads) {
+      const int c = q * W;
+      float scale[W], shift[W], mean[BATCH][W], rstd[BATCH][W], fscale[BATCH][W], fshift[BATCH][W];
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        scale[k] = as_float(__ldg(cx.p[src[S_GAMMA]] + c + k));
+        shift[k] = as_float(__ldg(cx.p[src[S_BETA]] + c + k));
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+          const float* st = stats + ((i * BATCH + b) * GMAX + (c + k) / cg) * 2;
+          const float* film = cx.films + ((size_t)cx.step * BATCH + b) * FILM_WIDTH + src[S_FILM_OFF];
+          mean[b][k] = st[0];
+          rstd[b][k] = st[1];
+          fscale[b][k] = film_mode == 1 ? __ldg(film + c + k) : 1.f;
+          const float* shift_at = film_mode == 1 ? film + ch + c + k : film + c + k;
+          fshift[b][k] = film_mode ? __ldg(shift_at) : 0.f;
+        }
+      }
+      for (int first = row0; first < rows; first += row_threads * UNROLL) {
+        float r[UNROLL][W];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+          const int bl = first + u * row_threads;
+          if (residual && bl < rows) load_cg<W>(residual + (size_t)bl * ch + c, r[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+          const int bl = first + u * row_threads;
+          if (bl >= rows) break;
+          float* at = xs + bl * cin + offset + c;
+          float v[W];
+#pragma unroll
+          for (int b = 0; b < BATCH; ++b) {
+            if (bl / len != b) continue;
+#pragma unroll
+            for (int k = 0; k < W; ++k) {
+              const float y = mish((at[k] - mean[b][k]) * rstd[b][k] * scale[k] + shift[k]);
+              v[k] = y * fscale[b][k] + fshift[b][k] + (residual ? r[u][k] : 0.f);
+            }
+          }
+          store<W>(at, v);
+          if (copy && bl % gridDim.x == blockIdx.x) store<W>(copy + (size_t)bl * ch + c, v);
+        }
+      }
+    }
+  }
+  __syncthreads();
+}
+"""
+
+_BODY = r"""
+  extern __shared__ float smem[];
+  __shared__ int ok;
+  float* xs = smem;
+  float* stats = smem + STAGE_FLOATS;
+  int* records = reinterpret_cast<int*>(stats + STATS_FLOATS);
+  for (int i = threadIdx.x; i < NPHASES * REC; i += THREADS) records[i] = program[i];
+  const WT* params[NPARAMS] = {PARAMS};
+  Ctx cx{params, ws, films, noise, coeffs, 0};
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (blockIdx.x == 0)
+    for (int i = threadIdx.x; i < BATCH * HORIZON * ADIM; i += THREADS) ws[i] = x_init[i];
+  prefetch_rows(records, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
+  if (!grid_barrier(sync, &ok)) return;
+  const int steps = coeffs_shape[0];
+  for (int step = 0; step < steps; ++step) {
+    cx.step = step;
+    for (int phase = 0; phase < NPHASES; ++phase) {
+      const int* rec = records + phase * REC;
+      if (rec[F_STAGE_W] == 4) stage<4>(rec, cx, xs, stats);
+      else stage<1>(rec, cx, xs, stats);
+      const int rows0 = rec[RS0 + R_OUT];
+      const int rows = rows0 + (rec[F_NROWSETS] > 1 ? rec[RS0 + ROWSET_FIELDS + R_OUT] : 0);
+      const int cin = rec[F_CIN], len = rec[F_LEN];
+      for (int row = blockIdx.x * WARPS + warp; row < rows; row += gridDim.x * WARPS) {
+        const int* rs = rec + RS0 + (row < rows0 ? 0 : ROWSET_FIELDS);
+        const int o = row < rows0 ? row : row - rows0;
+        switch (rs[R_VARIANT]) {
+VARIANT_CASES
+        }
+      }
+      const int next = phase + 1 < NPHASES ? phase + 1 : (step + 1 < steps ? 0 : -1);
+      if (next >= 0) prefetch_rows(records + next * REC, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
+      if (!grid_barrier(sync, &ok)) return;
+    }
+  }
+  if (blockIdx.x == 0)
+    for (int i = threadIdx.x; i < BATCH * HORIZON * ADIM; i += THREADS) x_out[i] = __ldcg(ws + i);
+"""
+
+_LAUNCH_LOCK = threading.Lock()
+
+
+class KernelAborted(RuntimeError):
+    """The kernel gave up at a barrier: not every block could be resident. The request can be rerun."""
+
+
+_WEIGHT_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
+
+
+@functools.cache
+def sm_count() -> int | None:
+    """Streaming multiprocessors of CUDA device 0 (the grid size), or None where the driver can't say."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        device, count = ctypes.c_int(), ctypes.c_int()
+        if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(device), 0):
+            return None
+        if cuda.cuDeviceGetAttribute(ctypes.byref(count), 16, device):  # ..._MULTIPROCESSOR_COUNT
+            return None
+    except OSError:
+        return None
+    return count.value
+
+
+def _header(
+    program: _Program, dtype: mx.Dtype, scheduler: DDPMScheduler | DDIMScheduler, horizon: int
+) -> str:
+    cfg = scheduler.config
+    defines = {
+        "WT": _WEIGHT_TYPES[dtype],
+        "THREADS": THREADS,
+        "WARPS": THREADS // 32,
+        "BATCH": program.batch,
+        "HORIZON": horizon,
+        "ADIM": program.x.channels,
+        "GMAX": program.max_groups,
+        "MAX_GROUP_ROWS": MAX_GROUP_ROWS,
+        "FILM_WIDTH": program.film_width,
+        "STAGE_FLOATS": program.stage_floats,
+        "STATS_FLOATS": program.stats_floats,
+        "NPARAMS": len(program.refs),
+        "NPHASES": len(program.records),
+        "REC": REC,
+        "SRC0": SRC0,
+        "RS0": RS0,
+        "SRC_FIELDS": len(SOURCE_FIELDS),
+        "ROWSET_FIELDS": len(ROWSET_FIELDS),
+        "DDPM": int(isinstance(scheduler, DDPMScheduler)),
+        "PRED_EPS": int(cfg.prediction_type == "epsilon"),
+        "CLIP": int(cfg.clip_sample),
+        "CLIP_RANGE": f"{cfg.clip_sample_range!r}f",
+        "ADD_NOISE": int(isinstance(scheduler, DDPMScheduler) or cfg.eta > 0),
+        "TIMEOUT_NS": f"{int(TIMEOUT_S * 1e9)}ull",
+    }
+    defines |= {f"F_{name}": i for i, name in enumerate(HEADER_FIELDS)}
+    defines |= {f"S_{name}": i for i, name in enumerate(SOURCE_FIELDS)}
+    defines |= {f"R_{name}": i for i, name in enumerate(ROWSET_FIELDS)}
+    return "".join(f"#define {name} {value}\n" for name, value in defines.items()) + _HELPERS
+
+
+def _body(program: _Program) -> str:
+    cases = []
+    for variant, index in program.variants.items():
+        k, s, p, transposed, vec = variant
+        args = f"{k}, {s}, {p}, {'true' if transposed else 'false'}, {vec}"
+        cases.append(f"          case {index}: conv_row<{args}>(rs, o, cin, len, xs, cx, lane); break;")
+    params = ", ".join(f"p{i}" for i in range(len(program.refs)))
+    return _BODY.replace("VARIANT_CASES", "\n".join(cases)).replace("{PARAMS}", "{" + params + "}")
+
+
+def _float32(a: mx.array) -> mx.array:
+    return a if a.dtype == mx.float32 else a.astype(mx.float32)
+
+
+class CudaSampler:
+    """The persistent-kernel sampler of one ``ConditionalUnet1D`` (programs are built per batch size)."""
+
+    def __init__(self, unet: ConditionalUnet1D):
+        self.unet = unet
+        self._programs: dict[tuple[int, int], tuple[_Program, mx.array]] = {}
+        self._kernels: dict[tuple, object] = {}
+
+    def _program(self, batch: int, horizon: int) -> tuple[_Program, mx.array]:
+        key = (batch, horizon)
+        if key not in self._programs:
+            program = _Program(self.unet, batch, horizon)
+            table = mx.array(np.asarray(program.records, dtype=np.int32).reshape(-1))
+            self._programs[key] = (program, table)
+        return self._programs[key]
+
+    @staticmethod
+    def _dtype(program: _Program) -> mx.Dtype | None:
+        """The weights' one dtype, or None where they are mixed or of a type the kernel doesn't read."""
+        dtypes = {getattr(module, attr).dtype for module, attr in program.refs}
+        return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _WEIGHT_TYPES else None
+
+    def _kernel(self, program: _Program, dtype: mx.Dtype, scheduler, horizon: int):
+        cfg = scheduler.config
+        key = (
+            id(program),
+            dtype,
+            type(scheduler),
+            cfg.prediction_type,
+            cfg.clip_sample,
+            cfg.clip_sample_range,
+            cfg.eta,
+        )
+        if key not in self._kernels:
+            header = _header(program, dtype, scheduler, horizon)
+            body = _body(program)
+            # MLX caches kernels by name: the name carries the whole source.
+            name = "dpmlx_sampler_" + hashlib.sha1((header + body).encode()).hexdigest()[:16]
+            inputs = ["program", "x_init", "films", "noise", "coeffs"]
+            self._kernels[key] = mx.fast.cuda_kernel(
+                name=name,
+                input_names=inputs + [f"p{i}" for i in range(len(program.refs))],
+                output_names=["ws", "sync", "x_out"],
+                source=body,
+                header=header,
+                shared_memory=program.shared_bytes,
+            )
+        return self._kernels[key]
+
+    def supports(self, batch: int, horizon: int) -> bool:
+        """Whether this device and shape can run the kernel (else the chunked sampler serves)."""
+        if not unet_cuda.available() or not sm_count() or batch * horizon > MAX_ACCUMULATORS:
+            return False
+        program, _ = self._program(batch, horizon)
+        return (
+            self._dtype(program) is not None
+            and program.shared_bytes <= MAX_SHARED_BYTES
+            and program.max_group_rows <= MAX_GROUP_ROWS
+        )
+
+    def __call__(
+        self,
+        scheduler: DDPMScheduler | DDIMScheduler,
+        x: mx.array,
+        films: list[mx.array],
+        step_noise: mx.array,
+        coeffs: mx.array,
+    ) -> mx.array:
+        """All ``len(coeffs)`` steps from x (B, T, A): films (S, B, m) per block, step_noise (S, B, T, A),
+        coeffs (S, 5) from ``scheduler.coefficient_table()``. Returns the evaluated float32 trajectory."""
+        batch, horizon, _ = x.shape
+        program, table = self._program(batch, horizon)
+        kernel = self._kernel(program, self._dtype(program), scheduler, horizon)
+        params = [getattr(module, attr) for module, attr in program.refs]
+        film_row = mx.concatenate([_float32(f) for f in films], axis=-1)
+        blocks = sm_count()
+        # One kernel in flight per process: two persistent grids sharing the SMs (a model warming up
+        # during a hot swap while another serves) could each hold blocks the other's barrier waits for.
+        with _LAUNCH_LOCK:
+            _, sync, out = kernel(
+                inputs=[table, _float32(x), film_row, _float32(step_noise), coeffs, *params],
+                grid=(blocks * THREADS, 1, 1),
+                threadgroup=(THREADS, 1, 1),
+                output_shapes=[(program.ws_size,), (3,), tuple(x.shape)],
+                output_dtypes=[mx.float32, mx.uint32, mx.float32],
+                init_value=0,
+            )
+            mx.eval(out, sync)
+        if np.asarray(sync)[2]:
+            raise KernelAborted(
+                f"the sampler kernel's grid barrier waited over {TIMEOUT_S} s: not all {blocks} blocks "
+                "were resident (another process's kernels on this GPU?)"
+            )
+        return out

@@ -1,0 +1,168 @@
+"""The persistent CUDA sampler: its recorded program (on any machine) and its kernel (on a GPU).
+
+The program is checked on CPU by a numpy interpreter that does what the kernel does phase by phase (the
+same index arithmetic for strided and transposed convolutions, GroupNorm from the producers' per-row
+statistics, the scheduler update in the last phase), against ``forward_film`` and ``update``. The kernel
+itself is checked on a GPU against the chunked sampler, and every sampler test of test_policy.py goes
+through it there.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import observation, tiny_policy
+from mlx.utils import tree_flatten, tree_map
+
+from policy_core import cuda_sampler, unet_cuda
+from policy_core.cuda_sampler import HEADER_FIELDS, ROWSET_FIELDS, RS0, SOURCE_FIELDS, SRC0, _Program
+from policy_core.schedulers import SchedulerConfig, make_scheduler
+from policy_core.unet import ConditionalUnet1D
+
+
+def _mish(v: np.ndarray) -> np.ndarray:
+    return v * np.tanh(np.log1p(np.exp(np.minimum(v, 20.0))))
+
+
+def _fields(record: list[int], start: int, names: tuple[str, ...]) -> dict[str, int]:
+    return dict(zip(names, record[start : start + len(names)], strict=True))
+
+
+def _interpret(
+    program: _Program, variants: dict[int, tuple], x, films, coeffs, noise, scheduler
+) -> np.ndarray:
+    """One denoising step as the kernel runs it: x (B, T, A) -> x_prev."""
+    batch = program.batch
+    ws = np.zeros(program.ws_size, np.float64)
+    ws[: x.size] = x.ravel()
+    params = [np.array(getattr(module, attr), np.float64) for module, attr in program.refs]
+
+    def view(slot: int, shape: tuple[int, ...]) -> np.ndarray:
+        return ws[slot : slot + int(np.prod(shape))].reshape(shape)
+
+    for record in program.records:
+        header = _fields(record, 0, HEADER_FIELDS)
+        length, parts = header["LEN"], []
+        for i in range(header["NSRC"]):
+            src = _fields(record, SRC0 + i * len(SOURCE_FIELDS), SOURCE_FIELDS)
+            ch = src["CH"]
+            v = view(src["SLOT"], (batch, length, ch)).copy()
+            if src["NORMED"]:
+                groups, cg = src["GROUPS"], ch // src["GROUPS"]
+                rows = view(src["ROW_STATS"], (batch, ch, 2)).reshape(batch, groups, cg, 2)
+                mean = rows[..., 0].mean(-1)  # (B, G): Chan's combination of the rows' (mean, M2)
+                m2 = rows[..., 1].sum(-1) + length * ((rows[..., 0] - mean[..., None]) ** 2).sum(-1)
+                eps = np.array(src["EPS"], np.int32).view(np.float32)
+                rstd = 1.0 / np.sqrt(m2 / (cg * length) + eps)
+                v = (v - np.repeat(mean, cg, -1)[:, None]) * np.repeat(rstd, cg, -1)[:, None]
+                v = _mish(v * params[src["GAMMA"]] + params[src["BETA"]])
+                film = films[:, src["FILM_OFF"] :]
+                if src["FILM_MODE"] == 1:
+                    v = v * film[:, None, :ch] + film[:, None, ch : 2 * ch]
+                elif src["FILM_MODE"] == 2:
+                    v = v + film[:, None, :ch]
+                if src["RES"] >= 0:
+                    v = v + view(src["RES"], (batch, length, ch))
+                if src["MAT"] >= 0:
+                    view(src["MAT"], (batch, length, ch))[:] = v
+            parts.append(v)
+        staged = np.concatenate(parts, -1)
+        for r in range(header["NROWSETS"]):
+            rs = _fields(record, RS0 + r * len(ROWSET_FIELDS), ROWSET_FIELDS)
+            taps, stride, pad, transposed, _ = variants[rs["VARIANT"]]
+            weight, lout = params[rs["W"]], rs["OUT_LEN"]
+            out = np.broadcast_to(params[rs["B"]], (batch, lout, rs["OUT"])).copy()
+            for m in range(length):
+                for j in range(taps):
+                    if transposed:
+                        t = m * stride + j - pad
+                    elif (m - j + pad) % stride == 0:
+                        t = (m - j + pad) // stride
+                    else:
+                        continue
+                    if 0 <= t < lout:
+                        out[:, t] += staged[:, m] @ weight[:, j].T
+            if rs["EPILOGUE"]:
+                prev = scheduler.update(mx.array(out, mx.float32), mx.array(x), coeffs, mx.array(noise))
+                view(rs["OUT_SLOT"], out.shape)[:] = np.array(prev)
+                continue
+            view(rs["OUT_SLOT"], out.shape)[:] = out
+            row_mean = out.mean(1)
+            stats = np.stack([row_mean, ((out - row_mean[:, None]) ** 2).sum(1)], -1)
+            view(rs["STATS_SLOT"], (batch, rs["OUT"], 2))[:] = stats
+    return view(0, x.shape).copy()
+
+
+@pytest.mark.parametrize(
+    "scale, batch, horizon, kind, scheduler",
+    [
+        (True, 1, 16, "ddim", {}),
+        (False, 2, 8, "ddpm", {"prediction_type": "sample"}),
+        (True, 3, 12, "ddim", {"eta": 0.5, "clip_sample": False}),
+    ],
+)
+def test_recorded_program_computes_one_denoising_step(scale, batch, horizon, kind, scheduler):
+    unet = ConditionalUnet1D(3, 12, 32, (16, 32, 64), kernel_size=5, n_groups=4, cond_predict_scale=scale)
+    program = _Program(unet, batch, horizon)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, horizon, 3)).astype(np.float32)
+    noise = rng.normal(size=x.shape).astype(np.float32)
+    films = [
+        rng.normal(size=(batch, blk.cond_encoder.weight.shape[0])).astype(np.float32)
+        for blk in unet.residual_blocks()
+    ]
+    sched = make_scheduler(kind, SchedulerConfig(**scheduler))
+    sched.set_timesteps(10)
+    coeffs = tuple(sched.coefficient_table()[3])
+    variants = {index: variant for variant, index in program.variants.items()}
+    out = _interpret(program, variants, x, np.concatenate(films, -1), coeffs, noise, sched)
+    eps = unet.forward_film(mx.array(x), [mx.array(f) for f in films])
+    ref = np.array(sched.update(eps, mx.array(x), coeffs, mx.array(noise)))
+    assert np.abs(out - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    # The kernel's inputs are exactly the trunk's parameters (the FiLM projections run before it).
+    trunk = {
+        id(p)
+        for name, p in tree_flatten(unet.parameters())
+        if "cond_encoder" not in name and "diffusion_step_encoder" not in name
+    }
+    assert {id(getattr(module, attr)) for module, attr in program.refs} == trunk
+    assert len(program.refs) == len(trunk)
+
+
+def test_the_kernel_serves_only_on_cuda():
+    policy = tiny_policy(image=False)
+    assert policy._cuda_sampler.supports(1, policy.config.horizon) == unet_cuda.available()
+
+
+def _predict(policy, obs, kind, steps, persistent: bool) -> mx.array:
+    original = cuda_sampler.CudaSampler.supports
+    if not persistent:
+        cuda_sampler.CudaSampler.supports = lambda self, batch, horizon: False
+    try:
+        return policy.predict_action(obs, scheduler=kind, num_inference_steps=steps, seed=1)["action_pred"]
+    finally:
+        cuda_sampler.CudaSampler.supports = original
+
+
+@pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
+@pytest.mark.parametrize("kind, steps", [("ddim", 10), ("ddpm", 13)])
+def test_persistent_kernel_equals_chunked_sampler(kind, steps):
+    policy = tiny_policy(image=True)
+    obs = observation(policy, batch=2)
+    assert policy._cuda_sampler.supports(2, policy.config.horizon)
+    out = _predict(policy, obs, kind, steps, persistent=True)
+    ref = _predict(policy, obs, kind, steps, persistent=False)
+    assert mx.abs(out - ref).max().item() < 1e-3  # pixels, actions span 0..512
+
+
+@pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
+def test_persistent_kernel_in_bfloat16_is_no_less_accurate_than_the_chunked_sampler():
+    # Against the same (bfloat16-valued) weights in float32: the kernel keeps float32 activations.
+    policy = tiny_policy(image=True, dtype="bfloat16")
+    exact = tiny_policy(image=True)
+    exact.update(tree_map(lambda p: p.astype(mx.float32), policy.parameters()))
+    obs = observation(policy, batch=2)
+    ref = _predict(exact, obs, "ddim", 10, persistent=False)
+    kernel_error = mx.abs(_predict(policy, obs, "ddim", 10, persistent=True) - ref).max().item()
+    chunked_error = mx.abs(_predict(policy, obs, "ddim", 10, persistent=False) - ref).max().item()
+    assert kernel_error <= chunked_error + 0.5
+    assert kernel_error < 8.0  # pixels
