@@ -45,8 +45,8 @@ from policy_core.unet import (
 )
 
 THREADS = 256
-MAX_SHARED_BYTES = 200 * 1024
 MAX_ACCUMULATORS = 64  # batch * horizon: each lane keeps one float per output column
+MAX_BATCH = 32  # a row's statistics are written by one lane per sample
 TIMEOUT_S = 2.0
 MAX_GROUP_ROWS = 256  # channels per GroupNorm group: each lane combines up to 8 rows' statistics
 
@@ -141,7 +141,7 @@ class _Program:
 
     @property
     def stage_floats(self) -> int:
-        return -(-self.max_stage // 4) * 4  # keeps the statistics 16-byte aligned
+        return _round4(self.max_stage)  # keeps the statistics 16-byte aligned
 
     @property
     def stats_floats(self) -> int:
@@ -153,12 +153,14 @@ class _Program:
         return 4 * (self.stage_floats + self.stats_floats + REC * len(self.records))
 
     def _alloc(self, channels: int, length: int, row_stats: bool = False) -> _Plain:
+        """Workspace slots start on 16 bytes: the kernel reads and writes them 4 floats at a time."""
         slot = self.ws_size
-        self.ws_size += self.batch * length * channels
+        self.ws_size += _round4(self.batch * length * channels)
         if not row_stats:
             return _Plain(slot, channels, length)
-        self.ws_size += self.batch * channels * 2
-        return _Plain(slot, channels, length, slot + self.batch * length * channels)
+        stats = self.ws_size
+        self.ws_size += _round4(self.batch * channels * 2)
+        return _Plain(slot, channels, length, stats)
 
     def _ref(self, module: nn.Module, name: str) -> int:
         key = (id(module), name)
@@ -271,6 +273,10 @@ class _Program:
         self._phase(x, convs, materialize)
         out = self._conv(_Normed(hidden, first.norm, film), second.conv)
         return _Normed(out, second.norm, residual=residual)
+
+
+def _round4(n: int) -> int:
+    return -(-n // 4) * 4
 
 
 def _input_dim(unet: ConditionalUnet1D) -> int:
@@ -628,6 +634,7 @@ _BODY = r"""
   float* stats = smem + STAGE_FLOATS;
   int* records = reinterpret_cast<int*>(stats + STATS_FLOATS);
   for (int i = threadIdx.x; i < NPHASES * REC; i += THREADS) records[i] = program[i];
+  __syncthreads();
   const WT* params[NPARAMS] = {PARAMS};
   Ctx cx{params, ws, films, noise, coeffs, 0};
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -672,18 +679,29 @@ _WEIGHT_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: 
 
 
 @functools.cache
-def sm_count() -> int | None:
-    """Streaming multiprocessors of CUDA device 0 (the grid size), or None where the driver can't say."""
+def _device_attribute(code: int) -> int | None:
+    """A CUDA driver attribute of device 0 (MLX's device), or None where the driver can't say."""
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
-        device, count = ctypes.c_int(), ctypes.c_int()
+        device, value = ctypes.c_int(), ctypes.c_int()
         if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(device), 0):
             return None
-        if cuda.cuDeviceGetAttribute(ctypes.byref(count), 16, device):  # ..._MULTIPROCESSOR_COUNT
+        if cuda.cuDeviceGetAttribute(ctypes.byref(value), code, device):
             return None
     except OSError:
         return None
-    return count.value
+    return value.value
+
+
+def sm_count() -> int | None:
+    """Streaming multiprocessors: the grid size, one resident block each."""
+    return _device_attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+
+
+def max_shared_bytes() -> int:
+    """Dynamic shared memory one block may opt into (227 KB on an H100, 99 KB on an L4)."""
+    optin = _device_attribute(97)  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    return max(0, (optin or 0) - 1024)  # the kernel's static shared memory
 
 
 def _header(
@@ -743,6 +761,8 @@ class CudaSampler:
         self.unet = unet
         self._programs: dict[tuple[int, int], tuple[_Program, mx.array]] = {}
         self._kernels: dict[tuple, object] = {}
+        # Set after a kernel gave up at a barrier (the GPU is shared): later requests go chunked at once.
+        self.disabled = False
 
     def _program(self, batch: int, horizon: int) -> tuple[_Program, mx.array]:
         key = (batch, horizon)
@@ -785,16 +805,22 @@ class CudaSampler:
             )
         return self._kernels[key]
 
-    def supports(self, batch: int, horizon: int) -> bool:
-        """Whether this device and shape can run the kernel (else the chunked sampler serves)."""
-        if not unet_cuda.available() or not sm_count() or batch * horizon > MAX_ACCUMULATORS:
+    def fits(self, batch: int, horizon: int, shared_bytes: int) -> bool:
+        """Whether the kernel can take this model and shape within ``shared_bytes`` of shared memory."""
+        if batch > MAX_BATCH or batch * horizon > MAX_ACCUMULATORS:
             return False
         program, _ = self._program(batch, horizon)
         return (
             self._dtype(program) is not None
-            and program.shared_bytes <= MAX_SHARED_BYTES
+            and program.shared_bytes <= shared_bytes
             and program.max_group_rows <= MAX_GROUP_ROWS
         )
+
+    def supports(self, batch: int, horizon: int) -> bool:
+        """Whether this device and shape can run the kernel (else the chunked sampler serves)."""
+        if self.disabled or not unet_cuda.available() or not sm_count():
+            return False
+        return self.fits(batch, horizon, max_shared_bytes())
 
     def __call__(
         self,
@@ -825,6 +851,7 @@ class CudaSampler:
             )
             mx.eval(out, sync)
         if np.asarray(sync)[2]:
+            self.disabled = True
             raise KernelAborted(
                 f"the sampler kernel's grid barrier waited over {TIMEOUT_S} s: not all {blocks} blocks "
                 "were resident (another process's kernels on this GPU?)"

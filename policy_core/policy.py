@@ -205,7 +205,7 @@ class DiffusionUnetPolicy(nn.Module):
             try:
                 return self._cuda_sampler(scheduler, x, films, step_noise, coeffs)
             except KernelAborted as error:
-                warnings.warn(f"{error}; this request runs on the chunked sampler", stacklevel=2)
+                warnings.warn(f"{error}; this and later requests run on the chunked sampler", stacklevel=2)
         for start in range(0, num_steps, STEPS_PER_CALL):
             chunk = slice(start, min(start + STEPS_PER_CALL, num_steps))
             x = self._compiled[kind](x, [f[chunk] for f in films], step_noise[chunk], coeffs[chunk])

@@ -7,6 +7,8 @@ itself is checked on a GPU against the chunked sampler, and every sampler test o
 through it there.
 """
 
+import warnings
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -93,18 +95,28 @@ def _interpret(
 
 
 @pytest.mark.parametrize(
-    "scale, batch, horizon, kind, scheduler",
+    "scale, batch, horizon, action_dim, dims, kind, scheduler",
     [
-        (True, 1, 16, "ddim", {}),
-        (False, 2, 8, "ddpm", {"prediction_type": "sample"}),
-        (True, 3, 12, "ddim", {"eta": 0.5, "clip_sample": False}),
+        (True, 1, 16, 3, (16, 32, 64), "ddim", {}),
+        (False, 2, 8, 3, (16, 32, 64), "ddpm", {"prediction_type": "sample"}),
+        (True, 3, 12, 3, (16, 32, 64), "ddim", {"eta": 0.5, "clip_sample": False}),
+        (True, 1, 10, 7, (16, 32), "ddpm", {}),  # slots of odd sizes
     ],
 )
-def test_recorded_program_computes_one_denoising_step(scale, batch, horizon, kind, scheduler):
-    unet = ConditionalUnet1D(3, 12, 32, (16, 32, 64), kernel_size=5, n_groups=4, cond_predict_scale=scale)
+def test_recorded_program_computes_one_denoising_step(
+    scale, batch, horizon, action_dim, dims, kind, scheduler
+):
+    unet = ConditionalUnet1D(action_dim, 12, 32, dims, kernel_size=5, n_groups=4, cond_predict_scale=scale)
     program = _Program(unet, batch, horizon)
+    # The kernel moves workspace data 4 floats at a time: every slot starts on 16 bytes.
+    for record in program.records:
+        for i in range(2):
+            src = _fields(record, SRC0 + i * len(SOURCE_FIELDS), SOURCE_FIELDS)
+            assert all(src[k] % 4 == 0 for k in ("SLOT", "ROW_STATS", "RES", "MAT") if src[k] >= 0)
+            rs = _fields(record, RS0 + i * len(ROWSET_FIELDS), ROWSET_FIELDS)
+            assert rs["OUT_SLOT"] % 4 == 0 and rs["STATS_SLOT"] % 4 == 0
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch, horizon, 3)).astype(np.float32)
+    x = rng.normal(size=(batch, horizon, action_dim)).astype(np.float32)
     noise = rng.normal(size=x.shape).astype(np.float32)
     films = [
         rng.normal(size=(batch, blk.cond_encoder.weight.shape[0])).astype(np.float32)
@@ -128,9 +140,17 @@ def test_recorded_program_computes_one_denoising_step(scale, batch, horizon, kin
     assert len(program.refs) == len(trunk)
 
 
-def test_the_kernel_serves_only_on_cuda():
-    policy = tiny_policy(image=False)
-    assert policy._cuda_sampler.supports(1, policy.config.horizon) == unet_cuda.available()
+def test_which_shapes_the_kernel_takes():
+    # The PushT UNets (lazy random weights: nothing is computed).
+    image = cuda_sampler.CudaSampler(ConditionalUnet1D(2, 132, 256, (512, 1024, 2048), 5, 8, True))
+    lowdim = cuda_sampler.CudaSampler(ConditionalUnet1D(2, 40, 256, (256, 512, 1024), 5, 8, True))
+    h100, l4 = 227 * 1024 - 1024, 99 * 1024 - 1024
+    assert all(image.fits(batch, 16, h100) for batch in (1, 2, 3))
+    assert not image.fits(4, 16, h100)  # 64 KB of staged input per sample
+    assert image.fits(1, 16, l4) and not image.fits(2, 16, l4)
+    assert lowdim.fits(4, 16, h100) and not lowdim.fits(5, 16, h100)  # one accumulator per column and lane
+    if not unet_cuda.available():
+        assert not image.supports(1, 16)
 
 
 def _predict(policy, obs, kind, steps, persistent: bool) -> mx.array:
@@ -138,7 +158,12 @@ def _predict(policy, obs, kind, steps, persistent: bool) -> mx.array:
     if not persistent:
         cuda_sampler.CudaSampler.supports = lambda self, batch, horizon: False
     try:
-        return policy.predict_action(obs, scheduler=kind, num_inference_steps=steps, seed=1)["action_pred"]
+        with warnings.catch_warnings():
+            # An aborted kernel falls back to the chunked sampler with a warning: fail instead.
+            warnings.filterwarnings("error", message=".*chunked sampler")
+            return policy.predict_action(obs, scheduler=kind, num_inference_steps=steps, seed=1)[
+                "action_pred"
+            ]
     finally:
         cuda_sampler.CudaSampler.supports = original
 
@@ -165,4 +190,4 @@ def test_persistent_kernel_in_bfloat16_is_no_less_accurate_than_the_chunked_samp
     kernel_error = mx.abs(_predict(policy, obs, "ddim", 10, persistent=True) - ref).max().item()
     chunked_error = mx.abs(_predict(policy, obs, "ddim", 10, persistent=False) - ref).max().item()
     assert kernel_error <= chunked_error + 0.5
-    assert kernel_error < 8.0  # pixels
+    assert kernel_error < 16.0  # pixels
