@@ -41,6 +41,7 @@ from policy_core.unet import (
     ConditionalUnet1D,
     Conv1dBlock,
     TrunkOps,
+    conv_output_length,
     stride_padding,
 )
 
@@ -241,11 +242,8 @@ class _Program:
 
     def _conv_out(self, x, conv: nn.Conv1d | nn.ConvTranspose1d) -> _Plain:
         out_channels, kernel, _ = conv.weight.shape
-        stride, padding = stride_padding(conv)
-        if isinstance(conv, nn.ConvTranspose1d):
-            length = (x.length - 1) * stride - 2 * padding + kernel
-        else:
-            length = (x.length + 2 * padding - kernel) // stride + 1
+        transposed = isinstance(conv, nn.ConvTranspose1d)
+        length = conv_output_length(x.length, kernel, *stride_padding(conv), transposed)
         return self._alloc(out_channels, length, row_stats=True)
 
     def _conv(self, x, conv: nn.Conv1d | nn.ConvTranspose1d) -> _Plain:
@@ -509,9 +507,8 @@ __device__ __forceinline__ void store(float* p, const float* v) {
 }
 
 // Builds a phase's input (B, LEN, CIN) in shared memory from its one or two sources, W channels at a
-// time: raw values first, then GroupNorm statistics from shared memory, then normalisation, mish, FiLM
-// and the residual in place. Global loads are issued UNROLL at a time before their results are used
-// (shared stores through a generic pointer would otherwise serialise them at L2 latency each).
+// time: raw values first (global loads issued UNROLL at a time before their stores), then the GroupNorm
+// statistics from the producer's row statistics, then normalisation, mish, FiLM and the residual in place.
 template <int W>
 __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
   constexpr int UNROLL = 8;

@@ -110,6 +110,13 @@ def stride_padding(conv: nn.Conv1d | nn.ConvTranspose1d) -> tuple[int, int]:
     return first[0], first[1]
 
 
+def conv_output_length(length: int, kernel: int, stride: int, padding: int, transposed: bool) -> int:
+    """Output length of a 1-D convolution, or of a transposed one, over ``length`` positions."""
+    if transposed:
+        return (length - 1) * stride - 2 * padding + kernel
+    return (length + 2 * padding - kernel) // stride + 1
+
+
 MODULE_OPS = TrunkOps(
     residual_block=lambda x, block, film: block(x, film),
     conv_block=lambda x, block: block(x),

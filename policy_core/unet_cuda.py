@@ -26,6 +26,7 @@ from policy_core.unet import (
     ConditionalUnet1D,
     Conv1dBlock,
     TrunkOps,
+    conv_output_length,
     stride_padding,
 )
 
@@ -154,10 +155,7 @@ def sum_taps(
 ) -> mx.array:
     """bias + the taps ``z`` (B, T_in, C, k) landing on each output position -> (B, T_out, C)."""
     batch, length, channels, kernel = z.shape
-    if transposed:
-        out_length = (length - 1) * stride - 2 * padding + kernel
-    else:
-        out_length = (length + 2 * padding - kernel) // stride + 1
+    out_length = conv_output_length(length, kernel, stride, padding, transposed)
     size = batch * out_length * channels
     (bias,) = _same_dtype(z.dtype, bias)
     return _kernel("dpmlx_sum_taps", ["z", "bias"], _TAPS_SOURCE)(
