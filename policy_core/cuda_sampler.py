@@ -9,9 +9,10 @@ with a grid-wide barrier between them. A phase
    GroupNorm (statistics combined from the producer's per-row mean and sum of squared deviations) +
    mish + FiLM + residual add, and the skip concatenation of the up path; and
 2. computes the output rows of one or two convolutions (a Conv1dBlock's and the residual 1x1's share
-   the input), one warp per output channel streaming its weight row once for every output position,
-   the rows of the next phase already on their way to L2. The last convolution's rows apply the
-   scheduler's update to the trajectory.
+   the input), rows spread round-robin over the blocks and each streamed once for every output
+   position by one warp (or by several, splitting its input channels, where a block has fewer rows
+   than warps), the next phase's rows, biases and GroupNorm vectors already on their way to L2. The
+   last convolution's rows apply the scheduler's update to the trajectory.
 
 Activations and arithmetic are float32 whatever the weights' dtype. The program is recorded by running
 ``ConditionalUnet1D.forward_film`` with symbolic tensors (the topology is written once, there);
@@ -149,9 +150,19 @@ class _Program:
         return 2 * self.batch * self.max_groups * 2  # (source, sample, group) -> mean, 1 / std
 
     @property
+    def param_floats(self) -> int:
+        return _round4(2 * len(self.refs))  # the parameters' 8-byte pointers
+
+    @property
+    def partial_floats(self) -> int:
+        return (THREADS // 32) * self.batch * self.x.length  # a warp's share of a split row's products
+
+    @property
     def shared_bytes(self) -> int:
-        """Dynamic shared memory: the staged input, GroupNorm statistics and the phase records."""
-        return 4 * (self.stage_floats + self.stats_floats + REC * len(self.records))
+        """Dynamic shared memory: the parameters' pointers, the staged input, GroupNorm statistics, the
+        products of split rows and the phase records."""
+        floats = self.param_floats + self.stage_floats + self.stats_floats + self.partial_floats
+        return 4 * (floats + REC * len(self.records))
 
     def _alloc(self, channels: int, length: int, row_stats: bool = False) -> _Plain:
         """Workspace slots start on 16 bytes: the kernel reads and writes them 4 floats at a time."""
@@ -348,19 +359,17 @@ struct Ctx {
   int step;
 };
 
-// One output channel o of a (transposed) convolution, all batch * output positions, by one warp:
-// lanes stride over input channels VEC at a time holding that slice of every tap's weights, and
-// slide over the staged input positions. Position arithmetic is compile-time after unrolling.
+// Output channel o of a (transposed) convolution, every batch * output position, over the input
+// channels of one split: each lane strides over them VEC at a time holding that slice of every tap's
+// weights, and slides over the staged input positions. Leaves the
+// lane's partial sums in acc. Position arithmetic is compile-time after unrolling.
 template <int K, int S, int P, bool TR, int VEC>
-__device__ void conv_row(const int* rs, int o, int cin, int lin, const float* xs, const Ctx& cx, int lane) {
+__device__ __forceinline__ void conv_products(
+    const int* rs, int o, int cin, int lin, const float* xs, const Ctx& cx, int split, int splits,
+    float (&acc)[BATCH][HORIZON]) {
   const int lout = rs[R_OUT_LEN];
   const WT* w = cx.p[rs[R_W]] + (size_t)o * K * cin;
-  float acc[BATCH][HORIZON];
-#pragma unroll
-  for (int b = 0; b < BATCH; ++b)
-#pragma unroll
-    for (int t = 0; t < HORIZON; ++t) acc[b][t] = 0.f;
-  for (int c = lane * VEC; c < cin; c += 32 * VEC) {
+  for (int c = (split * 32 + (threadIdx.x & 31)) * VEC; c < cin; c += 32 * VEC * splits) {
     float wv[K][VEC];
 #pragma unroll
     for (int j = 0; j < K; ++j) load_weights<VEC>(w + j * cin + c, wv[j]);
@@ -388,30 +397,37 @@ __device__ void conv_row(const int* rs, int o, int cin, int lin, const float* xs
       }
     }
   }
-  const float bias = as_float(cx.p[rs[R_B]][o]);
-  const int out_channels = rs[R_OUT];
+}
+
+// Writes output channel o from its summed products (every lane holds every sum; each lane writes the
+// columns b * HORIZON + t equal to lane mod 32, so the store and the scheduler's update are compiled
+// once, not once per column): bias added or the update applied, and the row's per-sample (mean, M2)
+// for its consumer's GroupNorm.
+__device__ __forceinline__ void finish_row(
+    const int* rs, int o, float bias, const float (&acc)[BATCH][HORIZON], const Ctx& cx, int lane) {
+  constexpr int COLS = BATCH * HORIZON, PER_LANE = (COLS + 31) / 32;
+  const int lout = rs[R_OUT_LEN], out_channels = rs[R_OUT];
   float* out = cx.ws + rs[R_OUT_SLOT];
+  float mine[PER_LANE];
 #pragma unroll
   for (int b = 0; b < BATCH; ++b)
 #pragma unroll
-    for (int t = 0; t < HORIZON; ++t) acc[b][t] = warp_sum(acc[b][t]) + bias;
+    for (int t = 0; t < HORIZON; ++t)
+      if (lane == (b * HORIZON + t) % 32) mine[(b * HORIZON + t) / 32] = acc[b][t];
 #pragma unroll
-  for (int b = 0; b < BATCH; ++b) {
-#pragma unroll
-    for (int t = 0; t < HORIZON; ++t) {
-      if (t < lout && lane == (b * HORIZON + t) % 32) {
-        const size_t at = (size_t)(b * lout + t) * out_channels + o;
-        if (rs[R_EPILOGUE]) {
-          const size_t noise_at = (((size_t)cx.step * BATCH + b) * lout + t) * ADIM + o;
-          const float noise = ADD_NOISE ? cx.noise[noise_at] : 0.f;
-          out[at] = scheduler_update(acc[b][t], __ldcg(out + at), cx.coeffs + cx.step * 5, noise);
-        } else {
-          out[at] = acc[b][t];
-        }
-      }
+  for (int h = 0; h < PER_LANE; ++h) {
+    const int col = h * 32 + lane, b = col / HORIZON, t = col % HORIZON;
+    if (col >= COLS || t >= lout) continue;
+    const size_t at = (size_t)(b * lout + t) * out_channels + o;
+    const float v = mine[h] + bias;
+    if (rs[R_EPILOGUE]) {
+      const size_t noise_at = (((size_t)cx.step * BATCH + b) * lout + t) * ADIM + o;
+      const float noise = ADD_NOISE ? cx.noise[noise_at] : 0.f;
+      out[at] = scheduler_update(v, __ldcg(out + at), cx.coeffs + cx.step * 5, noise);
+    } else {
+      out[at] = v;
     }
   }
-  // The row's mean and sum of squared deviations per sample: its consumer's GroupNorm combines them.
   if (rs[R_STATS_SLOT] >= 0 && lane < BATCH) {
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) {
@@ -423,17 +439,41 @@ __device__ void conv_row(const int* rs, int o, int cin, int lin, const float* xs
 #pragma unroll
       for (int t = 0; t < HORIZON; ++t) m2 += t < lout ? (acc[b][t] - mean) * (acc[b][t] - mean) : 0.f;
       float* stats = cx.ws + rs[R_STATS_SLOT] + ((size_t)b * out_channels + o) * 2;
-      *reinterpret_cast<float2*>(stats) = make_float2(mean, m2);
+      *reinterpret_cast<float2*>(stats) = make_float2(mean + bias, m2);
     }
   }
 }
 
-// Starts moving a phase's weight rows for this warp from HBM to L2 (Hopper bulk prefetch), so their
-// loads overlap the barrier and the staging before them.
-__device__ __forceinline__ void prefetch_rows(const int* rec, const Ctx& cx, int warp_id, int warps) {
-#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void warp_sum_all(float (&acc)[BATCH][HORIZON]) {
+#pragma unroll
+  for (int b = 0; b < BATCH; ++b)
+#pragma unroll
+    for (int t = 0; t < HORIZON; ++t) acc[b][t] = warp_sum(acc[b][t]);
+}
+
+__device__ __forceinline__ void prefetch_vector(const void* p, int bytes, int tid, int threads) {
+  for (int offset = tid * 128; offset < bytes; offset += threads * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(p) + offset));
+}
+
+// Starts moving a phase's weight rows for this warp from HBM to L2 (Hopper bulk prefetch), and its
+// biases and GroupNorm affine vectors (small, but each a dependent load on the critical path), so
+// their loads overlap the barrier and the staging before them.
+__device__ __forceinline__ void prefetch_phase(const int* rec, const Ctx& cx, int warp_id, int warps) {
   const int rows0 = rec[RS0 + R_OUT];
   const int rows = rows0 + (rec[F_NROWSETS] > 1 ? rec[RS0 + ROWSET_FIELDS + R_OUT] : 0);
+  const int tid = warp_id * 32 + (threadIdx.x & 31), threads = warps * 32;
+  for (int i = 0; i < rec[F_NROWSETS]; ++i) {
+    const int* rs = rec + RS0 + i * ROWSET_FIELDS;
+    prefetch_vector(cx.p[rs[R_B]], rs[R_OUT] * (int)sizeof(WT), tid, threads);
+  }
+  for (int i = 0; i < rec[F_NSRC]; ++i) {
+    const int* src = rec + SRC0 + i * SRC_FIELDS;
+    if (!src[S_NORMED]) continue;
+    prefetch_vector(cx.p[src[S_GAMMA]], src[S_CH] * (int)sizeof(WT), tid, threads);
+    prefetch_vector(cx.p[src[S_BETA]], src[S_CH] * (int)sizeof(WT), tid, threads);
+  }
+#if __CUDA_ARCH__ >= 900
   for (int row = warp_id; row < rows; row += warps) {
     const int* rs = rec + RS0 + (row < rows0 ? 0 : ROWSET_FIELDS);
     const int o = row < rows0 ? row : row - rows0;
@@ -507,31 +547,15 @@ __device__ __forceinline__ void store(float* p, const float* v) {
 }
 
 // Builds a phase's input (B, LEN, CIN) in shared memory from its one or two sources, W channels at a
-// time: raw values first (global loads issued UNROLL at a time before their stores), then the GroupNorm
-// statistics from the producer's row statistics, then normalisation, mish, FiLM and the residual in place.
+// time. A raw source is copied (global loads issued UNROLL at a time before their stores). A normed
+// source is built in one pass over its producer's output once its GroupNorm statistics are combined
+// from the producer's per-row (mean, M2): each thread holds W channels' affine terms and loads UNROLL / 2
+// rows' raw values and residuals at once (registers), then stores GroupNorm + mish + FiLM + residual.
 template <int W>
 __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
   constexpr int UNROLL = 8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int len = rec[F_LEN], cin = rec[F_CIN], nsrc = rec[F_NSRC], rows = BATCH * len;
-  for (int i = 0, offset = 0; i < nsrc; offset += rec[SRC0 + i * SRC_FIELDS + S_CH], ++i) {
-    const int* src = rec + SRC0 + i * SRC_FIELDS;
-    const int ch = src[S_CH], per_row = ch / W, n = rows * per_row;
-    const float* raw = cx.ws + src[S_SLOT];
-    for (int first = threadIdx.x; first < n; first += THREADS * UNROLL) {
-      float v[UNROLL][W];
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const int e = first + u * THREADS, bl = e / per_row, c = (e - bl * per_row) * W;
-        if (e < n) load_cg<W>(raw + (size_t)bl * ch + c, v[u]);
-      }
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const int e = first + u * THREADS, bl = e / per_row, c = (e - bl * per_row) * W;
-        if (e < n) store<W>(xs + bl * cin + offset + c, v[u]);
-      }
-    }
-  }
   // GroupNorm statistics from the producer's per-row (mean, M2): Chan et al.'s pairwise combination.
   for (int i = 0; i < nsrc; ++i) {
     const int* src = rec + SRC0 + i * SRC_FIELDS;
@@ -563,8 +587,26 @@ __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
       }
     }
   }
+  for (int i = 0, offset = 0; i < nsrc; offset += rec[SRC0 + i * SRC_FIELDS + S_CH], ++i) {
+    const int* src = rec + SRC0 + i * SRC_FIELDS;
+    if (src[S_NORMED]) continue;
+    const int ch = src[S_CH], per_row = ch / W, n = rows * per_row;
+    const float* raw = cx.ws + src[S_SLOT];
+    for (int first = threadIdx.x; first < n; first += THREADS * UNROLL) {
+      float v[UNROLL][W];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int e = first + u * THREADS, bl = e / per_row, c = (e - bl * per_row) * W;
+        if (e < n) load_cg<W>(raw + (size_t)bl * ch + c, v[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int e = first + u * THREADS, bl = e / per_row, c = (e - bl * per_row) * W;
+        if (e < n) store<W>(xs + bl * cin + offset + c, v[u]);
+      }
+    }
+  }
   __syncthreads();
-  // Each thread keeps W channels' affine terms in registers across the positions it transforms.
   for (int i = 0, offset = 0; i < nsrc; offset += rec[SRC0 + i * SRC_FIELDS + S_CH], ++i) {
     const int* src = rec + SRC0 + i * SRC_FIELDS;
     if (!src[S_NORMED]) continue;
@@ -572,6 +614,7 @@ __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
     const int q_threads = min(quads, THREADS), row_threads = THREADS / q_threads;
     const int row0 = threadIdx.x / q_threads;
     if (row0 >= row_threads) continue;
+    const float* raw = cx.ws + src[S_SLOT];
     const float* residual = src[S_RES] >= 0 ? cx.ws + src[S_RES] : nullptr;
     float* copy = src[S_MAT] >= 0 ? cx.ws + src[S_MAT] : nullptr;
     for (int q = threadIdx.x % q_threads; q < quads; q += q_threads) {
@@ -592,15 +635,17 @@ __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
           fshift[b][k] = film_mode ? __ldg(shift_at) : 0.f;
         }
       }
-      for (int first = row0; first < rows; first += row_threads * UNROLL) {
-        float r[UNROLL][W];
+      for (int first = row0; first < rows; first += row_threads * (UNROLL / 2)) {
+        float x[UNROLL / 2][W], r[UNROLL / 2][W];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+        for (int u = 0; u < UNROLL / 2; ++u) {
           const int bl = first + u * row_threads;
-          if (residual && bl < rows) load_cg<W>(residual + (size_t)bl * ch + c, r[u]);
+          if (bl >= rows) break;
+          load_cg<W>(raw + (size_t)bl * ch + c, x[u]);
+          if (residual) load_cg<W>(residual + (size_t)bl * ch + c, r[u]);
         }
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+        for (int u = 0; u < UNROLL / 2; ++u) {
           const int bl = first + u * row_threads;
           if (bl >= rows) break;
           float* at = xs + bl * cin + offset + c;
@@ -610,7 +655,7 @@ __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
             if (bl / len != b) continue;
 #pragma unroll
             for (int k = 0; k < W; ++k) {
-              const float y = mish((at[k] - mean[b][k]) * rstd[b][k] * scale[k] + shift[k]);
+              const float y = mish((x[u][k] - mean[b][k]) * rstd[b][k] * scale[k] + shift[k]);
               v[k] = y * fscale[b][k] + fshift[b][k] + (residual ? r[u][k] : 0.f);
             }
           }
@@ -627,17 +672,23 @@ __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
 _BODY = r"""
   extern __shared__ float smem[];
   __shared__ int ok;
-  float* xs = smem;
-  float* stats = smem + STAGE_FLOATS;
-  int* records = reinterpret_cast<int*>(stats + STATS_FLOATS);
+  // The parameters' pointers in shared memory: a per-thread array would live in local memory, a
+  // dependent L2 round trip before each row's weights.
+  const WT** params = reinterpret_cast<const WT**>(smem);
+  float* xs = smem + PARAM_FLOATS;
+  float* stats = xs + STAGE_FLOATS;
+  float* partial = stats + STATS_FLOATS;
+  int* records = reinterpret_cast<int*>(partial + PARTIAL_FLOATS);
   for (int i = threadIdx.x; i < NPHASES * REC; i += THREADS) records[i] = program[i];
+  if (threadIdx.x == 0) {
+PARAMS_TO_SHARED
+  }
   __syncthreads();
-  const WT* params[NPARAMS] = {PARAMS};
   Ctx cx{params, ws, films, noise, coeffs, 0};
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (blockIdx.x == 0)
     for (int i = threadIdx.x; i < BATCH * HORIZON * ADIM; i += THREADS) ws[i] = x_init[i];
-  prefetch_rows(records, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
+  prefetch_phase(records, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
   if (!grid_barrier(sync, &ok)) return;
   const int steps = coeffs_shape[0];
   for (int step = 0; step < steps; ++step) {
@@ -649,15 +700,50 @@ _BODY = r"""
       const int rows0 = rec[RS0 + R_OUT];
       const int rows = rows0 + (rec[F_NROWSETS] > 1 ? rec[RS0 + ROWSET_FIELDS + R_OUT] : 0);
       const int cin = rec[F_CIN], len = rec[F_LEN];
-      for (int row = blockIdx.x * WARPS + warp; row < rows; row += gridDim.x * WARPS) {
+      // Rows go round-robin over the blocks. A block with fewer rows than warps splits each row's input
+      // channels over `splits` warps, whose sums meet in shared memory: every SM streams weights. Then
+      // a warp takes one row and the block meets at one __syncthreads (rounds == 1).
+      const int per_block = (rows + gridDim.x - 1) / gridDim.x;
+      int splits = 1;
+      while (splits * 2 * per_block <= WARPS) splits *= 2;
+      const int split = warp % splits, lead = warp - split;
+      const int rounds = (per_block * splits + WARPS - 1) / WARPS;
+      for (int round = 0; round < rounds; ++round) {
+        const int j = round * (WARPS / splits) + warp / splits, row = blockIdx.x + j * gridDim.x;
+        const bool mine = j < per_block && row < rows;
         const int* rs = rec + RS0 + (row < rows0 ? 0 : ROWSET_FIELDS);
         const int o = row < rows0 ? row : row - rows0;
-        switch (rs[R_VARIANT]) {
-VARIANT_CASES
+        float acc[BATCH][HORIZON] = {};
+        float bias = 0.f;
+        if (mine) {
+          bias = as_float(cx.p[rs[R_B]][o]);
+          row_products(rs, o, cin, len, xs, cx, split, splits, acc);
+          warp_sum_all(acc);
         }
+        if (splits > 1) {
+          if (mine) {
+#pragma unroll
+            for (int b = 0; b < BATCH; ++b)
+#pragma unroll
+              for (int t = 0; t < HORIZON; ++t)
+                if (lane == (b * HORIZON + t) % 32) partial[(warp * BATCH + b) * HORIZON + t] = acc[b][t];
+          }
+          __syncthreads();
+          if (mine && split == 0) {
+#pragma unroll
+            for (int b = 0; b < BATCH; ++b)
+#pragma unroll
+              for (int t = 0; t < HORIZON; ++t) {
+                float sum = 0.f;
+                for (int q = 0; q < splits; ++q) sum += partial[((lead + q) * BATCH + b) * HORIZON + t];
+                acc[b][t] = sum;
+              }
+          }
+        }
+        if (mine && split == 0) finish_row(rs, o, bias, acc, cx, lane);
       }
       const int next = phase + 1 < NPHASES ? phase + 1 : (step + 1 < steps ? 0 : -1);
-      if (next >= 0) prefetch_rows(records + next * REC, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
+      if (next >= 0) prefetch_phase(records + next * REC, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
       if (!grid_barrier(sync, &ok)) return;
     }
   }
@@ -716,8 +802,9 @@ def _header(
         "MAX_GROUP_ROWS": MAX_GROUP_ROWS,
         "FILM_WIDTH": program.film_width,
         "STAGE_FLOATS": program.stage_floats,
+        "PARAM_FLOATS": program.param_floats,
         "STATS_FLOATS": program.stats_floats,
-        "NPARAMS": len(program.refs),
+        "PARTIAL_FLOATS": program.partial_floats,
         "NPHASES": len(program.records),
         "REC": REC,
         "SRC0": SRC0,
@@ -734,17 +821,28 @@ def _header(
     defines |= {f"F_{name}": i for i, name in enumerate(HEADER_FIELDS)}
     defines |= {f"S_{name}": i for i, name in enumerate(SOURCE_FIELDS)}
     defines |= {f"R_{name}": i for i, name in enumerate(ROWSET_FIELDS)}
-    return "".join(f"#define {name} {value}\n" for name, value in defines.items()) + _HELPERS
+    defines_text = "".join(f"#define {name} {value}\n" for name, value in defines.items())
+    return defines_text + _HELPERS + _row_products(program)
 
 
-def _body(program: _Program) -> str:
+def _row_products(program: _Program) -> str:
+    """The program's convolution variants, dispatched by a row set's VARIANT field."""
     cases = []
     for variant, index in program.variants.items():
         k, s, p, transposed, vec = variant
         args = f"{k}, {s}, {p}, {'true' if transposed else 'false'}, {vec}"
-        cases.append(f"          case {index}: conv_row<{args}>(rs, o, cin, len, xs, cx, lane); break;")
-    params = ", ".join(f"p{i}" for i in range(len(program.refs)))
-    return _BODY.replace("VARIANT_CASES", "\n".join(cases)).replace("{PARAMS}", "{" + params + "}")
+        call = f"conv_products<{args}>(rs, o, cin, lin, xs, cx, split, splits, acc)"
+        cases.append(f"    case {index}: {call}; break;")
+    return (
+        "__device__ __forceinline__ void row_products(const int* rs, int o, int cin, int lin, "
+        "const float* xs, const Ctx& cx, int split, int splits, float (&acc)[BATCH][HORIZON]) {\n"
+        "  switch (rs[R_VARIANT]) {\n" + "\n".join(cases) + "\n  }\n}\n"
+    )
+
+
+def _body(program: _Program) -> str:
+    stores = "\n".join(f"    params[{i}] = p{i};" for i in range(len(program.refs)))
+    return _BODY.replace("PARAMS_TO_SHARED", stores)
 
 
 def _float32(a: mx.array) -> mx.array:
