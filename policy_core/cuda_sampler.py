@@ -367,7 +367,6 @@ template <int K, int S, int P, bool TR, int VEC>
 __device__ __forceinline__ void conv_products(
     const int* rs, int o, int cin, int lin, const float* xs, const Ctx& cx, int split, int splits,
     float (&acc)[BATCH][HORIZON]) {
-  const int lout = rs[R_OUT_LEN];
   const WT* w = cx.p[rs[R_W]] + (size_t)o * K * cin;
   for (int c = (split * 32 + (threadIdx.x & 31)) * VEC; c < cin; c += 32 * VEC * splits) {
     float wv[K][VEC];
@@ -390,7 +389,8 @@ __device__ __forceinline__ void conv_products(
             if (num % S != 0) continue;
             t = num / S;
           }
-          if (t < 0 || t >= HORIZON || t >= lout) continue;
+          // Columns t >= lout collect stray products and are never written out.
+          if (t < 0 || t >= HORIZON) continue;
 #pragma unroll
           for (int e = 0; e < VEC; ++e) acc[b][t] = fmaf(wv[j][e], xv[e], acc[b][t]);
         }
@@ -399,23 +399,28 @@ __device__ __forceinline__ void conv_products(
   }
 }
 
-// Writes output channel o from its summed products (every lane holds every sum; each lane writes the
-// columns b * HORIZON + t equal to lane mod 32, so the store and the scheduler's update are compiled
-// once, not once per column): bias added or the update applied, and the row's per-sample (mean, M2)
-// for its consumer's GroupNorm.
-__device__ __forceinline__ void finish_row(
-    const int* rs, int o, float bias, const float (&acc)[BATCH][HORIZON], const Ctx& cx, int lane) {
-  constexpr int COLS = BATCH * HORIZON, PER_LANE = (COLS + 31) / 32;
-  const int lout = rs[R_OUT_LEN], out_channels = rs[R_OUT];
-  float* out = cx.ws + rs[R_OUT_SLOT];
-  float mine[PER_LANE];
+constexpr int COLS = BATCH * HORIZON, COLS_PER_LANE = (COLS + 31) / 32;
+
+// Lane l's columns b * HORIZON + t = l + 32 h of a row's sums, which every lane holds (a register
+// array can't be indexed by the lane).
+__device__ __forceinline__ void own_columns(
+    const float (&acc)[BATCH][HORIZON], float (&mine)[COLS_PER_LANE], int lane) {
 #pragma unroll
   for (int b = 0; b < BATCH; ++b)
 #pragma unroll
     for (int t = 0; t < HORIZON; ++t)
       if (lane == (b * HORIZON + t) % 32) mine[(b * HORIZON + t) / 32] = acc[b][t];
+}
+
+// Writes output channel o from its sums, each lane its own columns (so the store and the scheduler's
+// update are compiled once, not once per column): bias added or the update applied, and the row's
+// per-sample (mean, M2) for its consumer's GroupNorm.
+__device__ __forceinline__ void finish_row(
+    const int* rs, int o, float bias, const float (&mine)[COLS_PER_LANE], const Ctx& cx, int lane) {
+  const int lout = rs[R_OUT_LEN], out_channels = rs[R_OUT];
+  float* out = cx.ws + rs[R_OUT_SLOT];
 #pragma unroll
-  for (int h = 0; h < PER_LANE; ++h) {
+  for (int h = 0; h < COLS_PER_LANE; ++h) {
     const int col = h * 32 + lane, b = col / HORIZON, t = col % HORIZON;
     if (col >= COLS || t >= lout) continue;
     const size_t at = (size_t)(b * lout + t) * out_channels + o;
@@ -428,19 +433,25 @@ __device__ __forceinline__ void finish_row(
       out[at] = v;
     }
   }
-  if (rs[R_STATS_SLOT] >= 0 && lane < BATCH) {
+  if (rs[R_STATS_SLOT] < 0) return;
 #pragma unroll
-    for (int b = 0; b < BATCH; ++b) {
-      if (b != lane) continue;
-      float mean = 0.f, m2 = 0.f;
+  for (int b = 0; b < BATCH; ++b) {
+    float sum = 0.f;
 #pragma unroll
-      for (int t = 0; t < HORIZON; ++t) mean += t < lout ? acc[b][t] : 0.f;
-      mean /= lout;
-#pragma unroll
-      for (int t = 0; t < HORIZON; ++t) m2 += t < lout ? (acc[b][t] - mean) * (acc[b][t] - mean) : 0.f;
-      float* stats = cx.ws + rs[R_STATS_SLOT] + ((size_t)b * out_channels + o) * 2;
-      *reinterpret_cast<float2*>(stats) = make_float2(mean + bias, m2);
+    for (int h = 0; h < COLS_PER_LANE; ++h) {
+      const int col = h * 32 + lane;
+      if (col < COLS && col / HORIZON == b && col % HORIZON < lout) sum += mine[h];
     }
+    const float mean = warp_sum(sum) / lout;
+    float m2 = 0.f;
+#pragma unroll
+    for (int h = 0; h < COLS_PER_LANE; ++h) {
+      const int col = h * 32 + lane;
+      if (col < COLS && col / HORIZON == b && col % HORIZON < lout) m2 += (mine[h] - mean) * (mine[h] - mean);
+    }
+    m2 = warp_sum(m2);
+    float* stats = cx.ws + rs[R_STATS_SLOT] + ((size_t)b * out_channels + o) * 2;
+    if (lane == 0) *reinterpret_cast<float2*>(stats) = make_float2(mean + bias, m2);
   }
 }
 
@@ -499,28 +510,28 @@ __device__ __forceinline__ unsigned long long global_ns() {
 
 // Grid-wide barrier. Arrivals count on sync[0] (monotonic); the last block of a round bumps the
 // generation sync[1], on which the others wait: spinning on the counter itself starves the arrivals
-// (~3 us per block measured). A wait past TIMEOUT_NS (a block that never became resident) sets
-// sync[2], and every block returns false from then on.
-__device__ bool grid_barrier(unsigned int* sync, int* ok) {
+// (~3 us per block measured). Each block counts its own barriers (`generation`), so it knows the value
+// to wait for without reading it first. A wait past TIMEOUT_NS (a block that never became resident)
+// sets sync[2], and every block returns false from then on.
+__device__ bool grid_barrier(unsigned int* sync, int* ok, unsigned int& generation) {
+  ++generation;
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned int generation = load_acquire(sync + 1);
     __threadfence();
     const unsigned int arrived = atomicAdd(sync, 1u) + 1;
     int good = 1;
-    if (arrived % gridDim.x == 0) {
+    if (arrived == generation * gridDim.x) {
       __threadfence();
       atomicAdd(sync + 1, 1u);
     } else {
       const unsigned long long start = global_ns();
-      for (int spins = 0; load_acquire(sync + 1) == generation; ++spins) {
+      for (int spins = 0; load_acquire(sync + 1) < generation; ++spins) {
         if ((spins & 63) == 63) {
           if (load_acquire(sync + 2) != 0u) { good = 0; break; }
           if (global_ns() - start > TIMEOUT_NS) { atomicExch(sync + 2, 1u); good = 0; break; }
         }
       }
     }
-    if (load_acquire(sync + 2) != 0u) good = 0;
     *ok = good;
   }
   __syncthreads();
@@ -685,11 +696,12 @@ PARAMS_TO_SHARED
   }
   __syncthreads();
   Ctx cx{params, ws, films, noise, coeffs, 0};
+  unsigned int generation = 0;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (blockIdx.x == 0)
     for (int i = threadIdx.x; i < BATCH * HORIZON * ADIM; i += THREADS) ws[i] = x_init[i];
   prefetch_phase(records, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
-  if (!grid_barrier(sync, &ok)) return;
+  if (!grid_barrier(sync, &ok, generation)) return;
   const int steps = coeffs_shape[0];
   for (int step = 0; step < steps; ++step) {
     cx.step = step;
@@ -710,41 +722,36 @@ PARAMS_TO_SHARED
       const int rounds = (per_block * splits + WARPS - 1) / WARPS;
       for (int round = 0; round < rounds; ++round) {
         const int j = round * (WARPS / splits) + warp / splits, row = blockIdx.x + j * gridDim.x;
-        const bool mine = j < per_block && row < rows;
+        const bool has_row = j < per_block && row < rows;
         const int* rs = rec + RS0 + (row < rows0 ? 0 : ROWSET_FIELDS);
         const int o = row < rows0 ? row : row - rows0;
-        float acc[BATCH][HORIZON] = {};
+        float mine[COLS_PER_LANE] = {};
         float bias = 0.f;
-        if (mine) {
+        if (has_row) {
           bias = as_float(cx.p[rs[R_B]][o]);
+          float acc[BATCH][HORIZON] = {};
           row_products(rs, o, cin, len, xs, cx, split, splits, acc);
           warp_sum_all(acc);
+          own_columns(acc, mine, lane);
         }
         if (splits > 1) {
-          if (mine) {
 #pragma unroll
-            for (int b = 0; b < BATCH; ++b)
-#pragma unroll
-              for (int t = 0; t < HORIZON; ++t)
-                if (lane == (b * HORIZON + t) % 32) partial[(warp * BATCH + b) * HORIZON + t] = acc[b][t];
-          }
+          for (int h = 0; h < COLS_PER_LANE; ++h)
+            if (has_row && h * 32 + lane < COLS) partial[warp * COLS + h * 32 + lane] = mine[h];
           __syncthreads();
-          if (mine && split == 0) {
 #pragma unroll
-            for (int b = 0; b < BATCH; ++b)
-#pragma unroll
-              for (int t = 0; t < HORIZON; ++t) {
-                float sum = 0.f;
-                for (int q = 0; q < splits; ++q) sum += partial[((lead + q) * BATCH + b) * HORIZON + t];
-                acc[b][t] = sum;
-              }
+          for (int h = 0; h < COLS_PER_LANE; ++h) {
+            if (!has_row || split != 0 || h * 32 + lane >= COLS) continue;
+            float sum = 0.f;
+            for (int q = 0; q < splits; ++q) sum += partial[(lead + q) * COLS + h * 32 + lane];
+            mine[h] = sum;
           }
         }
-        if (mine && split == 0) finish_row(rs, o, bias, acc, cx, lane);
+        if (has_row && split == 0) finish_row(rs, o, bias, mine, cx, lane);
       }
       const int next = phase + 1 < NPHASES ? phase + 1 : (step + 1 < steps ? 0 : -1);
       if (next >= 0) prefetch_phase(records + next * REC, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
-      if (!grid_barrier(sync, &ok)) return;
+      if (!grid_barrier(sync, &ok, generation)) return;
     }
   }
   if (blockIdx.x == 0)
