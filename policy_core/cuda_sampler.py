@@ -713,8 +713,8 @@ PARAMS_TO_SHARED
       const int rows = rows0 + (rec[F_NROWSETS] > 1 ? rec[RS0 + ROWSET_FIELDS + R_OUT] : 0);
       const int cin = rec[F_CIN], len = rec[F_LEN];
       // Rows go round-robin over the blocks. A block with fewer rows than warps splits each row's input
-      // channels over `splits` warps, whose sums meet in shared memory: every SM streams weights. Then
-      // a warp takes one row and the block meets at one __syncthreads (rounds == 1).
+      // channels over `splits` warps, whose sums meet in shared memory: every SM streams weights. With
+      // splits > 1 a warp takes at most one row, so rounds == 1 and the block meets at one __syncthreads.
       const int per_block = (rows + gridDim.x - 1) / gridDim.x;
       int splits = 1;
       while (splits * 2 * per_block <= WARPS) splits *= 2;
