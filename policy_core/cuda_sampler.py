@@ -11,8 +11,9 @@ with a grid-wide barrier between them. A phase
 2. computes the output rows of one or two convolutions (a Conv1dBlock's and the residual 1x1's share
    the input), rows spread round-robin over the blocks and each streamed once for every output
    position by one warp (or by several, splitting its input channels, where a block has fewer rows
-   than warps), the next phase's rows, biases and GroupNorm vectors already on their way to L2. The
-   last convolution's rows apply the scheduler's update to the trajectory.
+   than warps), the next phase's biases, GroupNorm vectors and (where they take at most half the L2)
+   rows already on their way to L2. The last convolution's rows apply the scheduler's update to the
+   trajectory.
 
 Activations and arithmetic are float32 whatever the weights' dtype. The program is recorded by running
 ``ConditionalUnet1D.forward_film`` with symbolic tensors (the topology is written once, there);
@@ -469,14 +470,18 @@ __device__ __forceinline__ void prefetch_vector(const void* p, int bytes, int ti
 
 // Starts moving a phase's weight rows for this warp from HBM to L2 (Hopper bulk prefetch), and its
 // biases and GroupNorm affine vectors (small, but each a dependent load on the critical path), so
-// their loads overlap the barrier and the staging before them.
+// their loads overlap the barrier and the staging before them. Rows are left to the demand loads where
+// they take more than half the L2: prefetched lines then land while the current phase streams its own,
+// unevenly, and the barrier waits for the blocks whose rows came last (benchmarks/NOTES.md).
 __device__ __forceinline__ void prefetch_phase(const int* rec, const Ctx& cx, int warp_id, int warps) {
   const int rows0 = rec[RS0 + R_OUT];
   const int rows = rows0 + (rec[F_NROWSETS] > 1 ? rec[RS0 + ROWSET_FIELDS + R_OUT] : 0);
   const int tid = warp_id * 32 + (threadIdx.x & 31), threads = warps * 32;
+  long long row_bytes = 0;
   for (int i = 0; i < rec[F_NROWSETS]; ++i) {
     const int* rs = rec + RS0 + i * ROWSET_FIELDS;
     prefetch_vector(cx.p[rs[R_B]], rs[R_OUT] * (int)sizeof(WT), tid, threads);
+    row_bytes += (long long)rs[R_OUT] * rs[R_ROW_ELEMS] * sizeof(WT);
   }
   for (int i = 0; i < rec[F_NSRC]; ++i) {
     const int* src = rec + SRC0 + i * SRC_FIELDS;
@@ -485,6 +490,7 @@ __device__ __forceinline__ void prefetch_phase(const int* rec, const Ctx& cx, in
     prefetch_vector(cx.p[src[S_BETA]], src[S_CH] * (int)sizeof(WT), tid, threads);
   }
 #if __CUDA_ARCH__ >= 900
+  if (row_bytes > PREFETCH_MAX_BYTES) return;
   for (int row = warp_id; row < rows; row += warps) {
     const int* rs = rec + RS0 + (row < rows0 ? 0 : ROWSET_FIELDS);
     const int o = row < rows0 ? row : row - rows0;
@@ -788,6 +794,11 @@ def sm_count() -> int | None:
     return _device_attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
 
 
+def l2_bytes() -> int:
+    """The L2 cache's size (50 MB on an H100), or 0 where the driver can't say."""
+    return _device_attribute(38) or 0  # CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE
+
+
 def max_shared_bytes() -> int:
     """Dynamic shared memory one block may opt into (227 KB on an H100, 99 KB on an L4)."""
     optin = _device_attribute(97)  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
@@ -824,6 +835,7 @@ def _header(
         "CLIP_RANGE": f"{cfg.clip_sample_range!r}f",
         "ADD_NOISE": int(isinstance(scheduler, DDPMScheduler) or cfg.eta > 0),
         "TIMEOUT_NS": f"{int(TIMEOUT_S * 1e9)}ull",
+        "PREFETCH_MAX_BYTES": f"{l2_bytes() // 2}ll",
     }
     defines |= {f"F_{name}": i for i, name in enumerate(HEADER_FIELDS)}
     defines |= {f"S_{name}": i for i, name in enumerate(SOURCE_FIELDS)}
@@ -852,6 +864,12 @@ def _body(program: _Program) -> str:
     return _BODY.replace("PARAMS_TO_SHARED", stores)
 
 
+def _params(program: _Program) -> list[mx.array]:
+    """The program's parameter arrays, looked up per request (a hot load replaces them). A module is a
+    dict of its parameters: item access is ~15x faster than attribute access, tens of us a request."""
+    return [module[name] for module, name in program.refs]
+
+
 def _float32(a: mx.array) -> mx.array:
     return a if a.dtype == mx.float32 else a.astype(mx.float32)
 
@@ -877,7 +895,7 @@ class CudaSampler:
     @staticmethod
     def _dtype(program: _Program) -> mx.Dtype | None:
         """The weights' one dtype, or None where they are mixed or of a type the kernel doesn't read."""
-        dtypes = {getattr(module, attr).dtype for module, attr in program.refs}
+        dtypes = {a.dtype for a in _params(program)}
         return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _WEIGHT_TYPES else None
 
     def _kernel(self, program: _Program, dtype: mx.Dtype, scheduler, horizon: int):
@@ -937,7 +955,7 @@ class CudaSampler:
         batch, horizon, _ = x.shape
         program, table = self._program(batch, horizon)
         kernel = self._kernel(program, self._dtype(program), scheduler, horizon)
-        params = [getattr(module, attr) for module, attr in program.refs]
+        params = _params(program)
         film_row = mx.concatenate([_float32(f) for f in films], axis=-1)
         blocks = sm_count()
         # One kernel in flight per process: two persistent grids sharing the SMs (a model warming up
