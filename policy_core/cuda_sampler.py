@@ -946,23 +946,23 @@ class CudaSampler:
         self,
         scheduler: DDPMScheduler | DDIMScheduler,
         x: mx.array,
-        films: list[mx.array],
+        films: mx.array,
         step_noise: mx.array,
         coeffs: mx.array,
     ) -> mx.array:
-        """All ``len(coeffs)`` steps from x (B, T, A): films (S, B, m) per block, step_noise (S, B, T, A),
-        coeffs (S, 5) from ``scheduler.coefficient_table()``. Returns the evaluated float32 trajectory."""
+        """All ``len(coeffs)`` steps from x (B, T, A): films (S, B, sum m) the blocks' float32 FiLM rows,
+        step_noise (S, B, T, A), coeffs (S, 5) from ``scheduler.coefficient_table()``. Returns the
+        evaluated float32 trajectory."""
         batch, horizon, _ = x.shape
         program, table = self._program(batch, horizon)
         kernel = self._kernel(program, self._dtype(program), scheduler, horizon)
         params = _params(program)
-        film_row = mx.concatenate([_float32(f) for f in films], axis=-1)
         blocks = sm_count()
         # One kernel in flight per process: two persistent grids sharing the SMs (a model warming up
         # during a hot swap while another serves) could each hold blocks the other's barrier waits for.
         with _LAUNCH_LOCK:
             _, sync, out = kernel(
-                inputs=[table, _float32(x), film_row, _float32(step_noise), coeffs, *params],
+                inputs=[table, _float32(x), films, _float32(step_noise), coeffs, *params],
                 grid=(blocks * THREADS, 1, 1),
                 threadgroup=(THREADS, 1, 1),
                 output_shapes=[(program.ws_size,), (3,), tuple(x.shape)],

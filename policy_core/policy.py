@@ -17,6 +17,7 @@ from __future__ import annotations
 import secrets
 import warnings
 from functools import partial
+from itertools import accumulate
 from typing import Any
 
 import mlx.core as mx
@@ -81,6 +82,7 @@ class DiffusionUnetPolicy(nn.Module):
         object.__setattr__(self, "_compiled", compiled)
         object.__setattr__(self, "_cuda_sampler", CudaSampler(self.unet))
         object.__setattr__(self, "_schedulers", {})
+        object.__setattr__(self, "_film_cache", ((), ()))
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -149,12 +151,28 @@ class DiffusionUnetPolicy(nn.Module):
             self._schedulers[key] = scheduler
         return self._schedulers[key]
 
-    def _conditioning(self, nobs: list[mx.array], timesteps: mx.array) -> list[mx.array]:
-        """Per-block FiLM vectors of every step at once: each block's ``cond_encoder`` applied to
-        mish([step embedding, observation features]) of all (step, batch) pairs in one product
-        -> (steps, B, m)."""
+    def _film_linear(self) -> tuple[mx.array, mx.array]:
+        """Every residual block's ``cond_encoder`` stacked into one (weight, bias): a request's FiLM rows
+        are one product, not one per block. Rebuilt when a block's arrays are replaced (updates and
+        loads swap a module's arrays, they never write into them)."""
+        layers = [blk.cond_encoder for blk in self.unet.residual_blocks()]
+        arrays = [a for layer in layers for a in (layer["weight"], layer["bias"])]
+        cached, stacked = self._film_cache
+        if len(cached) != len(arrays) or any(a is not b for a, b in zip(cached, arrays, strict=True)):
+            stacked = (mx.concatenate(arrays[0::2]), mx.concatenate(arrays[1::2]))
+            mx.eval(stacked)
+            object.__setattr__(self, "_film_cache", (arrays, stacked))
+        return stacked
+
+    def _conditioning(
+        self, obs: list[mx.array], timesteps: mx.array, film_weight: mx.array, film_bias: mx.array
+    ) -> mx.array:
+        """Raw observations in ``shape_meta.obs`` order -> the FiLM rows of every step at once,
+        (steps, B, sum of the blocks' m) float32: the stacked ``cond_encoder`` (``_film_linear``)
+        applied to mish([step embedding, observation features]) of all (step, batch) pairs in one
+        product. Compiled with the normalisation, so a request's elementwise work is fused kernels."""
         unet = self.unet
-        global_cond = self.encode_obs(nobs)
+        global_cond = self.encode_obs(self.normalize_obs(dict(zip(self.config.obs, obs, strict=True))))
         steps, batch = timesteps.shape[0], global_cond.shape[0]
         step_embedding = unet.encode_timesteps(timesteps).astype(global_cond.dtype)
         cond = mx.concatenate(
@@ -164,21 +182,23 @@ class DiffusionUnetPolicy(nn.Module):
             ],
             axis=-1,
         )
-        cond = mish(cond)
-        return [blk.cond_encoder(cond) for blk in unet.residual_blocks()]
+        return mx.addmm(film_bias, mish(cond), film_weight.T).astype(mx.float32)
 
     def _denoising_steps(
         self,
         kind: str,
         x: mx.array,
-        films: list[mx.array],
+        films: mx.array,
         step_noise: mx.array,
         coeffs: mx.array,
     ) -> mx.array:
-        """``len(coeffs)`` consecutive denoising steps: films (S, B, m) per block, step_noise (S, ...),
-        coeffs (S, 5) the scheduler's per-step coefficients. Compiled once per (kind, S, batch, dtype)."""
+        """``len(coeffs)`` consecutive denoising steps: films (S, B, sum m) the blocks' FiLM rows,
+        step_noise (S, ...), coeffs (S, 5) the scheduler's per-step coefficients. Compiled once per
+        (kind, S, batch, dtype)."""
         # The trunk for the device: fused kernels on CUDA, matrix products elsewhere (NOTES.md).
         trunk = unet_cuda.denoise if unet_cuda.available() else unet_inference.denoise
+        widths = [blk.cond_encoder.weight.shape[0] for blk in self.unet.residual_blocks()]
+        films = [f.astype(self.dtype) for f in mx.split(films, list(accumulate(widths[:-1])), axis=-1)]
         scheduler = self._scheduler(kind, 1)  # update() depends on the kind and config only
         for j in range(coeffs.shape[0]):
             model_output = trunk(self.unet, x.astype(self.dtype), [f[j] for f in films])
@@ -188,8 +208,8 @@ class DiffusionUnetPolicy(nn.Module):
             x = scheduler.update(model_output.astype(mx.float32), x, step_coeffs, step_noise[j])
         return x
 
-    def _sample(self, kind: str, num_steps: int, nobs: list[mx.array], x: mx.array, step_noise: mx.array):
-        """Normalized observations -> normalized action trajectory.
+    def _sample(self, kind: str, num_steps: int, obs: list[mx.array], x: mx.array, step_noise: mx.array):
+        """Raw observations (``shape_meta.obs`` order) -> normalized action trajectory.
 
         The conditioning is one compiled call. On CUDA, where the shape fits, the whole denoising loop is
         then one persistent kernel (``cuda_sampler``). Elsewhere it runs in compiled chunks of up to
@@ -199,7 +219,7 @@ class DiffusionUnetPolicy(nn.Module):
         call per step on CPU; an unrolled 100-step trace took over a minute (benchmarks/NOTES.md).
         """
         scheduler = self._scheduler(kind, num_steps)
-        films = self._compiled["conditioning"](nobs, mx.array(scheduler.timesteps))
+        films = self._compiled["conditioning"](obs, mx.array(scheduler.timesteps), *self._film_linear())
         coeffs = scheduler.coefficient_table()
         if self._cuda_sampler.supports(x.shape[0], x.shape[1]):
             try:
@@ -208,7 +228,7 @@ class DiffusionUnetPolicy(nn.Module):
                 warnings.warn(f"{error}; this and later requests run on the chunked sampler", stacklevel=2)
         for start in range(0, num_steps, STEPS_PER_CALL):
             chunk = slice(start, min(start + STEPS_PER_CALL, num_steps))
-            x = self._compiled[kind](x, [f[chunk] for f in films], step_noise[chunk], coeffs[chunk])
+            x = self._compiled[kind](x, films[chunk], step_noise[chunk], coeffs[chunk])
         return x
 
     def sample_noise(self, batch: int, num_steps: int, seed: int | None = None) -> tuple[mx.array, mx.array]:
@@ -216,8 +236,8 @@ class DiffusionUnetPolicy(nn.Module):
         (num_steps, B, horizon, action_dim) that ``predict_action(seed=seed)`` uses."""
         shape = (batch, self.config.horizon, self.config.action_dim)
         key = mx.random.key(secrets.randbits(63) if seed is None else seed)
-        key_init, key_steps = mx.random.split(key)
-        return mx.random.normal(shape, key=key_init), mx.random.normal((num_steps, *shape), key=key_steps)
+        noise = mx.random.normal((1 + num_steps, *shape), key=key)  # one draw: one kernel
+        return noise[0], noise[1:]
 
     def predict_action(
         self,
@@ -257,7 +277,7 @@ class DiffusionUnetPolicy(nn.Module):
         ):
             if tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
-        naction = self._sample(kind, steps, self.normalize_obs(obs), x_init, noise_per_step)
+        naction = self._sample(kind, steps, [_as_mx(obs[k]) for k in cfg.obs], x_init, noise_per_step)
         action_pred = self.normalizer.unnormalize("action", naction)
         start = cfg.n_obs_steps - 1
         action = action_pred[:, start : start + cfg.n_action_steps]
