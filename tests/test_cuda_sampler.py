@@ -181,13 +181,17 @@ def test_persistent_kernel_equals_chunked_sampler(kind, steps):
 
 @pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
 def test_persistent_kernel_in_bfloat16_is_no_less_accurate_than_the_chunked_sampler():
-    # Against the same (bfloat16-valued) weights in float32: the kernel keeps float32 activations.
+    # Against the same (bfloat16-valued) weights in float32: the kernel keeps float32 activations. The
+    # weights are drawn from a fixed seed, not whatever state earlier tests left MLX's generator in, and
+    # the paths are compared by their mean error: the largest of 64 errors swaps order between draws
+    # (8 seeds on an H100: the kernel's mean error was the lower one in all 8, its largest in 7).
+    mx.random.seed(0)
     policy = tiny_policy(image=True, dtype="bfloat16")
     exact = tiny_policy(image=True)
     exact.update(tree_map(lambda p: p.astype(mx.float32), policy.parameters()))
     obs = observation(policy, batch=2)
     ref = _predict(exact, obs, "ddim", 10, persistent=False)
-    kernel_error = mx.abs(_predict(policy, obs, "ddim", 10, persistent=True) - ref).max().item()
-    chunked_error = mx.abs(_predict(policy, obs, "ddim", 10, persistent=False) - ref).max().item()
-    assert kernel_error <= chunked_error + 0.5
-    assert kernel_error < 16.0  # pixels
+    kernel_error = mx.abs(_predict(policy, obs, "ddim", 10, persistent=True) - ref)
+    chunked_error = mx.abs(_predict(policy, obs, "ddim", 10, persistent=False) - ref)
+    assert kernel_error.mean().item() <= chunked_error.mean().item()
+    assert kernel_error.max().item() < 16.0  # pixels
