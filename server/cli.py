@@ -22,7 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model-root", type=Path, help="folder checkpoint loads are confined to")
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="how long a batch's first request waits for others (0: batch only what queued meanwhile)",
+    )
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--max-message-mb", type=float, default=16.0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype override")

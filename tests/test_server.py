@@ -11,9 +11,10 @@ from server_helpers import RawClient, http, running_server, wait_for
 
 from policy_core import load_policy, save_policy
 from proto.codec import pack
-from proto.messages import PROTOCOL_VERSION
+from proto.messages import PROTOCOL_VERSION, InferOptions, Request
 from server.app import ServeConfig
-from server.models import BatchingConfig
+from server.metrics import Metrics
+from server.models import BatchingConfig, ModelWorker, PendingInfer
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +227,23 @@ def test_not_ready_before_a_model_is_loaded(models):
         assert http("GET", srv.http_url + "/healthz")[0] == 200
         assert http("GET", srv.http_url + "/readyz")[0] == 503
         client.close()
+
+
+def test_worker_batches_what_queued_while_busy_without_waiting_for_more():
+    # The default takes no wait for company (a lone robot would pay it on every request) and still
+    # batches the compatible requests that queued while the previous batch ran, in arrival order.
+    worker = ModelWorker(Path("unused.safetensors"), 1, BatchingConfig(), Metrics(), print, print)
+    assert worker.batching.max_wait_ms == 0
+
+    def pending(i: int, steps: int | None = None) -> PendingInfer:
+        request = Request("infer", i, options=InferOptions(num_inference_steps=steps))
+        return PendingInfer(request, {"x": np.zeros((1, 2))}, False, time.perf_counter(), print)
+
+    for i, steps in enumerate([None, None, 5, None]):
+        worker.submit(pending(i, steps))
+    assert [p.request.id for p in worker._next_batch()] == [0, 1, 3]
+    assert [p.request.id for p in worker._next_batch()] == [2]
+    assert worker._next_batch() == []
 
 
 def test_overloaded_queue_answers_instead_of_growing(models):
