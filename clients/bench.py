@@ -2,8 +2,9 @@
 
 K concurrent clients send N timed requests in total (after warm-up), closed loop (each client waits for
 its reply, then sends again) or open loop at a fixed rate per client. The observation is generated from
-the server's ``hello`` schema. Reports round trip, the server's own ``server_ms`` and the difference
-(transport + encoding overhead) as p50 / p90 / p99 / max; writes JSON and, with matplotlib, a CDF PNG.
+the server's ``hello`` schema. Reports round trip, the server's own ``server_ms`` (split into
+``queue_ms``, receipt to the batch's start, and ``infer_ms``) and the difference (transport + encoding
+overhead) as p50 / p90 / p99 / max; writes JSON and, with matplotlib, a CDF PNG.
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         errors.append(str(e))
                     continue
                 with lock:
-                    samples.append((result.round_trip_ms, result.server_timing["server_ms"]))
+                    timing = result.server_timing
+                    samples.append(
+                        (result.round_trip_ms, timing["server_ms"], timing["queue_ms"], timing["infer_ms"])
+                    )
                 if args.rate > 0:
                     time.sleep(max(0.0, next_send - time.perf_counter()))
 
@@ -115,7 +119,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "throughput_rps": len(samples) / elapsed if elapsed > 0 else 0.0,
         "round_trip_ms": summarize(round_trip),
         "server_ms": summarize(server),
-        "overhead_ms": summarize(r - s for r, s in samples),
+        "queue_ms": summarize(s[2] for s in samples),
+        "infer_ms": summarize(s[3] for s in samples),
+        "overhead_ms": summarize(s[0] - s[1] for s in samples),
         "samples_ms": {"round_trip": round_trip, "server": server},
     }
     return report
@@ -127,7 +133,7 @@ def print_report(report: dict[str, Any]) -> None:
     )
     print(f"{report['requests']} requests, {report['errors']} errors, {report['throughput_rps']:.1f} req/s")
     print(f"{'':14s}{'p50':>10s}{'p90':>10s}{'p99':>10s}{'max':>10s}   (ms)")
-    for name in ("round_trip_ms", "server_ms", "overhead_ms"):
+    for name in ("round_trip_ms", "server_ms", "queue_ms", "infer_ms", "overhead_ms"):
         p = report[name]
         if p["n"]:
             print(f"{name:14s}{p['p50']:10.3f}{p['p90']:10.3f}{p['p99']:10.3f}{p['max']:10.3f}")
