@@ -102,18 +102,21 @@ class LinearNormalizer:
     def keys(self) -> list[str]:
         return list(self.features)
 
-    def _affine(self, key: str) -> tuple[mx.array, mx.array]:
+    def affine(self, key: str) -> tuple[mx.array, mx.array]:
+        """(scale, offset) of ``key`` as MLX arrays: normalized = x * scale + offset."""
         if key not in self._mx_cache:
             f = self.features[key]
             self._mx_cache[key] = (mx.array(f.scale), mx.array(f.offset))
         return self._mx_cache[key]
 
-    def normalize(self, key: str, x: mx.array) -> mx.array:
-        scale, offset = self._affine(key)
+    def normalize(self, key: str, x: mx.array, affine: tuple[mx.array, mx.array] | None = None) -> mx.array:
+        """``affine`` (from ``affine(key)``) may be passed in: a compiled caller takes it as an input, so a
+        normalizer replaced after the first trace is still the one applied."""
+        scale, offset = affine if affine is not None else self.affine(key)
         return x * scale + offset
 
     def unnormalize(self, key: str, y: mx.array) -> mx.array:
-        scale, offset = self._affine(key)
+        scale, offset = self.affine(key)
         return (y - offset) / scale
 
     def to_tensors(self, prefix: str = "normalizer.") -> dict[str, np.ndarray]:

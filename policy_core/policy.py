@@ -116,19 +116,27 @@ class DiffusionUnetPolicy(nn.Module):
             raise ObservationError("batch size must be >= 1")
         return batch
 
-    def normalize_obs(self, obs: dict[str, Any]) -> list[mx.array]:
+    def normalize_obs(
+        self, obs: dict[str, Any], affines: list[tuple[mx.array, mx.array]] | None = None
+    ) -> list[mx.array]:
         """Normalized observations in ``shape_meta.obs`` order, cast to the model dtype.
 
-        Images may be uint8 in [0, 255] or float in [0, 1]; they are normalized per channel.
+        Images may be uint8 in [0, 255] or float in [0, 1]; they are normalized per channel. ``affines``
+        are the normalizer's (scale, offset) per key (``_obs_affines``), passed by the compiled
+        conditioning as inputs; by default they are read from the normalizer.
         """
+        affines = affines if affines is not None else self._obs_affines()
         out = []
-        for key, feat in self.config.obs.items():
+        for (key, feat), affine in zip(self.config.obs.items(), affines, strict=True):
             x = _as_mx(obs[key])
             if feat.is_image and x.dtype == mx.uint8:
                 x = x.astype(mx.float32) / 255.0
-            x = self.normalizer.normalize(key, x.astype(mx.float32))
+            x = self.normalizer.normalize(key, x.astype(mx.float32), affine)
             out.append(x.astype(self.dtype))
         return out
+
+    def _obs_affines(self) -> list[tuple[mx.array, mx.array]]:
+        return [self.normalizer.affine(key) for key in self.config.obs]
 
     def encode_obs(self, nobs: list[mx.array], random_crop: bool = False) -> mx.array:
         """Normalized (B, T, ...) observations -> global conditioning (B, T * feature_dim)."""
@@ -165,14 +173,21 @@ class DiffusionUnetPolicy(nn.Module):
         return stacked
 
     def _conditioning(
-        self, obs: list[mx.array], timesteps: mx.array, film_weight: mx.array, film_bias: mx.array
+        self,
+        obs: list[mx.array],
+        affines: list[tuple[mx.array, mx.array]],
+        timesteps: mx.array,
+        film_weight: mx.array,
+        film_bias: mx.array,
     ) -> mx.array:
         """Raw observations in ``shape_meta.obs`` order -> the FiLM rows of every step at once,
         (steps, B, sum of the blocks' m) float32: the stacked ``cond_encoder`` (``_film_linear``)
         applied to mish([step embedding, observation features]) of all (step, batch) pairs in one
-        product. Compiled with the normalisation, so a request's elementwise work is fused kernels."""
+        product. Compiled with the normalisation (``affines``), so a request's elementwise work is fused
+        kernels; what can change between calls is an input, never a constant of the trace."""
         unet = self.unet
-        global_cond = self.encode_obs(self.normalize_obs(dict(zip(self.config.obs, obs, strict=True))))
+        nobs = self.normalize_obs(dict(zip(self.config.obs, obs, strict=True)), affines)
+        global_cond = self.encode_obs(nobs)
         steps, batch = timesteps.shape[0], global_cond.shape[0]
         step_embedding = unet.encode_timesteps(timesteps).astype(global_cond.dtype)
         cond = mx.concatenate(
@@ -219,7 +234,9 @@ class DiffusionUnetPolicy(nn.Module):
         call per step on CPU; an unrolled 100-step trace took over a minute (benchmarks/NOTES.md).
         """
         scheduler = self._scheduler(kind, num_steps)
-        films = self._compiled["conditioning"](obs, mx.array(scheduler.timesteps), *self._film_linear())
+        films = self._compiled["conditioning"](
+            obs, self._obs_affines(), mx.array(scheduler.timesteps), *self._film_linear()
+        )
         coeffs = scheduler.coefficient_table()
         if self._cuda_sampler.supports(x.shape[0], x.shape[1]):
             try:

@@ -135,6 +135,20 @@ def test_compiled_sampler_sees_new_weights():
     assert mx.abs(after - ref).max().item() < 1e-3
 
 
+def test_compiled_conditioning_sees_a_replaced_normalizer():
+    # The normalisation is compiled with the encoder: its statistics must be inputs of the trace, not
+    # constants captured by the first call.
+    policy = tiny_policy(image=True)
+    obs = observation(policy, batch=1)
+    before = policy.predict_action(obs, seed=0)["action_pred"]
+    policy.normalizer = tiny_policy(image=True, seed=1).normalizer  # fitted on other data
+    after = policy.predict_action(obs, seed=0)["action_pred"]
+    x_init, step_noise = policy.sample_noise(1, policy.config.default_inference_steps, 0)
+    ref = _reference_sample(policy, obs, "ddim", policy.config.default_inference_steps, x_init, step_noise)
+    assert not mx.allclose(before, after).item()
+    assert mx.abs(after - ref).max().item() < 1e-3
+
+
 def test_explicit_noise_is_used_and_scheduler_switch_needs_no_reload():
     policy = tiny_policy(image=False)
     obs = observation(policy, batch=1)
