@@ -893,9 +893,9 @@ class CudaSampler:
         return self._programs[key]
 
     @staticmethod
-    def _dtype(program: _Program) -> mx.Dtype | None:
+    def _dtype(params: list[mx.array]) -> mx.Dtype | None:
         """The weights' one dtype, or None where they are mixed or of a type the kernel doesn't read."""
-        dtypes = {a.dtype for a in _params(program)}
+        dtypes = {a.dtype for a in params}
         return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _WEIGHT_TYPES else None
 
     def _kernel(self, program: _Program, dtype: mx.Dtype, scheduler, horizon: int):
@@ -931,7 +931,7 @@ class CudaSampler:
             return False
         program, _ = self._program(batch, horizon)
         return (
-            self._dtype(program) is not None
+            self._dtype(_params(program)) is not None
             and program.shared_bytes <= shared_bytes
             and program.max_group_rows <= MAX_GROUP_ROWS
         )
@@ -955,8 +955,8 @@ class CudaSampler:
         evaluated float32 trajectory."""
         batch, horizon, _ = x.shape
         program, table = self._program(batch, horizon)
-        kernel = self._kernel(program, self._dtype(program), scheduler, horizon)
         params = _params(program)
+        kernel = self._kernel(program, self._dtype(params), scheduler, horizon)
         blocks = sm_count()
         # One kernel in flight per process: two persistent grids sharing the SMs (a model warming up
         # during a hot swap while another serves) could each hold blocks the other's barrier waits for.

@@ -5,7 +5,7 @@ goes through a ResNet18-GN encoder, every ``low_dim`` key is used as is, and the
 concatenated in ``shape_meta.obs`` order and flattened over the ``n_obs_steps`` axis, as upstream.
 
 Inference is built for latency: the FiLM conditioning of every step is computed once per request in one
-product per block. On CUDA the whole denoising loop is then one persistent kernel (``cuda_sampler``, for
+product for all blocks. On CUDA the whole denoising loop is then one persistent kernel (``cuda_sampler``, for
 batches whose trajectory fits it); elsewhere the UNet runs in a form built for batch 1 (``unet_inference``
 on CPU and Metal, ``unet_cuda`` on CUDA beyond the kernel's batch sizes) in ``mx.compile``d chunks of up
 to ten denoising steps (MLX re-specialises them per batch size and dtype). A request costs one or two
@@ -174,20 +174,19 @@ class DiffusionUnetPolicy(nn.Module):
 
     def _conditioning(
         self,
-        obs: list[mx.array],
+        obs: dict[str, mx.array],
         affines: list[tuple[mx.array, mx.array]],
         timesteps: mx.array,
         film_weight: mx.array,
         film_bias: mx.array,
     ) -> mx.array:
-        """Raw observations in ``shape_meta.obs`` order -> the FiLM rows of every step at once,
+        """Raw observations -> the FiLM rows of every step at once,
         (steps, B, sum of the blocks' m) float32: the stacked ``cond_encoder`` (``_film_linear``)
         applied to mish([step embedding, observation features]) of all (step, batch) pairs in one
         product. Compiled with the normalisation (``affines``), so a request's elementwise work is fused
         kernels; what can change between calls is an input, never a constant of the trace."""
         unet = self.unet
-        nobs = self.normalize_obs(dict(zip(self.config.obs, obs, strict=True)), affines)
-        global_cond = self.encode_obs(nobs)
+        global_cond = self.encode_obs(self.normalize_obs(obs, affines))
         steps, batch = timesteps.shape[0], global_cond.shape[0]
         step_embedding = unet.encode_timesteps(timesteps).astype(global_cond.dtype)
         cond = mx.concatenate(
@@ -223,8 +222,8 @@ class DiffusionUnetPolicy(nn.Module):
             x = scheduler.update(model_output.astype(mx.float32), x, step_coeffs, step_noise[j])
         return x
 
-    def _sample(self, kind: str, num_steps: int, obs: list[mx.array], x: mx.array, step_noise: mx.array):
-        """Raw observations (``shape_meta.obs`` order) -> normalized action trajectory.
+    def _sample(self, kind: str, num_steps: int, obs: dict[str, mx.array], x: mx.array, step_noise: mx.array):
+        """Raw observations -> normalized action trajectory.
 
         The conditioning is one compiled call. On CUDA, where the shape fits, the whole denoising loop is
         then one persistent kernel (``cuda_sampler``). Elsewhere it runs in compiled chunks of up to
@@ -294,7 +293,7 @@ class DiffusionUnetPolicy(nn.Module):
         ):
             if tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
-        naction = self._sample(kind, steps, [_as_mx(obs[k]) for k in cfg.obs], x_init, noise_per_step)
+        naction = self._sample(kind, steps, {k: _as_mx(obs[k]) for k in cfg.obs}, x_init, noise_per_step)
         action_pred = self.normalizer.unnormalize("action", naction)
         start = cfg.n_obs_steps - 1
         action = action_pred[:, start : start + cfg.n_action_steps]

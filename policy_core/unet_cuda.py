@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from policy_core.unet import (
+    MODULE_OPS,
     ConditionalResidualBlock1D,
     ConditionalUnet1D,
     Conv1dBlock,
@@ -242,7 +243,7 @@ CUDA_OPS = TrunkOps(
     residual_block=_residual_block,
     conv_block=_block,
     conv=conv1d,
-    concat=lambda x, skip: mx.concatenate([x, skip], axis=-1),
+    concat=MODULE_OPS.concat,  # channels last, as the modules
 )
 
 

@@ -16,7 +16,7 @@ from helpers import observation, tiny_policy
 from mlx.utils import tree_flatten, tree_map
 
 from policy_core import cuda_sampler, unet_cuda
-from policy_core.cuda_sampler import HEADER_FIELDS, ROWSET_FIELDS, RS0, SOURCE_FIELDS, SRC0, _Program
+from policy_core.cuda_sampler import HEADER_FIELDS, ROWSET_FIELDS, RS0, SOURCE_FIELDS, SRC0, _params, _Program
 from policy_core.schedulers import SchedulerConfig, make_scheduler
 from policy_core.unet import ConditionalUnet1D
 
@@ -36,7 +36,7 @@ def _interpret(
     batch = program.batch
     ws = np.zeros(program.ws_size, np.float64)
     ws[: x.size] = x.ravel()
-    params = [np.array(getattr(module, attr), np.float64) for module, attr in program.refs]
+    params = [np.array(a, np.float64) for a in _params(program)]
 
     def view(slot: int, shape: tuple[int, ...]) -> np.ndarray:
         return ws[slot : slot + int(np.prod(shape))].reshape(shape)
@@ -136,7 +136,7 @@ def test_recorded_program_computes_one_denoising_step(
         for name, p in tree_flatten(unet.parameters())
         if "cond_encoder" not in name and "diffusion_step_encoder" not in name
     }
-    assert {id(getattr(module, attr)) for module, attr in program.refs} == trunk
+    assert {id(a) for a in _params(program)} == trunk
     assert len(program.refs) == len(trunk)
 
 
