@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -31,6 +32,8 @@ def environment_report() -> dict[str, str]:
         "memory_limit": f"{mx.get_memory_limit() / 2**30:.2f} GiB",
         "cpu_blas": blas_in_use(),
     }
+    if backend_name() == "CUDA":
+        report["cuda_graphs"] = os.environ.get("MLX_USE_CUDA_GRAPHS", "MLX default (on)")
     if backend_name() == "Metal":
         info = mx.metal.device_info()
         report["device_name"] = str(info.get("device_name", "?"))

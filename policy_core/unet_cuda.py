@@ -18,6 +18,8 @@ elsewhere the pure-MLX trunks serve.
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -32,6 +34,15 @@ from policy_core.unet import (
 )
 
 THREADS = 256
+
+
+def use_direct_launches() -> None:
+    """For a process that only serves requests: MLX's CUDA backend then launches kernels directly instead
+    of recording them into CUDA graphs. A request is a few dozen kernels and the persistent sampler, and
+    was 6-8% faster without graphs, while a train step was 6-9% slower (benchmarks/NOTES.md). MLX reads
+    the setting once, at its first GPU work: call this before. An explicit ``MLX_USE_CUDA_GRAPHS`` wins."""
+    os.environ.setdefault("MLX_USE_CUDA_GRAPHS", "0")
+
 
 _BLOCK_SUM = """
 __device__ __forceinline__ float block_sum(float v, float* scratch) {

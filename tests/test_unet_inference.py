@@ -100,3 +100,12 @@ def test_mlx_matmuls_run_on_numpys_openblas_when_a_compiler_exists():
         pytest.skip("no numpy-bundled OpenBLAS, no C compiler, or DPMLX_BLAS overrides the choice")
     assert blas.loaded_blas is not None and "libdpmlx_cblas_" in blas.loaded_blas
     assert blas.blas_in_use().startswith("OpenBLAS 0.3")
+
+
+def test_direct_launches_are_a_default_an_explicit_setting_overrides(monkeypatch):
+    monkeypatch.delenv("MLX_USE_CUDA_GRAPHS", raising=False)
+    unet_cuda.use_direct_launches()
+    assert os.environ["MLX_USE_CUDA_GRAPHS"] == "0"
+    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "1")
+    unet_cuda.use_direct_launches()
+    assert os.environ["MLX_USE_CUDA_GRAPHS"] == "1"
