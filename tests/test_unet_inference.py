@@ -102,48 +102,6 @@ def test_mlx_matmuls_run_on_numpys_openblas_when_a_compiler_exists():
     assert blas.blas_in_use().startswith("OpenBLAS 0.3")
 
 
-@pytest.mark.parametrize("few", [1, 3, 4, 5, 8, 9, 16])
-def test_shim_kernel_for_few_vectors_equals_numpy_in_every_layout(few):
-    """The shim's own kernel takes matrix-times-at-most-16-vectors products in both orientations, with
-    either operand transposed, and addmm's alpha and beta; K = 301 leaves a tail after the 8-wide loop."""
-    if blas.skinny_threads() == 0:
-        pytest.skip("the BLAS shim is not loaded or was built without OpenMP: OpenBLAS takes every product")
-    rng = np.random.default_rng(few)
-    big = rng.standard_normal((515, 301), dtype=np.float32)
-    small = rng.standard_normal((301, few), dtype=np.float32)
-    bias = rng.standard_normal((515, few), dtype=np.float32)
-    exact = big.astype(np.float64) @ small.astype(np.float64)
-    # Transposed views reach BLAS as transpose flags, not copies.
-    cases = {
-        "A @ B": mx.array(big) @ mx.array(small),
-        "A @ B given as B^T": mx.array(big) @ mx.array(np.ascontiguousarray(small.T)).T,
-        "(B^T A^T)^T": (mx.array(np.ascontiguousarray(small.T)) @ mx.array(big).T).T,
-        "(B^T A^T)^T, B^T given as B": (mx.array(small).T @ mx.array(big).T).T,
-        "addmm": mx.addmm(mx.array(bias), mx.array(big), mx.array(small), alpha=0.5, beta=2.0),
-    }
-    before = blas.skinny_calls()
-    for name, product in cases.items():
-        expected = 0.5 * exact + 2.0 * bias if name == "addmm" else exact
-        np.testing.assert_allclose(np.array(product), expected, rtol=1e-5, atol=1e-4, err_msg=name)
-    assert blas.skinny_calls() - before == len(cases)  # none of them went to OpenBLAS
-    wide = mx.array(big) @ mx.array(rng.standard_normal((301, 17), dtype=np.float32))
-    mx.eval(wide)
-    assert blas.skinny_calls() - before == len(cases)  # 17 vectors: OpenBLAS's
-
-
-def test_shim_build_falls_back_to_the_next_flags_and_caches(monkeypatch, tmp_path):
-    openblas = blas.numpy_openblas()
-    if openblas is None or shutil.which("cc") is None:
-        pytest.skip("no numpy-bundled OpenBLAS or no C compiler")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(blas, "SHIM_FLAGS", (("-fno-such-flag",), ("-O2",)))
-    built = blas.build_shim(openblas)
-    assert built is not None and built.parent == tmp_path / "dpmlx"
-    assert [p.name for p in built.parent.iterdir()] == [built.name]  # the failed build left nothing
-    stamp = built.stat().st_mtime_ns
-    assert blas.build_shim(openblas) == built and built.stat().st_mtime_ns == stamp  # cached, not rebuilt
-
-
 def test_direct_launches_are_a_default_an_explicit_setting_overrides(monkeypatch):
     monkeypatch.delenv("MLX_USE_CUDA_GRAPHS", raising=False)
     unet_cuda.use_direct_launches()
