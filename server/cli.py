@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-wait-ms",
         type=float,
-        default=0.0,
-        help="how long a batch's first request waits for others (0: batch only what queued meanwhile)",
+        default=2.0,
+        help="how long a batch's first request waits for others, only while other clients are active "
+        "(a lone client never waits; 0: batch only what queued meanwhile)",
     )
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--max-message-mb", type=float, default=16.0)

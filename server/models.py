@@ -36,10 +36,11 @@ SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "shipped" / "pusht_keypoi
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch: int = 8  # rows per executed batch (a single larger request runs alone)
-    # How long the first request of a batch waits for company. 0: it runs as soon as the worker is free,
-    # with whatever queued while the previous batch ran (a lone robot pays no wait: ~2 ms a request at
-    # 2.0, measured; on a GPU a lowdim request is ~4-5 ms).
-    max_wait_ms: float = 0.0
+    # How long the first request of a batch waits for company, and only while company is expected: after
+    # a batch of several requests, or one during which others queued. A lone robot never waits (2 ms is
+    # ~40% of a GPU lowdim request); synchronised robots are gathered into one batch (4 closed-loop
+    # clients on the CPU took 561 ms a round trip when nobody waited, 344 ms with the wait).
+    max_wait_ms: float = 2.0
     max_queue: int = 64  # queued requests per model before `overloaded`
     dtype: str | None = None  # weight dtype override for loaded checkpoints
 
@@ -112,6 +113,7 @@ class ModelWorker(threading.Thread):
         # Guards the decision to exit against a concurrent submit, so no accepted request is orphaned.
         self._submit_lock = threading.Lock()
         self._closed = False
+        self._company_expected = False  # see BatchingConfig.max_wait_ms
         self.policy = None
 
     # ---- called from other threads ----
@@ -185,7 +187,8 @@ class ModelWorker(threading.Thread):
         if first is None:
             return []
         batch, rows, key = [first], first.rows, first.request.options.batch_key()
-        deadline = time.perf_counter() + self.batching.max_wait_ms / 1e3
+        wait_ms = self.batching.max_wait_ms if self._company_expected else 0.0
+        deadline = time.perf_counter() + wait_ms / 1e3
         skipped: list[PendingInfer] = []
         while rows < self.batching.max_batch:
             nxt = self._take(timeout=deadline - time.perf_counter())
@@ -198,6 +201,11 @@ class ModelWorker(threading.Thread):
                 skipped.append(nxt)
         self._deferred.extendleft(reversed(skipped))  # keep arrival order for the next batch
         return batch
+
+    def _note_batch(self, batch: list[PendingInfer]) -> None:
+        """After a batch's inference: other clients are active if it held several requests or others
+        queued while it ran."""
+        self._company_expected = len(batch) > 1 or self.depth() > 0
 
     def _execute(self, batch: list[PendingInfer]) -> None:
         import mlx.core as mx
@@ -228,6 +236,7 @@ class ModelWorker(threading.Thread):
                 obs, scheduler=kind, num_inference_steps=steps, noise=x_init, step_noise=step_noise
             )
             action_pred = np.array(out["action_pred"])[:rows]
+            self._note_batch(batch)  # before the replies: a lone client's next request is not company
         except Exception as e:  # report to every request of the batch; keep serving
             log.exception("inference failed")
             # Inputs were validated before queuing; an observation error here means the schema changed.

@@ -229,21 +229,41 @@ def test_not_ready_before_a_model_is_loaded(models):
         client.close()
 
 
-def test_worker_batches_what_queued_while_busy_without_waiting_for_more():
-    # The default takes no wait for company (a lone robot would pay it on every request) and still
-    # batches the compatible requests that queued while the previous batch ran, in arrival order.
+def _pending(i: int, steps: int | None = None) -> PendingInfer:
+    request = Request("infer", i, options=InferOptions(num_inference_steps=steps))
+    return PendingInfer(request, {"x": np.zeros((1, 2))}, False, time.perf_counter(), print)
+
+
+def test_worker_batches_what_queued_in_arrival_order():
     worker = ModelWorker(Path("unused.safetensors"), 1, BatchingConfig(), Metrics(), print, print)
-    assert worker.batching.max_wait_ms == 0
-
-    def pending(i: int, steps: int | None = None) -> PendingInfer:
-        request = Request("infer", i, options=InferOptions(num_inference_steps=steps))
-        return PendingInfer(request, {"x": np.zeros((1, 2))}, False, time.perf_counter(), print)
-
     for i, steps in enumerate([None, None, 5, None]):
-        worker.submit(pending(i, steps))
+        worker.submit(_pending(i, steps))
     assert [p.request.id for p in worker._next_batch()] == [0, 1, 3]
     assert [p.request.id for p in worker._next_batch()] == [2]
     assert worker._next_batch() == []
+
+
+def test_worker_waits_for_company_only_while_other_clients_are_active():
+    wait = 0.3
+    worker = ModelWorker(
+        Path("unused.safetensors"), 1, BatchingConfig(max_wait_ms=wait * 1e3), Metrics(), print, print
+    )
+
+    def lone_request_seconds(submit: bool = True) -> float:
+        if submit:
+            worker.submit(_pending(0))
+        start = time.perf_counter()
+        assert len(worker._next_batch()) == 1
+        return time.perf_counter() - start
+
+    assert lone_request_seconds() < wait / 3  # a lone robot: no wait
+    worker._note_batch([_pending(1), _pending(2)])  # a batch of two: others are active
+    assert lone_request_seconds() >= wait * 0.9
+    worker._note_batch([_pending(3)])  # alone again, nothing queued meanwhile
+    assert lone_request_seconds() < wait / 3
+    worker.submit(_pending(4))
+    worker._note_batch([_pending(5)])  # alone, but request 4 queued while it ran
+    assert lone_request_seconds(submit=False) >= wait * 0.9
 
 
 def test_overloaded_queue_answers_instead_of_growing(models):
