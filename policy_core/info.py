@@ -33,7 +33,8 @@ def environment_report() -> dict[str, str]:
         "cpu_blas": blas_in_use(),
     }
     if backend_name() == "CUDA":
-        report["cuda_graphs"] = os.environ.get("MLX_USE_CUDA_GRAPHS", "MLX default (on)")
+        # The variable as this process sees it; dpmlx serve sets 0 unless it is set.
+        report["MLX_USE_CUDA_GRAPHS"] = os.environ.get("MLX_USE_CUDA_GRAPHS", "unset (MLX: graphs on)")
     if backend_name() == "Metal":
         info = mx.metal.device_info()
         report["device_name"] = str(info.get("device_name", "?"))

@@ -39,7 +39,7 @@ THREADS = 256
 def use_direct_launches() -> None:
     """For a process that only serves requests: MLX's CUDA backend then launches kernels directly instead
     of recording them into CUDA graphs. A request is a few dozen kernels and the persistent sampler; in
-    bf16 it was 6-8% faster without graphs on an H200, a train step 6-9% slower (benchmarks/NOTES.md).
+    bf16 it was 6-8% faster without graphs on an H200, a train step 6-11% slower (benchmarks/NOTES.md).
     MLX reads the setting once, at its first GPU work: call this before. An explicit
     ``MLX_USE_CUDA_GRAPHS`` wins."""
     os.environ.setdefault("MLX_USE_CUDA_GRAPHS", "0")

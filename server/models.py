@@ -36,10 +36,10 @@ SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "shipped" / "pusht_keypoi
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch: int = 8  # rows per executed batch (a single larger request runs alone)
-    # How long the first request of a batch waits for company, and only while company is expected: after
-    # a batch of several requests, or one during which others queued. A lone robot never waits (2 ms is
+    # How long the first request of a batch may wait for company, and only for the company the last batch
+    # had: its requests plus those waiting when its inference finished. A lone robot never waits (2 ms is
     # ~40% of a GPU lowdim request); synchronised robots are gathered into one batch (4 closed-loop
-    # clients on the CPU took 561 ms a round trip when nobody waited, 344 ms with the wait).
+    # clients on the CPU took 561 ms a round trip when nobody waited, 346 ms with this rule).
     max_wait_ms: float = 2.0
     max_queue: int = 64  # queued requests per model before `overloaded`
     dtype: str | None = None  # weight dtype override for loaded checkpoints
@@ -113,7 +113,7 @@ class ModelWorker(threading.Thread):
         # Guards the decision to exit against a concurrent submit, so no accepted request is orphaned.
         self._submit_lock = threading.Lock()
         self._closed = False
-        self._company_expected = False  # see BatchingConfig.max_wait_ms
+        self._expected_requests = 1  # see BatchingConfig.max_wait_ms
         self.policy = None
 
     # ---- called from other threads ----
@@ -187,11 +187,12 @@ class ModelWorker(threading.Thread):
         if first is None:
             return []
         batch, rows, key = [first], first.rows, first.request.options.batch_key()
-        wait_ms = self.batching.max_wait_ms if self._company_expected else 0.0
-        deadline = time.perf_counter() + wait_ms / 1e3
+        deadline = time.perf_counter() + self.batching.max_wait_ms / 1e3
         skipped: list[PendingInfer] = []
         while rows < self.batching.max_batch:
-            nxt = self._take(timeout=deadline - time.perf_counter())
+            # Wait only while fewer requests are here than last time; else take only what already queued.
+            waiting = len(batch) + len(skipped) < self._expected_requests
+            nxt = self._take(timeout=deadline - time.perf_counter() if waiting else 0)
             if nxt is None:
                 break
             if nxt.request.options.batch_key() == key and rows + nxt.rows <= self.batching.max_batch:
@@ -203,9 +204,9 @@ class ModelWorker(threading.Thread):
         return batch
 
     def _note_batch(self, batch: list[PendingInfer]) -> None:
-        """After a batch's inference: other clients are active if it held several requests or others
-        queued while it ran."""
-        self._company_expected = len(batch) > 1 or self.depth() > 0
+        """After a batch's inference, before its replies (a lone client's next request is not company):
+        how many requests the next batch may wait to gather."""
+        self._expected_requests = len(batch) + self.depth()
 
     def _execute(self, batch: list[PendingInfer]) -> None:
         import mlx.core as mx
@@ -236,9 +237,10 @@ class ModelWorker(threading.Thread):
                 obs, scheduler=kind, num_inference_steps=steps, noise=x_init, step_noise=step_noise
             )
             action_pred = np.array(out["action_pred"])[:rows]
-            self._note_batch(batch)  # before the replies: a lone client's next request is not company
+            self._note_batch(batch)
         except Exception as e:  # report to every request of the batch; keep serving
             log.exception("inference failed")
+            self._note_batch(batch)
             # Inputs were validated before queuing; an observation error here means the schema changed.
             code = ErrorCode.SCHEMA_MISMATCH if isinstance(e, ObservationError) else ErrorCode.INTERNAL
             for p in batch:

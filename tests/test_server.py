@@ -14,7 +14,7 @@ from proto.codec import pack
 from proto.messages import PROTOCOL_VERSION, InferOptions, Request
 from server.app import ServeConfig
 from server.metrics import Metrics
-from server.models import BatchingConfig, ModelWorker, PendingInfer
+from server.models import BatchingConfig, ModelInfo, ModelWorker, PendingInfer
 
 
 @pytest.fixture(scope="module")
@@ -243,27 +243,49 @@ def test_worker_batches_what_queued_in_arrival_order():
     assert worker._next_batch() == []
 
 
-def test_worker_waits_for_company_only_while_other_clients_are_active():
+def test_worker_waits_only_for_the_company_the_last_batch_had():
     wait = 0.3
-    worker = ModelWorker(
-        Path("unused.safetensors"), 1, BatchingConfig(max_wait_ms=wait * 1e3), Metrics(), print, print
-    )
+    batching = BatchingConfig(max_wait_ms=wait * 1e3)
+    worker = ModelWorker(Path("unused.safetensors"), 1, batching, Metrics(), print, print)
 
-    def lone_request_seconds(submit: bool = True) -> float:
-        if submit:
-            worker.submit(_pending(0))
+    def batch_seconds(requests: int) -> float:
+        for i in range(requests):
+            worker.submit(_pending(i))
         start = time.perf_counter()
-        assert len(worker._next_batch()) == 1
+        assert len(worker._next_batch()) == requests
         return time.perf_counter() - start
 
-    assert lone_request_seconds() < wait / 3  # a lone robot: no wait
-    worker._note_batch([_pending(1), _pending(2)])  # a batch of two: others are active
-    assert lone_request_seconds() >= wait * 0.9
-    worker._note_batch([_pending(3)])  # alone again, nothing queued meanwhile
-    assert lone_request_seconds() < wait / 3
+    assert batch_seconds(1) < wait / 3  # a lone robot: no wait
+    worker._note_batch([_pending(1), _pending(2)])  # the last batch had two requests
+    assert batch_seconds(2) < wait / 3  # both here: no wait either
+    assert batch_seconds(1) >= wait * 0.9  # one missing: waited for it
+    worker._note_batch([_pending(3)])  # alone again, nobody waiting when it finished
+    assert batch_seconds(1) < wait / 3
     worker.submit(_pending(4))
-    worker._note_batch([_pending(5)])  # alone, but request 4 queued while it ran
-    assert lone_request_seconds(submit=False) >= wait * 0.9
+    worker._note_batch([_pending(5)])  # alone, but request 4 was waiting: two clients
+    start = time.perf_counter()
+    assert [p.request.id for p in worker._next_batch()] == [4]
+    assert time.perf_counter() - start >= wait * 0.9
+
+
+def test_worker_counts_its_company_before_replying():
+    # A lone client sends its next request as soon as it has the reply: that request is not company.
+    worker = ModelWorker(Path("unused.safetensors"), 1, BatchingConfig(), Metrics(), print, print)
+    worker.policy = tiny_policy(image=False)
+    worker.info = ModelInfo("tiny", 1, "0" * 64, "unused.safetensors", {})
+    obs = observation(worker.policy, batch=1)
+
+    def pending(i: int, reply=print) -> PendingInfer:
+        return PendingInfer(
+            Request("infer", i, options=InferOptions()), obs, True, time.perf_counter(), reply
+        )
+
+    replies = []
+    worker._execute([pending(0, lambda reply: (replies.append(reply), worker.submit(pending(1))))])
+    assert replies[0]["ok"] and worker.depth() == 1
+    assert worker._expected_requests == 1
+    worker._execute([pending(2), pending(3)])  # two requests, and request 1 waiting
+    assert worker._expected_requests == 3
 
 
 def test_overloaded_queue_answers_instead_of_growing(models):
