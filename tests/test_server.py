@@ -1,3 +1,5 @@
+import argparse
+import os
 import threading
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ from server_helpers import RawClient, http, running_server, wait_for
 from policy_core import load_policy, save_policy
 from proto.codec import pack
 from proto.messages import PROTOCOL_VERSION, InferOptions, Request
+from server import app, cli
 from server.app import ServeConfig
 from server.metrics import Metrics
 from server.models import BatchingConfig, ModelInfo, ModelWorker, PendingInfer
@@ -440,3 +443,26 @@ def test_watch_folder_hot_loads_new_checkpoints(models, tmp_path):
         save_policy(load_policy(models / "v2.safetensors"), watch / "latest.safetensors")  # atomic replace
         assert wait_for(lambda: srv.manager.active.info.sha256 != first, 120)
         assert srv.manager.active.version == 2
+
+
+def test_serve_launches_mlx_kernels_directly_unless_told_otherwise(monkeypatch):
+    class Started(Exception):
+        pass
+
+    seen = []
+
+    def record_environment(config):
+        seen.append(os.environ.get("MLX_USE_CUDA_GRAPHS"))
+        raise Started  # the environment is what matters; no server is started
+
+    monkeypatch.setattr(app, "Server", record_environment)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    for setting in (None, "1"):
+        if setting is None:
+            monkeypatch.delenv("MLX_USE_CUDA_GRAPHS", raising=False)
+        else:
+            monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", setting)
+        with pytest.raises(Started):
+            app.serve_main(parser.parse_args([]))
+    assert seen == ["0", "1"]
