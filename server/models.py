@@ -37,9 +37,10 @@ SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "shipped" / "pusht_keypoi
 class BatchingConfig:
     max_batch: int = 8  # rows per executed batch (a single larger request runs alone)
     # How long the first request of a batch may wait for company, and only for the company the last batch
-    # had: its requests plus those waiting when its inference finished. A lone robot never waits (2 ms is
-    # ~40% of a GPU lowdim request); synchronised robots are gathered into one batch (4 closed-loop
-    # clients on the CPU took 561 ms a round trip when nobody waited, 346 ms with this rule).
+    # of the same options had: its requests plus those waiting when its inference finished (an upper bound
+    # where some of those asked with other options). A lone robot never waits (2 ms is ~40% of a GPU
+    # lowdim request); synchronised robots are gathered into one batch (4 closed-loop clients on the CPU
+    # took 561 ms a round trip when nobody waited, 346 ms with this rule).
     max_wait_ms: float = 2.0
     max_queue: int = 64  # queued requests per model before `overloaded`
     dtype: str | None = None  # weight dtype override for loaded checkpoints
@@ -113,7 +114,8 @@ class ModelWorker(threading.Thread):
         # Guards the decision to exit against a concurrent submit, so no accepted request is orphaned.
         self._submit_lock = threading.Lock()
         self._closed = False
-        self._expected_requests = 1  # see BatchingConfig.max_wait_ms
+        # (batch key, requests) the last batch saw: see BatchingConfig.max_wait_ms.
+        self._company: tuple[tuple, int] = ((), 1)
         self.policy = None
 
     # ---- called from other threads ----
@@ -187,11 +189,13 @@ class ModelWorker(threading.Thread):
         if first is None:
             return []
         batch, rows, key = [first], first.rows, first.request.options.batch_key()
+        company_key, company = self._company
+        expected = company if key == company_key else 1  # requests of other options can't join it
         deadline = time.perf_counter() + self.batching.max_wait_ms / 1e3
         skipped: list[PendingInfer] = []
         while rows < self.batching.max_batch:
             # Wait only while fewer requests are here than last time; else take only what already queued.
-            waiting = len(batch) + len(skipped) < self._expected_requests
+            waiting = len(batch) < expected
             nxt = self._take(timeout=deadline - time.perf_counter() if waiting else 0)
             if nxt is None:
                 break
@@ -206,7 +210,7 @@ class ModelWorker(threading.Thread):
     def _note_batch(self, batch: list[PendingInfer]) -> None:
         """After a batch's inference, before its replies (a lone client's next request is not company):
         how many requests the next batch may wait to gather."""
-        self._expected_requests = len(batch) + self.depth()
+        self._company = (batch[0].request.options.batch_key(), len(batch) + self.depth())
 
     def _execute(self, batch: list[PendingInfer]) -> None:
         import mlx.core as mx

@@ -269,6 +269,11 @@ def test_worker_waits_only_for_the_company_the_last_batch_had():
     start = time.perf_counter()
     assert [p.request.id for p in worker._next_batch()] == [4]
     assert time.perf_counter() - start >= wait * 0.9
+    worker._note_batch([_pending(6), _pending(7)])
+    worker.submit(_pending(8, steps=5))  # other options than the last batch's: nobody can join it
+    start = time.perf_counter()
+    assert [p.request.id for p in worker._next_batch()] == [8]
+    assert time.perf_counter() - start < wait / 3
 
 
 def test_worker_counts_its_company_before_replying():
@@ -286,9 +291,9 @@ def test_worker_counts_its_company_before_replying():
     replies = []
     worker._execute([pending(0, lambda reply: (replies.append(reply), worker.submit(pending(1))))])
     assert replies[0]["ok"] and worker.depth() == 1
-    assert worker._expected_requests == 1
+    assert worker._company[1] == 1
     worker._execute([pending(2), pending(3)])  # two requests, and request 1 waiting
-    assert worker._expected_requests == 3
+    assert worker._company[1] == 3
 
 
 def test_overloaded_queue_answers_instead_of_growing(models):
