@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-wait-ms",
         type=float,
         default=2.0,
-        help="how long a batch's first request waits for others, only while other clients are active "
-        "(a lone client never waits; 0: batch only what queued meanwhile)",
+        help="how long a batch's first request may wait for as many requests as the last batch of the "
+        "same options saw (a lone client never waits; 0: batch only what queued meanwhile)",
     )
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--max-message-mb", type=float, default=16.0)
