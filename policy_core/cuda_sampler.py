@@ -11,9 +11,10 @@ with a grid-wide barrier between them. A phase
 2. computes the output rows of one or two convolutions (a Conv1dBlock's and the residual 1x1's share
    the input), rows spread round-robin over the blocks and each streamed once for every output
    position by one warp (or by several, splitting its input channels, where a block has fewer rows
-   than warps), the next phase's biases, GroupNorm vectors and (where they take at most half the L2)
-   rows already on their way to L2. The last convolution's rows apply the scheduler's update to the
-   trajectory.
+   than warps). Before the grid barrier each warp loads its first slice of the next phase's first
+   row into registers (weights don't wait for the previous phase), and starts the next phase's
+   biases, GroupNorm vectors and (where they take at most half the L2) rows on their way to L2. The
+   last convolution's rows apply the scheduler's update to the trajectory.
 
 Activations and arithmetic are float32 whatever the weights' dtype. The program is recorded by running
 ``ConditionalUnet1D.forward_film`` with symbolic tensors (the topology is written once, there);
@@ -299,21 +300,41 @@ __device__ __forceinline__ float as_float(float v) { return v; }
 __device__ __forceinline__ float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float as_float(__half v) { return __half2float(v); }
 
-template <int VEC>
-__device__ __forceinline__ void load_weights(const WT* p, float* w) {
-  if constexpr (VEC == 1) {
-    w[0] = as_float(p[0]);
-  } else if constexpr (sizeof(WT) == 4) {
-    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
-  } else {
-    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-    const WT* h = reinterpret_cast<const WT*>(&u);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) w[e] = as_float(h[e]);
+// A lane's slice of one tap of a weight row, VEC weights as loaded: 16-bit weights stay packed two to a
+// register until used, which halves the registers that hold a slice of every tap.
+constexpr int SLICE_WORDS = sizeof(WT) == 2 ? 4 : 8;
+
+struct Slice {
+  unsigned int bits[SLICE_WORDS];
+
+  template <int VEC>
+  static constexpr bool packed() { return VEC == 8 && sizeof(WT) == 2; }
+
+  template <int VEC>
+  __device__ __forceinline__ void load(const WT* p) {
+    if constexpr (VEC == 1) {
+      bits[0] = __float_as_uint(as_float(__ldg(p)));
+    } else if constexpr (packed<VEC>()) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+      bits[0] = u.x; bits[1] = u.y; bits[2] = u.z; bits[3] = u.w;
+    } else {
+      const uint4 a = __ldg(reinterpret_cast<const uint4*>(p));
+      const uint4 b = __ldg(reinterpret_cast<const uint4*>(p) + 1);
+      bits[0] = a.x; bits[1] = a.y; bits[2] = a.z; bits[3] = a.w;
+      bits[4] = b.x; bits[5] = b.y; bits[6] = b.z; bits[7] = b.w;
+    }
   }
-}
+
+  template <int VEC>
+  __device__ __forceinline__ float get(int e) const {
+    if constexpr (!packed<VEC>()) {
+      return __uint_as_float(bits[e]);
+    } else {
+      const unsigned short h = e % 2 ? bits[e / 2] >> 16 : bits[e / 2] & 0xffffu;
+      return as_float(*reinterpret_cast<const WT*>(&h));
+    }
+  }
+};
 
 template <int VEC>
 __device__ __forceinline__ void load_staged(const float* p, float* x) {
@@ -360,19 +381,29 @@ struct Ctx {
   int step;
 };
 
+// The first slice of every tap of output channel o that this lane reads (see conv_products), loaded
+// ahead: for the next phase's first row before the grid barrier, so that the weights' latency overlaps
+// the barrier and the staging (on most small layers a lane's whole share of a row is this one slice).
+template <int K, int VEC>
+__device__ __forceinline__ void conv_first_slice(
+    const int* rs, int o, int cin, const Ctx& cx, int split, Slice (&wv)[KMAX]) {
+  const WT* w = cx.p[rs[R_W]] + (size_t)o * K * cin;
+  const int c = (split * 32 + (threadIdx.x & 31)) * VEC;
+  if (c >= cin) return;
+#pragma unroll
+  for (int j = 0; j < K; ++j) wv[j].template load<VEC>(w + j * cin + c);
+}
+
 // Output channel o of a (transposed) convolution, every batch * output position, over the input
 // channels of one split: each lane strides over them VEC at a time holding that slice of every tap's
-// weights, and slides over the staged input positions. Leaves the
+// weights (the first slice loaded ahead, in wv), and slides over the staged input positions. Leaves the
 // lane's partial sums in acc. Position arithmetic is compile-time after unrolling.
 template <int K, int S, int P, bool TR, int VEC>
 __device__ __forceinline__ void conv_products(
     const int* rs, int o, int cin, int lin, const float* xs, const Ctx& cx, int split, int splits,
-    float (&acc)[BATCH][HORIZON]) {
+    Slice (&wv)[KMAX], float (&acc)[BATCH][HORIZON]) {
   const WT* w = cx.p[rs[R_W]] + (size_t)o * K * cin;
-  for (int c = (split * 32 + (threadIdx.x & 31)) * VEC; c < cin; c += 32 * VEC * splits) {
-    float wv[K][VEC];
-#pragma unroll
-    for (int j = 0; j < K; ++j) load_weights<VEC>(w + j * cin + c, wv[j]);
+  for (int c = (split * 32 + (threadIdx.x & 31)) * VEC; c < cin;) {
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) {
 #pragma unroll
@@ -393,10 +424,14 @@ __device__ __forceinline__ void conv_products(
           // Columns t >= lout collect stray products and are never written out.
           if (t < 0 || t >= HORIZON) continue;
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[b][t] = fmaf(wv[j][e], xv[e], acc[b][t]);
+          for (int e = 0; e < VEC; ++e) acc[b][t] = fmaf(wv[j].template get<VEC>(e), xv[e], acc[b][t]);
         }
       }
     }
+    c += 32 * VEC * splits;
+    if (c >= cin) break;
+#pragma unroll
+    for (int j = 0; j < K; ++j) wv[j].template load<VEC>(w + j * cin + c);
   }
 }
 
@@ -461,6 +496,38 @@ __device__ __forceinline__ void warp_sum_all(float (&acc)[BATCH][HORIZON]) {
   for (int b = 0; b < BATCH; ++b)
 #pragma unroll
     for (int t = 0; t < HORIZON; ++t) acc[b][t] = warp_sum(acc[b][t]);
+}
+
+// How a phase's rows are shared out. Rows go round-robin over the blocks. A block with fewer rows than
+// warps splits each row's input channels over `splits` warps, whose sums meet in shared memory: every
+// SM streams weights. With splits > 1 a warp takes at most one row, so rounds == 1 and the block meets
+// at one __syncthreads.
+struct Share {
+  int rows0, rows, per_block, splits, rounds;
+};
+
+__device__ __forceinline__ Share share_rows(const int* rec) {
+  Share sh;
+  sh.rows0 = rec[RS0 + R_OUT];
+  sh.rows = sh.rows0 + (rec[F_NROWSETS] > 1 ? rec[RS0 + ROWSET_FIELDS + R_OUT] : 0);
+  sh.per_block = (sh.rows + gridDim.x - 1) / gridDim.x;
+  sh.splits = 1;
+  while (sh.splits * 2 * sh.per_block <= WARPS) sh.splits *= 2;
+  sh.rounds = (sh.per_block * sh.splits + WARPS - 1) / WARPS;
+  return sh;
+}
+
+// A warp's row in one round: its row set and output channel, if it has one.
+struct Task {
+  bool has_row;
+  const int* rs;
+  int o;
+};
+
+__device__ __forceinline__ Task task(const int* rec, const Share& sh, int round, int warp) {
+  const int j = round * (WARPS / sh.splits) + warp / sh.splits, row = blockIdx.x + j * gridDim.x;
+  return {j < sh.per_block && row < sh.rows, rec + RS0 + (row < sh.rows0 ? 0 : ROWSET_FIELDS),
+          row < sh.rows0 ? row : row - sh.rows0};
 }
 
 __device__ __forceinline__ void prefetch_vector(const void* p, int bytes, int tid, int threads) {
@@ -570,7 +637,7 @@ __device__ __forceinline__ void store(float* p, const float* v) {
 // rows' raw values and residuals at once (registers), then stores GroupNorm + mish + FiLM + residual.
 template <int W>
 __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
-  constexpr int UNROLL = 8;
+  constexpr int UNROLL = 4;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int len = rec[F_LEN], cin = rec[F_CIN], nsrc = rec[F_NSRC], rows = BATCH * len;
   // GroupNorm statistics from the producer's per-row (mean, M2): Chan et al.'s pairwise combination.
@@ -636,17 +703,18 @@ __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
     float* copy = src[S_MAT] >= 0 ? cx.ws + src[S_MAT] : nullptr;
     for (int q = threadIdx.x % q_threads; q < quads; q += q_threads) {
       const int c = q * W;
-      float scale[W], shift[W], mean[BATCH][W], rstd[BATCH][W], fscale[BATCH][W], fshift[BATCH][W];
+      // GroupNorm's affine folded per sample: mish(x * gain + offset) * fscale + fshift.
+      float gain[BATCH][W], offset_[BATCH][W], fscale[BATCH][W], fshift[BATCH][W];
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        scale[k] = as_float(__ldg(cx.p[src[S_GAMMA]] + c + k));
-        shift[k] = as_float(__ldg(cx.p[src[S_BETA]] + c + k));
+        const float scale = as_float(__ldg(cx.p[src[S_GAMMA]] + c + k));
+        const float shift = as_float(__ldg(cx.p[src[S_BETA]] + c + k));
 #pragma unroll
         for (int b = 0; b < BATCH; ++b) {
           const float* st = stats + ((i * BATCH + b) * GMAX + (c + k) / cg) * 2;
           const float* film = cx.films + ((size_t)cx.step * BATCH + b) * FILM_WIDTH + src[S_FILM_OFF];
-          mean[b][k] = st[0];
-          rstd[b][k] = st[1];
+          gain[b][k] = st[1] * scale;
+          offset_[b][k] = shift - st[0] * gain[b][k];
           fscale[b][k] = film_mode == 1 ? __ldg(film + c + k) : 1.f;
           const float* shift_at = film_mode == 1 ? film + ch + c + k : film + c + k;
           fshift[b][k] = film_mode ? __ldg(shift_at) : 0.f;
@@ -672,7 +740,7 @@ __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
             if (bl / len != b) continue;
 #pragma unroll
             for (int k = 0; k < W; ++k) {
-              const float y = mish((x[u][k] - mean[b][k]) * rstd[b][k] * scale[k] + shift[k]);
+              const float y = mish(fmaf(x[u][k], gain[b][k], offset_[b][k]));
               v[k] = y * fscale[b][k] + fshift[b][k] + (residual ? r[u][k] : 0.f);
             }
           }
@@ -707,6 +775,8 @@ PARAMS_TO_SHARED
   if (blockIdx.x == 0)
     for (int i = threadIdx.x; i < BATCH * HORIZON * ADIM; i += THREADS) ws[i] = x_init[i];
   prefetch_phase(records, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
+  Slice wv[KMAX];  // this warp's first slice of its next row's weights, loaded ahead
+  first_slice(records, cx, warp, wv);
   if (!grid_barrier(sync, &ok, generation)) return;
   const int steps = coeffs_shape[0];
   for (int step = 0; step < steps; ++step) {
@@ -715,28 +785,18 @@ PARAMS_TO_SHARED
       const int* rec = records + phase * REC;
       if (rec[F_STAGE_W] == 4) stage<4>(rec, cx, xs, stats);
       else stage<1>(rec, cx, xs, stats);
-      const int rows0 = rec[RS0 + R_OUT];
-      const int rows = rows0 + (rec[F_NROWSETS] > 1 ? rec[RS0 + ROWSET_FIELDS + R_OUT] : 0);
       const int cin = rec[F_CIN], len = rec[F_LEN];
-      // Rows go round-robin over the blocks. A block with fewer rows than warps splits each row's input
-      // channels over `splits` warps, whose sums meet in shared memory: every SM streams weights. With
-      // splits > 1 a warp takes at most one row, so rounds == 1 and the block meets at one __syncthreads.
-      const int per_block = (rows + gridDim.x - 1) / gridDim.x;
-      int splits = 1;
-      while (splits * 2 * per_block <= WARPS) splits *= 2;
-      const int split = warp % splits, lead = warp - split;
-      const int rounds = (per_block * splits + WARPS - 1) / WARPS;
-      for (int round = 0; round < rounds; ++round) {
-        const int j = round * (WARPS / splits) + warp / splits, row = blockIdx.x + j * gridDim.x;
-        const bool has_row = j < per_block && row < rows;
-        const int* rs = rec + RS0 + (row < rows0 ? 0 : ROWSET_FIELDS);
-        const int o = row < rows0 ? row : row - rows0;
+      const Share sh = share_rows(rec);
+      const int splits = sh.splits, split = warp % splits, lead = warp - split;
+      for (int round = 0; round < sh.rounds; ++round) {
+        const auto [has_row, rs, o] = task(rec, sh, round, warp);
         float mine[COLS_PER_LANE] = {};
         float bias = 0.f;
         if (has_row) {
           bias = as_float(cx.p[rs[R_B]][o]);
+          if (round > 0) row_first_slice(rs, o, cin, cx, split, wv);
           float acc[BATCH][HORIZON] = {};
-          row_products(rs, o, cin, len, xs, cx, split, splits, acc);
+          row_products(rs, o, cin, len, xs, cx, split, splits, wv, acc);
           warp_sum_all(acc);
           own_columns(acc, mine, lane);
         }
@@ -756,7 +816,10 @@ PARAMS_TO_SHARED
         if (has_row && split == 0) finish_row(rs, o, bias, mine, cx, lane);
       }
       const int next = phase + 1 < NPHASES ? phase + 1 : (step + 1 < steps ? 0 : -1);
-      if (next >= 0) prefetch_phase(records + next * REC, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
+      if (next >= 0) {
+        prefetch_phase(records + next * REC, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
+        first_slice(records + next * REC, cx, warp, wv);
+      }
       if (!grid_barrier(sync, &ok, generation)) return;
     }
   }
@@ -817,6 +880,7 @@ def _header(
         "HORIZON": horizon,
         "ADIM": program.x.channels,
         "GMAX": program.max_groups,
+        "KMAX": max(variant[0] for variant in program.variants),
         "MAX_GROUP_ROWS": MAX_GROUP_ROWS,
         "FILM_WIDTH": program.film_width,
         "STAGE_FLOATS": program.stage_floats,
@@ -845,17 +909,30 @@ def _header(
 
 
 def _row_products(program: _Program) -> str:
-    """The program's convolution variants, dispatched by a row set's VARIANT field."""
-    cases = []
+    """The program's convolution variants, dispatched by a row set's VARIANT field: a row's first
+    weight slice, and its products."""
+    slices, products = [], []
     for variant, index in program.variants.items():
         k, s, p, transposed, vec = variant
         args = f"{k}, {s}, {p}, {'true' if transposed else 'false'}, {vec}"
-        call = f"conv_products<{args}>(rs, o, cin, lin, xs, cx, split, splits, acc)"
-        cases.append(f"    case {index}: {call}; break;")
+        slices.append(f"    case {index}: conv_first_slice<{k}, {vec}>(rs, o, cin, cx, split, wv); break;")
+        call = f"conv_products<{args}>(rs, o, cin, lin, xs, cx, split, splits, wv, acc)"
+        products.append(f"    case {index}: {call}; break;")
     return (
+        "__device__ __forceinline__ void row_first_slice(const int* rs, int o, int cin, const Ctx& cx, "
+        "int split, Slice (&wv)[KMAX]) {\n"
+        "  switch (rs[R_VARIANT]) {\n" + "\n".join(slices) + "\n  }\n}\n"
         "__device__ __forceinline__ void row_products(const int* rs, int o, int cin, int lin, "
-        "const float* xs, const Ctx& cx, int split, int splits, float (&acc)[BATCH][HORIZON]) {\n"
-        "  switch (rs[R_VARIANT]) {\n" + "\n".join(cases) + "\n  }\n}\n"
+        "const float* xs, const Ctx& cx, int split, int splits, Slice (&wv)[KMAX], "
+        "float (&acc)[BATCH][HORIZON]) {\n"
+        "  switch (rs[R_VARIANT]) {\n" + "\n".join(products) + "\n  }\n}\n"
+        "// Loads this warp's first slice of its first row of a phase.\n"
+        "__device__ __forceinline__ void first_slice(const int* rec, const Ctx& cx, int warp, "
+        "Slice (&wv)[KMAX]) {\n"
+        "  const Share sh = share_rows(rec);\n"
+        "  const Task t = task(rec, sh, 0, warp);\n"
+        "  if (t.has_row) row_first_slice(t.rs, t.o, rec[F_CIN], cx, warp % sh.splits, wv);\n"
+        "}\n"
     )
 
 
