@@ -5,7 +5,8 @@ goes through a ResNet18-GN encoder, every ``low_dim`` key is used as is, and the
 concatenated in ``shape_meta.obs`` order and flattened over the ``n_obs_steps`` axis, as upstream.
 
 Inference is built for latency: the FiLM conditioning of every step is computed once per request in one
-product for all blocks. On CUDA the whole denoising loop is then one persistent kernel (``cuda_sampler``, for
+product for all blocks (on CUDA with the image trunks in ``vision_cuda``'s two kernels per convolution).
+On CUDA the whole denoising loop is then one persistent kernel (``cuda_sampler``, for
 batches whose trajectory fits it); elsewhere the UNet runs in a form built for batch 1 (``unet_inference``
 on CPU and Metal, ``unet_cuda`` on CUDA beyond the kernel's batch sizes) in ``mx.compile``d chunks of up
 to ten denoising steps (MLX re-specialises them per batch size and dtype). A request costs one or two
@@ -24,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from policy_core import unet_cuda, unet_inference
+from policy_core import unet_cuda, unet_inference, vision_cuda
 from policy_core.config import PolicyConfig
 from policy_core.cuda_sampler import CudaSampler, KernelAborted
 from policy_core.normalizer import LinearNormalizer
@@ -138,14 +139,24 @@ class DiffusionUnetPolicy(nn.Module):
     def _obs_affines(self) -> list[tuple[mx.array, mx.array]]:
         return [self.normalizer.affine(key) for key in self.config.obs]
 
-    def encode_obs(self, nobs: list[mx.array], random_crop: bool = False) -> mx.array:
-        """Normalized (B, T, ...) observations -> global conditioning (B, T * feature_dim)."""
+    def encode_obs(
+        self, nobs: list[mx.array], random_crop: bool = False, inference: bool = False
+    ) -> mx.array:
+        """Normalized (B, T, ...) observations -> global conditioning (B, T * feature_dim).
+
+        ``inference`` runs the image trunks in their inference form where the device has one (CUDA:
+        ``vision_cuda``, the same results without gradients)."""
         features = []
         for (key, feat), x in zip(self.config.obs.items(), nobs, strict=True):
             batch, steps = x.shape[:2]
             if feat.is_image:
-                y = self._encoder_for(key)(x.reshape(batch * steps, *x.shape[2:]), random_crop)
-                x = y.reshape(batch, steps, -1)
+                encoder = self._encoder_for(key)
+                images = encoder.crop(x.reshape(batch * steps, *x.shape[2:]), random_crop)
+                if inference and vision_cuda.supports(encoder.trunk):
+                    maps = vision_cuda.trunk(encoder.trunk, images)
+                else:
+                    maps = encoder.trunk(images)
+                x = encoder.head(maps).reshape(batch, steps, -1)
             features.append(x)
         return mx.concatenate(features, axis=-1).reshape(batch, -1)
 
@@ -186,7 +197,7 @@ class DiffusionUnetPolicy(nn.Module):
         product. Compiled with the normalisation (``affines``), so a request's elementwise work is fused
         kernels; what can change between calls is an input, never a constant of the trace."""
         unet = self.unet
-        global_cond = self.encode_obs(self.normalize_obs(obs, affines))
+        global_cond = self.encode_obs(self.normalize_obs(obs, affines), inference=True)
         steps, batch = timesteps.shape[0], global_cond.shape[0]
         step_embedding = unet.encode_timesteps(timesteps).astype(global_cond.dtype)
         cond = mx.concatenate(

@@ -45,7 +45,7 @@ def use_direct_launches() -> None:
     os.environ.setdefault("MLX_USE_CUDA_GRAPHS", "0")
 
 
-_BLOCK_SUM = """
+BLOCK_SUM = """
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffff, v, offset);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -141,7 +141,7 @@ def available() -> bool:
 
 def _kernel(name: str, inputs: list[str], source: str, header: str = ""):
     # MLX caches the compiled kernel by name and template arguments only: whatever the header fixes
-    # must be in the name (and every input must have the dtype T, see _same_dtype).
+    # must be in the name (and every input must have the dtype T, see same_dtype).
     key = (name, header)
     if key not in _kernels:
         _kernels[key] = mx.fast.cuda_kernel(
@@ -150,7 +150,7 @@ def _kernel(name: str, inputs: list[str], source: str, header: str = ""):
     return _kernels[key]
 
 
-def _same_dtype(dtype: mx.Dtype, *arrays: mx.array | None) -> list[mx.array | None]:
+def same_dtype(dtype: mx.Dtype, *arrays: mx.array | None) -> list[mx.array | None]:
     """The kernels are compiled per T only, so every input is given in T (a no-op for a uniform model)."""
     return [a if a is None or a.dtype == dtype else a.astype(dtype) for a in arrays]
 
@@ -170,7 +170,7 @@ def sum_taps(
     batch, length, channels, kernel = z.shape
     out_length = conv_output_length(length, kernel, stride, padding, transposed)
     size = batch * out_length * channels
-    (bias,) = _same_dtype(z.dtype, bias)
+    (bias,) = same_dtype(z.dtype, bias)
     return _kernel("dpmlx_sum_taps", ["z", "bias"], _TAPS_SOURCE)(
         inputs=[z, bias],
         template=[
@@ -204,8 +204,8 @@ def norm_taps(
     """
     batch, length, channels, kernel = z.shape
     film_mode = 0 if film is None else (1 if film.shape[-1] == 2 * channels else 2)
-    bias, gamma, beta, film, residual = _same_dtype(z.dtype, bias, norm.weight, norm.bias, film, residual)
-    header = f"#define EPS {norm.eps!r}\n#define THREADS {THREADS}\n{_BLOCK_SUM}"
+    bias, gamma, beta, film, residual = same_dtype(z.dtype, bias, norm.weight, norm.bias, film, residual)
+    header = f"#define EPS {norm.eps!r}\n#define THREADS {THREADS}\n{BLOCK_SUM}"
     inputs = ["z", "bias", "gamma", "beta", "film", "res"]
     eps_tag = f"{norm.eps:.3e}".replace(".", "_").replace("-", "m").replace("+", "p")
     kernel_fn = _kernel(f"dpmlx_taps_group_norm_mish_film_eps{eps_tag}", inputs, _NORM_SOURCE, header)

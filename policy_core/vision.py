@@ -189,7 +189,10 @@ class RgbEncoder(nn.Module):
         ``random_crop`` is explicit rather than read from ``self.training`` so inference can never crop
         randomly by accident; the policy passes True only from its training loss.
         """
-        features = self.trunk(self.crop(images, random_crop))
+        return self.head(self.trunk(self.crop(images, random_crop)))
+
+    def head(self, features: mx.array) -> mx.array:
+        """The trunk's feature maps (N, h, w, 512) -> (N, output_dim)."""
         if self.pool == "avg":
             return features.mean(axis=(1, 2))
         return nn.relu(self.out(self.spatial_softmax(features)))

@@ -2,8 +2,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
+from policy_core import vision_cuda
 from policy_core.vision import ResNet18Trunk, RgbEncoder, SpatialSoftmax
 
 
@@ -123,3 +124,52 @@ def test_trunk_is_module_with_torchvision_names():
     assert "layer2.0.downsample.0.weight" in names
     assert "layer4.1.bn2.bias" in names
     assert not any("layer1.0.downsample" in k for k in names)
+
+
+def _randomized_norms(trunk: ResNet18Trunk) -> ResNet18Trunk:
+    # Non-trivial GroupNorm affines, so a swapped gamma/beta or group would show.
+    norms = [
+        (
+            name,
+            mx.random.uniform(0.5, 1.5, v.shape)
+            if name.endswith("weight")
+            else 0.1 * mx.random.normal(v.shape),
+        )
+        for name, v in tree_flatten(trunk.parameters())
+        if v.ndim == 1
+    ]
+    trunk.update(tree_unflatten(norms))
+    return trunk
+
+
+@pytest.mark.parametrize("shape", [(2, 84, 84, 3), (1, 45, 37, 3)])
+def test_cuda_trunk_equals_the_module_trunk(shape):
+    if not vision_cuda.supports(ResNet18Trunk()):
+        pytest.skip("needs MLX's CUDA backend (CI has no GPU)")
+    mx.random.seed(0)
+    trunk = _randomized_norms(ResNet18Trunk())
+    x = mx.random.normal(shape)
+    ref = trunk(x)
+    out = mx.compile(lambda x: vision_cuda.trunk(trunk, x))(x)  # as the conditioning runs it
+    assert out.shape == ref.shape
+    assert mx.abs(out - ref).max().item() < 1e-4 * max(1.0, mx.abs(ref).max().item())
+
+
+def test_cuda_trunk_in_bfloat16_tracks_float32():
+    if not vision_cuda.supports(ResNet18Trunk()):
+        pytest.skip("needs MLX's CUDA backend (CI has no GPU)")
+    mx.random.seed(1)
+    trunk = _randomized_norms(ResNet18Trunk())
+    x = mx.random.normal((2, 84, 84, 3))
+    ref = trunk(x)
+    trunk.set_dtype(mx.bfloat16)
+    out = vision_cuda.trunk(trunk, x.astype(mx.bfloat16))
+    module = trunk(x.astype(mx.bfloat16))
+    assert out.dtype == mx.bfloat16
+    # No worse than the module trunk in bfloat16.
+    err = mx.abs(out.astype(mx.float32) - ref).mean().item()
+    assert err <= 1.5 * mx.abs(module.astype(mx.float32) - ref).mean().item() + 1e-3
+
+
+def test_cuda_trunk_leaves_frozen_batchnorm_trunks_to_the_modules():
+    assert not vision_cuda.supports(ResNet18Trunk(norm="batch"))
