@@ -139,7 +139,8 @@ def available() -> bool:
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
-def _kernel(name: str, inputs: list[str], source: str, header: str = ""):
+def cached_kernel(name: str, inputs: list[str], source: str, header: str = ""):
+    """A one-output ``mx.fast.cuda_kernel``, made once per (name, header)."""
     # MLX caches the compiled kernel by name and template arguments only: whatever the header fixes
     # must be in the name (and every input must have the dtype T, see same_dtype).
     key = (name, header)
@@ -148,6 +149,11 @@ def _kernel(name: str, inputs: list[str], source: str, header: str = ""):
             name=name, input_names=inputs, output_names=["out"], source=source, header=header
         )
     return _kernels[key]
+
+
+def eps_tag(eps: float) -> str:
+    """A GroupNorm epsilon as it can appear in a kernel's name."""
+    return f"{eps:.3e}".replace(".", "_").replace("-", "m").replace("+", "p")
 
 
 def same_dtype(dtype: mx.Dtype, *arrays: mx.array | None) -> list[mx.array | None]:
@@ -171,7 +177,7 @@ def sum_taps(
     out_length = conv_output_length(length, kernel, stride, padding, transposed)
     size = batch * out_length * channels
     (bias,) = same_dtype(z.dtype, bias)
-    return _kernel("dpmlx_sum_taps", ["z", "bias"], _TAPS_SOURCE)(
+    return cached_kernel("dpmlx_sum_taps", ["z", "bias"], _TAPS_SOURCE)(
         inputs=[z, bias],
         template=[
             ("T", z.dtype),
@@ -207,8 +213,8 @@ def norm_taps(
     bias, gamma, beta, film, residual = same_dtype(z.dtype, bias, norm.weight, norm.bias, film, residual)
     header = f"#define EPS {norm.eps!r}\n#define THREADS {THREADS}\n{BLOCK_SUM}"
     inputs = ["z", "bias", "gamma", "beta", "film", "res"]
-    eps_tag = f"{norm.eps:.3e}".replace(".", "_").replace("-", "m").replace("+", "p")
-    kernel_fn = _kernel(f"dpmlx_taps_group_norm_mish_film_eps{eps_tag}", inputs, _NORM_SOURCE, header)
+    name = f"dpmlx_taps_group_norm_mish_film_eps{eps_tag(norm.eps)}"
+    kernel_fn = cached_kernel(name, inputs, _NORM_SOURCE, header)
     return kernel_fn(
         inputs=[
             z,

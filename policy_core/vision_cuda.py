@@ -76,35 +76,14 @@ _NORM2D_SOURCE = """
   }
 """
 
-_kernels: dict[str, object] = {}
-
 
 def supports(trunk: ResNet18Trunk) -> bool:
     """Whether this trunk can run here in this form: a CUDA device and GroupNorm (not frozen BatchNorm)."""
     return unet_cuda.available() and isinstance(trunk.bn1, nn.GroupNorm)
 
 
-def _norm_kernel(eps: float, threads: int):
-    # MLX caches a kernel by name and template arguments: what the header fixes goes in the name.
-    name = (
-        f"dpmlx_taps2d_group_norm_eps{eps:.3e}_t{threads}".replace(".", "_")
-        .replace("-", "m")
-        .replace("+", "p")
-    )
-    if name not in _kernels:
-        header = f"#define EPS {eps!r}\n#define THREADS {threads}\n{unet_cuda.BLOCK_SUM}"
-        _kernels[name] = mx.fast.cuda_kernel(
-            name=name,
-            input_names=["z", "gamma", "beta", "res"],
-            output_names=["out"],
-            source=_NORM2D_SOURCE,
-            header=header,
-        )
-    return _kernels[name]
-
-
 def taps2d(x: mx.array, weight: mx.array) -> mx.array:
-    """Every tap's contribution of a convolution at each input pixel: (B, H, W, in) -> (B, H, W, out, k k)."""
+    """Each tap's contribution at every input pixel: (B, H, W, in) -> (B, H, W, out, kh * kw)."""
     batch, height, width, in_channels = x.shape
     out_channels, kh, kw, _ = weight.shape
     z = x.reshape(-1, in_channels) @ weight.reshape(out_channels * kh * kw, in_channels).T
@@ -113,7 +92,7 @@ def taps2d(x: mx.array, weight: mx.array) -> mx.array:
 
 def norm_taps2d(
     z: mx.array,
-    kernel: tuple[int, int],
+    kernel_size: tuple[int, int],
     stride: int,
     padding: int,
     norm: nn.GroupNorm,
@@ -122,13 +101,16 @@ def norm_taps2d(
 ) -> mx.array:
     """[ReLU](GroupNorm(the convolution summed from its taps ``z``) [+ residual]), float32 arithmetic."""
     batch, height, width, channels, _ = z.shape
-    kh, kw = kernel
+    kh, kw = kernel_size
     out_h = (height + 2 * padding - kh) // stride + 1
     out_w = (width + 2 * padding - kw) // stride + 1
     values = out_h * out_w * channels // norm.num_groups
     threads = 256 if values <= 256 * 32 else 512
     gamma, beta, residual = unet_cuda.same_dtype(z.dtype, norm.weight, norm.bias, residual)
-    return _norm_kernel(norm.eps, threads)(
+    header = f"#define EPS {norm.eps!r}\n#define THREADS {threads}\n{unet_cuda.BLOCK_SUM}"
+    name = f"dpmlx_taps2d_group_norm_eps{unet_cuda.eps_tag(norm.eps)}_threads{threads}"
+    kernel = unet_cuda.cached_kernel(name, ["z", "gamma", "beta", "res"], _NORM2D_SOURCE, header)
+    return kernel(
         # An unused input is never read (RES 0): pass any array rather than make one.
         inputs=[z, gamma, beta, gamma if residual is None else residual],
         template=[
