@@ -142,7 +142,8 @@ def _randomized_norms(trunk: ResNet18Trunk) -> ResNet18Trunk:
     return trunk
 
 
-@pytest.mark.parametrize("shape", [(2, 84, 84, 3), (1, 45, 37, 3)])
+# 96x96: 9216 values per group after the stem, the 512-thread kernel that keeps them in registers.
+@pytest.mark.parametrize("shape", [(2, 84, 84, 3), (1, 45, 37, 3), (1, 96, 96, 3)])
 def test_cuda_trunk_equals_the_module_trunk(shape):
     if not vision_cuda.supports(ResNet18Trunk()):
         pytest.skip("needs MLX's CUDA backend (CI has no GPU)")
@@ -171,5 +172,7 @@ def test_cuda_trunk_in_bfloat16_tracks_float32():
     assert err <= 1.5 * mx.abs(module.astype(mx.float32) - ref).mean().item() + 1e-3
 
 
-def test_cuda_trunk_leaves_frozen_batchnorm_trunks_to_the_modules():
+def test_cuda_trunk_serves_groupnorm_trunks_and_leaves_frozen_batchnorm_to_the_modules(monkeypatch):
+    monkeypatch.setattr(vision_cuda.unet_cuda, "available", lambda: True)  # as on a CUDA device
+    assert vision_cuda.supports(ResNet18Trunk(norm="group"))
     assert not vision_cuda.supports(ResNet18Trunk(norm="batch"))
