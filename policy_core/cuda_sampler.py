@@ -308,7 +308,7 @@ struct Slice {
   unsigned int bits[SLICE_WORDS];
 
   template <int VEC>
-  static constexpr bool packed() { return VEC == 8 && sizeof(WT) == 2; }
+  __device__ static constexpr bool packed() { return VEC == 8 && sizeof(WT) == 2; }
 
   template <int VEC>
   __device__ __forceinline__ void load(const WT* p) {
