@@ -151,12 +151,10 @@ class DiffusionUnetPolicy(nn.Module):
             batch, steps = x.shape[:2]
             if feat.is_image:
                 encoder = self._encoder_for(key)
-                images = encoder.crop(x.reshape(batch * steps, *x.shape[2:]), random_crop)
-                if inference and vision_cuda.supports(encoder.trunk):
-                    maps = vision_cuda.trunk(encoder.trunk, images)
-                else:
-                    maps = encoder.trunk(images)
-                x = encoder.head(maps).reshape(batch, steps, -1)
+                fast = inference and vision_cuda.supports(encoder.trunk)
+                trunk = partial(vision_cuda.trunk, encoder.trunk) if fast else None
+                y = encoder(x.reshape(batch * steps, *x.shape[2:]), random_crop, trunk)
+                x = y.reshape(batch, steps, -1)
             features.append(x)
         return mx.concatenate(features, axis=-1).reshape(batch, -1)
 

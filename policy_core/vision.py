@@ -9,6 +9,7 @@ reference weights map 1:1 (conv weights transposed to (out, kh, kw, in)).
 """
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -183,16 +184,20 @@ class RgbEncoder(nn.Module):
             return images
         return (_random_crop if random_crop else _center_crop)(images, *self.crop_shape)
 
-    def __call__(self, images: mx.array, random_crop: bool = False) -> mx.array:
+    def __call__(
+        self,
+        images: mx.array,
+        random_crop: bool = False,
+        trunk: Callable[[mx.array], mx.array] | None = None,
+    ) -> mx.array:
         """images: (N, H, W, C) float, already normalized (the policy's normalizer maps pixels to [-1, 1]).
 
         ``random_crop`` is explicit rather than read from ``self.training`` so inference can never crop
-        randomly by accident; the policy passes True only from its training loss.
+        randomly by accident; the policy passes True only from its training loss. ``trunk`` replaces
+        ``self.trunk`` with another form of it (the policy's inference conditioning passes
+        ``vision_cuda``'s on CUDA).
         """
-        return self.head(self.trunk(self.crop(images, random_crop)))
-
-    def head(self, features: mx.array) -> mx.array:
-        """The trunk's feature maps (N, h, w, 512) -> (N, output_dim)."""
+        features = (trunk or self.trunk)(self.crop(images, random_crop))
         if self.pool == "avg":
             return features.mean(axis=(1, 2))
         return nn.relu(self.out(self.spatial_softmax(features)))

@@ -269,3 +269,29 @@ def test_config_errors_name_the_field(change, match):
 
     with pytest.raises(ConfigError, match=match):
         build_policy(tiny_config(image=True, **change))
+
+
+def test_inference_conditioning_runs_image_trunks_in_their_cuda_form_where_supported(monkeypatch):
+    from policy_core import vision_cuda
+
+    policy = tiny_policy(image=True)
+    nobs = policy.normalize_obs(observation(policy, batch=2))
+    calls = []
+
+    def cuda_trunk(module, images):  # stands in for the kernels: records, then computes as the modules
+        calls.append(images.shape)
+        return module(images)
+
+    monkeypatch.setattr(vision_cuda, "supports", lambda trunk: True)  # as on a CUDA device
+    monkeypatch.setattr(vision_cuda, "trunk", cuda_trunk)
+    training = policy.encode_obs(nobs)
+    assert calls == []  # training and the default path keep the modules (gradients)
+    inference = policy.encode_obs(nobs, inference=True)
+    assert calls and all(shape[0] == 2 * policy.config.n_obs_steps for shape in calls)
+    assert mx.array_equal(inference, training)
+    # The inference conditioning asks for it.
+    calls.clear()
+    sched = policy._scheduler("ddim", 2)
+    obs = {k: mx.array(v) for k, v in observation(policy, batch=2).items()}
+    policy._conditioning(obs, policy._obs_affines(), mx.array(sched.timesteps), *policy._film_linear())
+    assert calls
