@@ -4,12 +4,13 @@ One class serves low-dimensional (state/keypoint) and image (+ state) observatio
 goes through a ResNet18-GN encoder, every ``low_dim`` key is used as is, and the per-step features are
 concatenated in ``shape_meta.obs`` order and flattened over the ``n_obs_steps`` axis, as upstream.
 
-Inference is built for latency: the FiLM conditioning of every step is computed once per request in one
-product for all blocks (on CUDA with the image trunks in ``vision_cuda``'s two kernels per convolution).
+Inference is built for latency: the FiLM conditioning's step part is computed once per schedule and its
+observation part once per request, in one product for all blocks (on CUDA with the image trunks in
+``vision_cuda``'s two kernels per convolution).
 On CUDA the whole denoising loop is then one persistent kernel (``cuda_sampler``, for
 batches whose trajectory fits it); elsewhere the UNet runs in a form built for batch 1 (``unet_inference``
 on CPU and Metal, ``unet_cuda`` on CUDA beyond the kernel's batch sizes) in ``mx.compile``d chunks of up
-to ten denoising steps (MLX re-specialises them per batch size and dtype). A request costs one or two
+to ten denoising steps (MLX re-specialises them per batch size and dtype). A request costs one
 ``mx.eval``.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import secrets
 import warnings
+from collections.abc import Callable
 from functools import partial
 from itertools import accumulate
 from typing import Any
@@ -36,6 +38,8 @@ from policy_core.vision import RgbEncoder
 MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 STEPS_PER_CALL = 10
 """Denoising steps per compiled call: longer chunks trace longer, shorter ones pay more host overhead."""
+FILM_SCHEDULES_CACHED = 8
+"""Schedules (sampler, steps) whose FiLM step rows are kept (up to ~0.1 MB a step for the image UNet)."""
 
 
 class ObservationError(ValueError):
@@ -77,13 +81,15 @@ class DiffusionUnetPolicy(nn.Module):
         self.noise_scheduler = make_scheduler("ddpm", config.noise_scheduler)
         # Set past Module.__setattr__ so these stay out of the module's state tree (a compile input).
         # The parameters are compile inputs, so a weight update (EMA copy, hot load) is seen.
-        compiled = {"conditioning": mx.compile(self._conditioning, inputs=[self.state])}
+        # The conditioning's inputs are the encoders' arrays only: flattening the whole state on every
+        # call cost a request ~0.1 ms of host time (the FiLM tables are arguments).
+        compiled = {"conditioning": mx.compile(self._conditioning, inputs=[self.rgb_encoders])}
         for kind in ("ddim", "ddpm"):
             compiled[kind] = mx.compile(partial(self._denoising_steps, kind), inputs=[self.state])
         object.__setattr__(self, "_compiled", compiled)
         object.__setattr__(self, "_cuda_sampler", CudaSampler(self.unet))
         object.__setattr__(self, "_schedulers", {})
-        object.__setattr__(self, "_film_cache", ((), ()))
+        object.__setattr__(self, "_film_cache", ((), None, {}))
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -168,44 +174,52 @@ class DiffusionUnetPolicy(nn.Module):
             self._schedulers[key] = scheduler
         return self._schedulers[key]
 
-    def _film_linear(self) -> tuple[mx.array, mx.array]:
-        """Every residual block's ``cond_encoder`` stacked into one (weight, bias): a request's FiLM rows
-        are one product, not one per block. Rebuilt when a block's arrays are replaced (updates and
-        loads swap a module's arrays, they never write into them)."""
-        layers = [blk.cond_encoder for blk in self.unet.residual_blocks()]
-        arrays = [a for layer in layers for a in (layer["weight"], layer["bias"])]
-        cached, stacked = self._film_cache
+    def _film_tables(self, kind: str, num_steps: int) -> tuple[mx.array, mx.array]:
+        """Every residual block's ``cond_encoder`` (a Linear of [step embedding, observation features])
+        split in two: ``step_rows`` (steps, sum of the blocks' m) float32, the step columns applied to
+        the schedule's step embeddings plus the biases, and ``obs_weight`` (sum m, global_cond_dim), the
+        observation columns stacked. The step part is the same for every request of a schedule, so it is
+        computed once per schedule and weights; a request multiplies its features by ``obs_weight``
+        (one product for all blocks). Rebuilt when a block's or the step encoder's arrays are replaced
+        (updates and loads swap a module's arrays, they never write into them)."""
+        unet = self.unet
+        layers = [blk.cond_encoder for blk in unet.residual_blocks()]
+        linears = (*layers, *unet.diffusion_step_encoder)
+        arrays = [a for layer in linears for a in (layer["weight"], layer["bias"])]
+        cached, obs_weight, step_rows = self._film_cache
         if len(cached) != len(arrays) or any(a is not b for a, b in zip(cached, arrays, strict=True)):
-            stacked = (mx.concatenate(arrays[0::2]), mx.concatenate(arrays[1::2]))
-            mx.eval(stacked)
-            object.__setattr__(self, "_film_cache", (arrays, stacked))
-        return stacked
+            weight = mx.concatenate([layer["weight"] for layer in layers])
+            obs_weight = mx.contiguous(weight[:, unet.step_embed_dim :])
+            mx.eval(obs_weight)
+            step_rows = {}
+            object.__setattr__(self, "_film_cache", (arrays, obs_weight, step_rows))
+        key = (kind, num_steps)
+        if key not in step_rows:
+            if len(step_rows) >= FILM_SCHEDULES_CACHED:
+                del step_rows[next(iter(step_rows))]  # the oldest schedule
+            weight = mx.concatenate([layer["weight"][:, : unet.step_embed_dim] for layer in layers])
+            bias = mx.concatenate([layer["bias"] for layer in layers])
+            embedding = unet.encode_timesteps(mx.array(self._scheduler(kind, num_steps).timesteps))
+            f32 = mx.float32
+            step_rows[key] = mx.addmm(bias.astype(f32), mish(embedding).astype(f32), weight.astype(f32).T)
+            mx.eval(step_rows[key])
+        return step_rows[key], obs_weight
 
     def _conditioning(
         self,
         obs: dict[str, mx.array],
         affines: list[tuple[mx.array, mx.array]],
-        timesteps: mx.array,
-        film_weight: mx.array,
-        film_bias: mx.array,
+        step_rows: mx.array,
+        obs_weight: mx.array,
     ) -> mx.array:
-        """Raw observations -> the FiLM rows of every step at once,
-        (steps, B, sum of the blocks' m) float32: the stacked ``cond_encoder`` (``_film_linear``)
-        applied to mish([step embedding, observation features]) of all (step, batch) pairs in one
-        product. Compiled with the normalisation (``affines``), so a request's elementwise work is fused
-        kernels; what can change between calls is an input, never a constant of the trace."""
-        unet = self.unet
+        """Raw observations -> the FiLM rows of every step at once, (steps, B, sum of the blocks' m)
+        float32: ``step_rows`` (``_film_tables``) plus the observation features' part, mish(features)
+        times ``obs_weight``, one product for every block. Compiled with the normalisation
+        (``affines``), so a request's elementwise work is fused kernels; what can change between calls
+        is an input, never a constant of the trace."""
         global_cond = self.encode_obs(self.normalize_obs(obs, affines), inference=True)
-        steps, batch = timesteps.shape[0], global_cond.shape[0]
-        step_embedding = unet.encode_timesteps(timesteps).astype(global_cond.dtype)
-        cond = mx.concatenate(
-            [
-                mx.broadcast_to(step_embedding[:, None], (steps, batch, step_embedding.shape[-1])),
-                mx.broadcast_to(global_cond[None], (steps, batch, global_cond.shape[-1])),
-            ],
-            axis=-1,
-        )
-        return mx.addmm(film_bias, mish(cond), film_weight.T).astype(mx.float32)
+        obs_rows = (mish(global_cond) @ obs_weight.T).astype(mx.float32)
+        return step_rows[:, None] + obs_rows[None]
 
     def _denoising_steps(
         self,
@@ -231,8 +245,17 @@ class DiffusionUnetPolicy(nn.Module):
             x = scheduler.update(model_output.astype(mx.float32), x, step_coeffs, step_noise[j])
         return x
 
-    def _sample(self, kind: str, num_steps: int, obs: dict[str, mx.array], x: mx.array, step_noise: mx.array):
-        """Raw observations -> normalized action trajectory.
+    def _sample(
+        self,
+        kind: str,
+        num_steps: int,
+        obs: dict[str, mx.array],
+        x: mx.array,
+        step_noise: mx.array,
+        finish: Callable[[mx.array], list[mx.array]],
+    ) -> list[mx.array]:
+        """Raw observations -> ``finish`` of the normalized action trajectory, evaluated (one evaluation
+        for the sampler and the caller's post-processing).
 
         The conditioning is one compiled call. On CUDA, where the shape fits, the whole denoising loop is
         then one persistent kernel (``cuda_sampler``). Elsewhere it runs in compiled chunks of up to
@@ -242,19 +265,19 @@ class DiffusionUnetPolicy(nn.Module):
         call per step on CPU; an unrolled 100-step trace took over a minute (benchmarks/NOTES.md).
         """
         scheduler = self._scheduler(kind, num_steps)
-        films = self._compiled["conditioning"](
-            obs, self._obs_affines(), mx.array(scheduler.timesteps), *self._film_linear()
-        )
+        films = self._compiled["conditioning"](obs, self._obs_affines(), *self._film_tables(kind, num_steps))
         coeffs = scheduler.coefficient_table()
         if self._cuda_sampler.supports(x.shape[0], x.shape[1]):
             try:
-                return self._cuda_sampler(scheduler, x, films, step_noise, coeffs)
+                return self._cuda_sampler(scheduler, x, films, step_noise, coeffs, finish)
             except KernelAborted as error:
                 warnings.warn(f"{error}; this and later requests run on the chunked sampler", stacklevel=2)
         for start in range(0, num_steps, STEPS_PER_CALL):
             chunk = slice(start, min(start + STEPS_PER_CALL, num_steps))
             x = self._compiled[kind](x, films[chunk], step_noise[chunk], coeffs[chunk])
-        return x
+        outputs = finish(x)
+        mx.eval(*outputs)
+        return outputs
 
     def sample_noise(self, batch: int, num_steps: int, seed: int | None = None) -> tuple[mx.array, mx.array]:
         """The initial trajectory x_T (B, horizon, action_dim) and the per-step sampler noise
@@ -302,11 +325,14 @@ class DiffusionUnetPolicy(nn.Module):
         ):
             if tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
-        naction = self._sample(kind, steps, {k: _as_mx(obs[k]) for k in cfg.obs}, x_init, noise_per_step)
-        action_pred = self.normalizer.unnormalize("action", naction)
         start = cfg.n_obs_steps - 1
-        action = action_pred[:, start : start + cfg.n_action_steps]
-        mx.eval(action, action_pred)
+
+        def unnormalize(naction: mx.array) -> list[mx.array]:
+            action_pred = self.normalizer.unnormalize("action", naction)
+            return [action_pred[:, start : start + cfg.n_action_steps], action_pred]
+
+        obs = {k: _as_mx(obs[k]) for k in cfg.obs}
+        action, action_pred = self._sample(kind, steps, obs, x_init, noise_per_step, unnormalize)
         return {"action": action, "action_pred": action_pred}
 
     # ---- training -------------------------------------------------------------------------------

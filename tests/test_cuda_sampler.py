@@ -171,12 +171,15 @@ def _predict(policy, obs, kind, steps, persistent: bool) -> mx.array:
 @pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
 @pytest.mark.parametrize("kind, steps", [("ddim", 10), ("ddpm", 13)])
 def test_persistent_kernel_equals_chunked_sampler(kind, steps):
+    mx.random.seed(0)  # the weights: not whatever state earlier tests left MLX's generator in
     policy = tiny_policy(image=True)
     obs = observation(policy, batch=2)
     assert policy._cuda_sampler.supports(2, policy.config.horizon)
     out = _predict(policy, obs, kind, steps, persistent=True)
     ref = _predict(policy, obs, kind, steps, persistent=False)
-    assert mx.abs(out - ref).max().item() < 1e-3  # pixels, actions span 0..512
+    # Pixels, actions span 0..512: float32 rounding reached 1.6e-3 px in one of 16 weight draws (H200),
+    # a wrong kernel is off by pixels.
+    assert mx.abs(out - ref).max().item() < 2e-3
 
 
 @pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
