@@ -153,6 +153,17 @@ def test_which_shapes_the_kernel_takes():
         assert not image.supports(1, 16)
 
 
+def test_the_kernel_takes_one_weight_dtype_and_sees_weights_replaced():
+    unet = ConditionalUnet1D(2, 40, 64, (32, 64), 5, 8, True)
+    sampler = cuda_sampler.CudaSampler(unet)
+    h100 = 227 * 1024 - 1024
+    assert sampler.fits(1, 16, h100)
+    unet.final_conv[1].weight = unet.final_conv[1].weight.astype(mx.bfloat16)  # one array: mixed dtypes
+    assert not sampler.fits(1, 16, h100)
+    unet.set_dtype(mx.bfloat16)
+    assert sampler.fits(1, 16, h100)
+
+
 def _predict(policy, obs, kind, steps, persistent: bool) -> mx.array:
     original = cuda_sampler.CudaSampler.supports
     if not persistent:
