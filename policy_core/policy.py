@@ -11,7 +11,7 @@ On CUDA the whole denoising loop is then one persistent kernel (``cuda_sampler``
 batches whose trajectory fits it); elsewhere the UNet runs in a form built for batch 1 (``unet_inference``
 on CPU and Metal, ``unet_cuda`` on CUDA beyond the kernel's batch sizes) in ``mx.compile``d chunks of up
 to ten denoising steps (MLX re-specialises them per batch size and dtype). A request costs one
-``mx.eval``.
+``mx.eval`` (and two more when a schedule's FiLM rows are first built).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from policy_core.config import PolicyConfig
 from policy_core.cuda_sampler import CudaSampler, KernelAborted
 from policy_core.normalizer import LinearNormalizer
 from policy_core.schedulers import make_scheduler
+from policy_core.seen_arrays import SeenArrays
 from policy_core.unet import ConditionalUnet1D, mish
 from policy_core.vision import RgbEncoder
 
@@ -80,16 +81,18 @@ class DiffusionUnetPolicy(nn.Module):
         # The training-time forward process (add_noise) is the same for either sampler.
         self.noise_scheduler = make_scheduler("ddpm", config.noise_scheduler)
         # Set past Module.__setattr__ so these stay out of the module's state tree (a compile input).
-        # The parameters are compile inputs, so a weight update (EMA copy, hot load) is seen.
-        # The conditioning's inputs are the encoders' arrays only: flattening the whole state on every
-        # call cost a request ~0.1 ms of host time (the FiLM tables are arguments).
+        # The arrays a compiled function reads are its inputs, so a weight update (EMA copy, hot load)
+        # is seen. The conditioning's are the image encoders' only (its FiLM tables are arguments):
+        # flattening the whole state on every call cost a request ~0.1 ms of host time. It holds the
+        # ``rgb_encoders`` dict itself: update the encoders in place, never assign a new dict.
         compiled = {"conditioning": mx.compile(self._conditioning, inputs=[self.rgb_encoders])}
         for kind in ("ddim", "ddpm"):
             compiled[kind] = mx.compile(partial(self._denoising_steps, kind), inputs=[self.state])
         object.__setattr__(self, "_compiled", compiled)
         object.__setattr__(self, "_cuda_sampler", CudaSampler(self.unet))
         object.__setattr__(self, "_schedulers", {})
-        object.__setattr__(self, "_film_cache", ((), None, {}))
+        object.__setattr__(self, "_film_cache", (None, {}))
+        object.__setattr__(self, "_film_arrays", SeenArrays())
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -179,24 +182,27 @@ class DiffusionUnetPolicy(nn.Module):
         split in two: ``step_rows`` (steps, sum of the blocks' m) float32, the step columns applied to
         the schedule's step embeddings plus the biases, and ``obs_weight`` (sum m, global_cond_dim), the
         observation columns stacked. The step part is the same for every request of a schedule, so it is
-        computed once per schedule and weights; a request multiplies its features by ``obs_weight``
-        (one product for all blocks). Rebuilt when a block's or the step encoder's arrays are replaced
-        (updates and loads swap a module's arrays, they never write into them)."""
+        computed once per schedule and weights (two evaluations when built); a request multiplies its
+        features by ``obs_weight`` (one product for all blocks). Rebuilt whenever a block's or the step
+        encoder's arrays are other objects than those it was built from (``SeenArrays``: after an update,
+        a load, or a new trace of a compiled function that takes the state as inputs); an item write
+        into a weight array in place would not be seen."""
         unet = self.unet
         layers = [blk.cond_encoder for blk in unet.residual_blocks()]
         linears = (*layers, *unet.diffusion_step_encoder)
         arrays = [a for layer in linears for a in (layer["weight"], layer["bias"])]
-        cached, obs_weight, step_rows = self._film_cache
-        if len(cached) != len(arrays) or any(a is not b for a, b in zip(cached, arrays, strict=True)):
+        obs_weight, step_rows = self._film_cache
+        if not self._film_arrays.same(arrays):
             weight = mx.concatenate([layer["weight"] for layer in layers])
             obs_weight = mx.contiguous(weight[:, unet.step_embed_dim :])
             mx.eval(obs_weight)
             step_rows = {}
-            object.__setattr__(self, "_film_cache", (arrays, obs_weight, step_rows))
+            object.__setattr__(self, "_film_cache", (obs_weight, step_rows))
+            self._film_arrays.remember(arrays)
         key = (kind, num_steps)
         if key not in step_rows:
             if len(step_rows) >= FILM_SCHEDULES_CACHED:
-                del step_rows[next(iter(step_rows))]  # the oldest schedule
+                del step_rows[next(iter(step_rows))]  # the schedule cached first
             weight = mx.concatenate([layer["weight"][:, : unet.step_embed_dim] for layer in layers])
             bias = mx.concatenate([layer["bias"] for layer in layers])
             embedding = unet.encode_timesteps(mx.array(self._scheduler(kind, num_steps).timesteps))

@@ -182,7 +182,7 @@ def test_schedules_beyond_the_film_cache_are_rebuilt():
     for _ in range(2):
         for steps in schedules:
             policy.predict_action(obs, scheduler="ddim", num_inference_steps=steps, seed=0)
-    assert list(policy._film_cache[2]) == [("ddim", steps) for steps in schedules[-FILM_SCHEDULES_CACHED:]]
+    assert list(policy._film_cache[1]) == [("ddim", steps) for steps in schedules[-FILM_SCHEDULES_CACHED:]]
     for steps in (1, schedules[-1]):  # dropped, kept
         out = policy.predict_action(obs, scheduler="ddim", num_inference_steps=steps, seed=0)
         assert _error_to_reference(policy, obs, out["action_pred"], steps=steps) < REFERENCE_TOLERANCE_PX
