@@ -8,11 +8,13 @@ normalizer's job. Attribute names mirror torchvision / robomimic so pretrained o
 reference weights map 1:1 (conv weights transposed to (out, kh, kw, in)).
 """
 
+import functools
 import math
 from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 __all__ = ["FrozenBatchNorm", "ResNet18Trunk", "SpatialSoftmax", "RgbEncoder"]
 
@@ -117,12 +119,17 @@ class SpatialSoftmax(nn.Module):
         n, h, w, _ = x.shape
         maps = self.conv(x).reshape(n, h * w, self.num_kp).transpose(0, 2, 1)
         attention = mx.softmax(maps / self.temperature, axis=-1)
-        # Position grid depends only on the feature-map shape; recomputing it is
-        # cheap and keeps it out of the parameter tree.
-        pos_x = mx.broadcast_to(mx.linspace(-1.0, 1.0, w)[None, :], (h, w)).reshape(-1)
-        pos_y = mx.broadcast_to(mx.linspace(-1.0, 1.0, h)[:, None], (h, w)).reshape(-1)
-        keypoints = mx.stack([attention @ pos_x, attention @ pos_y], axis=-1)
+        # One product with the cells' (x, y) gives (N, kp, 2): [x_0, y_0, x_1, y_1, ...] once flattened.
+        keypoints = attention @ _cell_positions(h, w)
         return keypoints.reshape(n, 2 * self.num_kp)
+
+
+@functools.cache
+def _cell_positions(h: int, w: int) -> mx.array:
+    """(h * w, 2) float32 (x, y) in [-1, 1] of every cell of an h x w map, row-major. Made once per
+    shape from host data (no graph, so any thread may use it) and kept out of the modules' trees."""
+    x, y = np.meshgrid(np.linspace(-1.0, 1.0, w), np.linspace(-1.0, 1.0, h))
+    return mx.array(np.stack([x.reshape(-1), y.reshape(-1)], axis=-1).astype(np.float32))
 
 
 def _center_crop(images: mx.array, crop_h: int, crop_w: int) -> mx.array:
