@@ -1034,7 +1034,7 @@ class CudaSampler:
         films: mx.array,
         step_noise: mx.array,
         coeffs: mx.array,
-        finish: Callable[[mx.array], list[mx.array]] = lambda out: [out],
+        finish: Callable[[mx.array], list[mx.array]],
     ) -> list[mx.array]:
         """All ``len(coeffs)`` steps from x (B, T, A): films (S, B, sum m) the blocks' float32 FiLM rows,
         step_noise (S, B, T, A), coeffs (S, 5) from ``scheduler.coefficient_table()``. Returns
