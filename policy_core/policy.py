@@ -320,11 +320,10 @@ class DiffusionUnetPolicy(nn.Module):
             raise ValueError(f"scheduler must be 'ddpm' or 'ddim', got {kind!r}")
         if not 1 <= steps <= cfg.noise_scheduler.num_train_timesteps:
             raise ValueError(f"num_inference_steps must be in [1, {cfg.noise_scheduler.num_train_timesteps}]")
-        x_init, noise_per_step = self.sample_noise(batch, steps, seed)
-        if noise is not None:
-            x_init = _as_mx(noise).astype(mx.float32)
-        if step_noise is not None:
-            noise_per_step = _as_mx(step_noise).astype(mx.float32)
+        # Draw only what is not given (the server passes both: each request's own noise).
+        drawn = self.sample_noise(batch, steps, seed) if noise is None or step_noise is None else (None, None)
+        x_init = drawn[0] if noise is None else _as_mx(noise).astype(mx.float32)
+        noise_per_step = drawn[1] if step_noise is None else _as_mx(step_noise).astype(mx.float32)
         for name, value, shape in (
             ("noise", x_init, (batch, cfg.horizon, cfg.action_dim)),
             ("step_noise", noise_per_step, (steps, batch, cfg.horizon, cfg.action_dim)),
