@@ -73,6 +73,11 @@ class ModelInfo:
         return self.metadata["obs_schema"]
 
 
+class NonFiniteActions(RuntimeError):
+    """The policy produced NaN or Inf actions (NaN weights, or a CUDA sampler that aborted undetected):
+    never sent to a robot, answered as an internal error."""
+
+
 @dataclass
 class PendingInfer:
     """A validated infer request waiting for a worker; ``reply`` sends the encoded answer back."""
@@ -241,6 +246,8 @@ class ModelWorker(threading.Thread):
                 obs, scheduler=kind, num_inference_steps=steps, noise=x_init, step_noise=step_noise
             )
             action_pred = np.array(out["action_pred"])[:rows]
+            if not np.isfinite(action_pred).all():
+                raise NonFiniteActions("the policy produced non-finite actions")
             self._note_batch(batch)
         except Exception as e:  # report to every request of the batch; keep serving
             log.exception("inference failed")

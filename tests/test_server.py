@@ -232,6 +232,25 @@ def test_not_ready_before_a_model_is_loaded(models):
         client.close()
 
 
+def test_non_finite_actions_are_never_sent(tmp_path):
+    # A checkpoint with a NaN weight (or a CUDA sampler that aborted undetected) must not reach a robot.
+    policy = tiny_policy(image=False)
+    weight = np.array(policy.unet.final_conv[1].weight)
+    weight.flat[0] = np.nan
+    policy.unet.final_conv[1].weight = mx.array(weight)
+    save_policy(policy, tmp_path / "nan.safetensors")
+    with running_server(tmp_path, tmp_path / "nan.safetensors") as srv:
+        client = RawClient(srv.zmq_endpoint)
+        obs = one_obs(policy)
+        for i in range(2):  # the second proves the model's worker kept serving
+            reply = client.call({"type": "infer", "id": i, "obs": obs, "options": {"seed": i}})
+            assert reply["ok"] is False and reply["id"] == i and "action" not in reply, reply
+            assert reply["error"] == {"code": "internal", "message": "the policy produced non-finite actions"}
+        assert srv.metrics.stats()["errors"] == {"internal": 2}
+        assert client.call({"type": "ping", "id": 2})["ok"]
+        client.close()
+
+
 def _pending(i: int, steps: int | None = None) -> PendingInfer:
     request = Request("infer", i, options=InferOptions(num_inference_steps=steps))
     return PendingInfer(request, {"x": np.zeros((1, 2))}, False, time.perf_counter(), print)
