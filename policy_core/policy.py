@@ -84,11 +84,14 @@ class DiffusionUnetPolicy(nn.Module):
         # The arrays a compiled function reads are its inputs, so a weight update (EMA copy, hot load)
         # is seen. The conditioning's are the image encoders' only (its FiLM tables are arguments):
         # flattening the whole state on every call cost a request ~0.1 ms of host time. It holds the
-        # ``rgb_encoders`` dict itself: update the encoders in place, never assign a new dict.
-        compiled = {"conditioning": mx.compile(self._conditioning, inputs=[self.rgb_encoders])}
-        for kind in ("ddim", "ddpm"):
-            compiled[kind] = mx.compile(partial(self._denoising_steps, kind), inputs=[self.state])
+        # ``rgb_encoders`` dict itself, so it is compiled for the dict in place when called and again
+        # after a new dict is assigned (``_compiled_conditioning``).
+        compiled = {
+            kind: mx.compile(partial(self._denoising_steps, kind), inputs=[self.state])
+            for kind in ("ddim", "ddpm")
+        }
         object.__setattr__(self, "_compiled", compiled)
+        object.__setattr__(self, "_compiled_encoders", None)
         object.__setattr__(self, "_cuda_sampler", CudaSampler(self.unet))
         object.__setattr__(self, "_schedulers", {})
         object.__setattr__(self, "_film_cache", (None, {}))
@@ -227,6 +230,15 @@ class DiffusionUnetPolicy(nn.Module):
         obs_rows = (mish(global_cond) @ obs_weight.T).astype(mx.float32)
         return step_rows[:, None] + obs_rows[None]
 
+    def _compiled_conditioning(self) -> Callable[..., mx.array]:
+        """``_conditioning`` compiled with the ``rgb_encoders`` dict's arrays as inputs, rebuilt when that
+        attribute is another dict than the one it was built for: the old function would keep reading
+        the old dict's encoders (an identity check, not a flattening of the state, on every request)."""
+        if self._compiled_encoders is not self.rgb_encoders:
+            self._compiled["conditioning"] = mx.compile(self._conditioning, inputs=[self.rgb_encoders])
+            object.__setattr__(self, "_compiled_encoders", self.rgb_encoders)
+        return self._compiled["conditioning"]
+
     def _denoising_steps(
         self,
         kind: str,
@@ -271,7 +283,7 @@ class DiffusionUnetPolicy(nn.Module):
         call per step on CPU; an unrolled 100-step trace took over a minute (benchmarks/NOTES.md).
         """
         scheduler = self._scheduler(kind, num_steps)
-        films = self._compiled["conditioning"](obs, self._obs_affines(), *self._film_tables(kind, num_steps))
+        films = self._compiled_conditioning()(obs, self._obs_affines(), *self._film_tables(kind, num_steps))
         coeffs = scheduler.coefficient_table()
         if self._cuda_sampler.supports(x.shape[0], x.shape[1]):
             try:

@@ -157,6 +157,10 @@ REPLACEMENTS = {
     # The compiled conditioning takes the encoders' arrays and the normalizer's statistics as inputs,
     # not as constants of its first trace.
     "image encoder": lambda policy: _perturb(policy.rgb_encoders["image"]),
+    # A new dict, not the one the conditioning was first compiled for (new random weights).
+    "image encoders dict": lambda policy: setattr(
+        policy, "rgb_encoders", {"image": tiny_policy(image=True).rgb_encoders["image"]}
+    ),
     "normalizer": lambda policy: setattr(policy, "normalizer", tiny_policy(image=True, seed=1).normalizer),
 }
 
