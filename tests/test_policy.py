@@ -102,9 +102,10 @@ def _reference_sample(policy, obs, kind, steps, x_init, step_noise):
     return policy.normalizer.unnormalize("action", x)
 
 
-# Pixels, actions span 0..512: float32 rounding over 10-13 steps reaches 1.2e-3 px on some weight draws
-# (20 ulps at 512); a wrong sampler is off by pixels.
-REFERENCE_TOLERANCE_PX = 2e-3
+# Pixels, actions span 0..512: float32 rounding over 10-13 steps reaches 1.2e-3 px on some weight draws on
+# the CPU and 3.0e-3 px (50 ulps at 512) through the CUDA kernel on an H100 (DDIM-12 with eta 0.5, these
+# seeded weights, before and after the packed weights); a wrong sampler is off by pixels.
+REFERENCE_TOLERANCE_PX = 5e-3
 
 
 def _error_to_reference(policy, obs, action_pred, kind="ddim", steps=None, seed=0) -> float:
