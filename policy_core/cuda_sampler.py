@@ -775,8 +775,12 @@ PARAMS_TO_SHARED
   Ctx cx{params, ws, films, noise, coeffs, 0};
   unsigned int generation = 0;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // x_out stays NaN unless every phase ran: a kernel that aborted can't pass for a trajectory.
   if (blockIdx.x == 0)
-    for (int i = threadIdx.x; i < BATCH * HORIZON * ADIM; i += THREADS) ws[i] = x_init[i];
+    for (int i = threadIdx.x; i < BATCH * HORIZON * ADIM; i += THREADS) {
+      ws[i] = x_init[i];
+      x_out[i] = __int_as_float(0x7fc00000);
+    }
   prefetch_phase(records, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
   Slice wv[KMAX];  // this warp's first slice of its next row's weights, loaded ahead
   first_slice(records, cx, warp, wv);

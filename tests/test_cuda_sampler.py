@@ -209,3 +209,26 @@ def test_persistent_kernel_in_bfloat16_is_no_less_accurate_than_the_chunked_samp
     chunked_error = mx.abs(_predict(policy, obs, "ddim", 10, persistent=False) - ref)
     assert kernel_error.mean().item() <= chunked_error.mean().item()
     assert kernel_error.max().item() < 16.0  # pixels
+
+
+@pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
+def test_an_aborted_kernel_is_detected_and_leaves_no_trajectory(monkeypatch):
+    # Four times as many blocks as SMs: they can't all be resident, so the first grid barrier times out.
+    policy = tiny_policy(image=False)
+    obs = observation(policy, batch=1)
+    expected = _predict(policy, obs, "ddim", 10, persistent=False)
+    seen = []
+    call = cuda_sampler.CudaSampler.__call__
+
+    def spy(self, scheduler, x, films, step_noise, coeffs, finish):
+        return call(self, scheduler, x, films, step_noise, coeffs, lambda o: seen.append(o) or finish(o))
+
+    monkeypatch.setattr(cuda_sampler.CudaSampler, "__call__", spy)
+    blocks = 4 * cuda_sampler.sm_count()
+    monkeypatch.setattr(cuda_sampler, "sm_count", lambda: blocks)
+    with pytest.warns(UserWarning, match="chunked sampler"):
+        out = policy.predict_action(obs, scheduler="ddim", num_inference_steps=10, seed=1)["action_pred"]
+    # The kernel's own output is NaN, so even an abort that went unnoticed could not pass for actions.
+    assert np.isnan(np.array(seen[0])).all()
+    assert policy._cuda_sampler.disabled
+    assert mx.array_equal(out, expected)
