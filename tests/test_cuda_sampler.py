@@ -164,6 +164,44 @@ def test_the_kernel_takes_one_weight_dtype_and_sees_weights_replaced():
     assert sampler.fits(1, 16, h100)
 
 
+def test_the_weights_go_to_the_kernel_as_one_array_that_the_modules_then_view(tmp_path):
+    mx.random.seed(0)
+    unet = ConditionalUnet1D(2, 40, 64, (32, 64), 5, 8, True)
+    sampler = cuda_sampler.CudaSampler(unet)
+    program, _ = sampler._program(1, 16)
+    assert all(offset % cuda_sampler.WEIGHT_ALIGN == 0 for offset in program.offsets)
+    params = [mx.array(a) for a in _params(program)]  # copies: the values to expect
+    packed = sampler._weights(program, _params(program))
+    for a, view, offset in zip(params, _params(program), program.offsets, strict=True):
+        assert mx.array_equal(view, a)
+        assert mx.array_equal(packed[offset : offset + a.size], a.reshape(-1))
+    assert sampler._weights(program, _params(program)) is packed  # the views are recognised
+    path = str(tmp_path / "views.safetensors")  # a checkpoint saved after inference holds the values
+    mx.save_safetensors(path, dict(tree_flatten(unet.parameters())))
+    assert all(mx.array_equal(v, dict(tree_flatten(unet.parameters()))[k]) for k, v in mx.load(path).items())
+    # A replaced weight is packed again, and the kernel's programs for other batch sizes share the layout.
+    unet.final_conv[1].bias = mx.ones_like(unet.final_conv[1].bias)
+    other, _ = sampler._program(2, 16)
+    repacked = sampler._weights(other, _params(other))
+    assert repacked is not packed
+    assert mx.array_equal(unet.final_conv[1].bias, mx.ones_like(unet.final_conv[1].bias))
+
+
+def test_packed_weights_are_views_of_one_array():
+    arrays = [mx.random.normal((8, 5, 4)) for _ in range(3)]
+    offsets = [0, 160, 328]  # a gap of 8 between the second and the third
+    packed, views = cuda_sampler.pack(arrays, offsets, 488)
+    mx.eval(packed, *views)
+
+    def address(a: mx.array) -> int:  # numpy reads MLX's buffer in place
+        return np.asarray(a).__array_interface__["data"][0]
+
+    for a, view, offset in zip(arrays, views, offsets, strict=True):
+        assert address(view) == address(packed) + offset * packed.itemsize  # held once, not copied
+        assert mx.array_equal(view, a)
+    assert not np.asarray(packed)[320:328].any()
+
+
 def _predict(policy, obs, kind, steps, persistent: bool) -> mx.array:
     original = cuda_sampler.CudaSampler.supports
     if not persistent:
