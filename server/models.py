@@ -74,8 +74,9 @@ class ModelInfo:
 
 
 class NonFiniteActions(RuntimeError):
-    """The policy produced NaN or Inf actions (NaN weights, or a CUDA sampler that aborted undetected):
-    never sent to a robot, answered as an internal error."""
+    """The policy produced NaN or Inf actions: never sent to a robot. At load (NaN or Inf weights) the
+    checkpoint is refused; for a request (observations far outside the training range, or a CUDA sampler
+    that aborted unnoticed) the batch is answered with an internal error."""
 
 
 @dataclass
@@ -178,7 +179,8 @@ class ModelWorker(threading.Thread):
         schema = self.info.obs_schema
         for rows in self.batching.buckets():
             obs = {k: np.zeros((rows, *spec["shape"]), dtype=spec["dtype"]) for k, spec in schema.items()}
-            policy.predict_action(obs, seed=0)
+            if not np.isfinite(np.array(policy.predict_action(obs, seed=0)["action_pred"])).all():
+                raise NonFiniteActions("the policy's actions for zero observations are not finite")
         self.policy = policy
 
     def _take(self, timeout: float) -> PendingInfer | None:

@@ -232,22 +232,38 @@ def test_not_ready_before_a_model_is_loaded(models):
         client.close()
 
 
-def test_non_finite_actions_are_never_sent(tmp_path):
-    # A checkpoint with a NaN weight (or a CUDA sampler that aborted undetected) must not reach a robot.
-    policy = tiny_policy(image=False)
-    weight = np.array(policy.unet.final_conv[1].weight)
+def test_a_checkpoint_with_non_finite_actions_is_refused_and_the_model_in_place_keeps_serving(tmp_path):
+    good = tiny_policy(image=False)
+    save_policy(good, tmp_path / "good.safetensors")
+    weight = np.array(good.unet.final_conv[1].weight)
     weight.flat[0] = np.nan
-    policy.unet.final_conv[1].weight = mx.array(weight)
-    save_policy(policy, tmp_path / "nan.safetensors")
-    with running_server(tmp_path, tmp_path / "nan.safetensors") as srv:
+    good.unet.final_conv[1].weight = mx.array(weight)
+    save_policy(good, tmp_path / "nan.safetensors")
+    with running_server(tmp_path, tmp_path / "good.safetensors") as srv:
+        srv.manager.load(tmp_path / "nan.safetensors")
+        assert srv.manager.wait_for_load(120)
+        assert "not finite" in srv.manager.last_error
         client = RawClient(srv.zmq_endpoint)
-        obs = one_obs(policy)
+        reply = client.call({"type": "infer", "id": 0, "obs": one_obs(good)})
+        assert reply["ok"] and reply["model"]["version"] == 1 and np.isfinite(reply["action"]).all()
+        client.close()
+
+
+def test_non_finite_actions_are_never_sent(tmp_path):
+    # Finite observations far outside the training range overflow to NaN actions: they must not reach a
+    # robot (nor would the NaN output of a CUDA sampler that aborted unnoticed).
+    policy = tiny_policy(image=False)
+    save_policy(policy, tmp_path / "lowdim.safetensors")
+    with running_server(tmp_path, tmp_path / "lowdim.safetensors") as srv:
+        client = RawClient(srv.zmq_endpoint)
+        extreme = {k: np.full_like(v, 3e38) for k, v in one_obs(policy).items()}
         for i in range(2):  # the second proves the model's worker kept serving
-            reply = client.call({"type": "infer", "id": i, "obs": obs, "options": {"seed": i}})
+            reply = client.call({"type": "infer", "id": i, "obs": extreme, "options": {"seed": i}})
             assert reply["ok"] is False and reply["id"] == i and "action" not in reply, reply
             assert reply["error"] == {"code": "internal", "message": "the policy produced non-finite actions"}
         assert srv.metrics.stats()["errors"] == {"internal": 2}
-        assert client.call({"type": "ping", "id": 2})["ok"]
+        reply = client.call({"type": "infer", "id": 2, "obs": one_obs(policy)})
+        assert reply["ok"] and np.isfinite(reply["action"]).all()
         client.close()
 
 
