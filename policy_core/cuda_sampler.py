@@ -148,10 +148,11 @@ class _Program:
         last[RS0 + ROWSET_FIELDS.index("EPILOGUE")] = 1
         # The weights' places in the one array the kernel takes: each starts on 16 bytes (rows are read
         # 16 bytes at a time; an element is at most 4 bytes, so 8 elements suffice for any dtype).
+        self.shapes = [module[name].shape for module, name in self.refs]
         self.offsets, self.weight_elems = [], 0
-        for module, name in self.refs:
+        for shape in self.shapes:
             self.offsets.append(self.weight_elems)
-            self.weight_elems += -(-module[name].size // WEIGHT_ALIGN) * WEIGHT_ALIGN
+            self.weight_elems += -(-int(np.prod(shape)) // WEIGHT_ALIGN) * WEIGHT_ALIGN
 
     @property
     def stage_floats(self) -> int:
@@ -366,7 +367,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 // Same arithmetic as policy_core.schedulers' update() given one row of coefficient_table().
 __device__ __forceinline__ float scheduler_update(float out, float x, const float* c, float noise) {
   const float x0 = PRED_EPS ? (x - c[0] * out) / c[1] : out;
-  const float x0c = CLIP ? fminf(fmaxf(x0, -CLIP_RANGE), CLIP_RANGE) : x0;
+  // A NaN stays NaN (as through mx.clip; fminf/fmaxf would pin it to the range's edge: finite actions).
+  const float x0c = CLIP ? (x0 < -CLIP_RANGE ? -CLIP_RANGE : (x0 > CLIP_RANGE ? CLIP_RANGE : x0)) : x0;
 #if DDPM
   return (c[2] * x0c + c[3] * x) + c[4] * noise;
 #else
@@ -966,6 +968,8 @@ def pack(arrays: list[mx.array], offsets: list[int], size: int) -> tuple[mx.arra
     between them, and views of that array shaped as ``arrays``."""
     pieces, end = [], 0
     for a, offset in zip(arrays, offsets, strict=True):
+        if offset < end:
+            raise ValueError(f"an array of {a.size} elements overlaps the one before it at offset {offset}")
         pieces += [mx.zeros((offset - end,), a.dtype)] if offset > end else []
         pieces.append(a.reshape(-1))
         end = offset + a.size
@@ -995,7 +999,8 @@ class CudaSampler:
         if key not in self._programs:
             program = _Program(self.unet, batch, horizon)
             for other, _ in self._programs.values():  # so that one packed array serves every program
-                if [(id(m), n) for m, n in other.refs] != [(id(m), n) for m, n in program.refs]:
+                same_refs = [(id(m), n) for m, n in other.refs] == [(id(m), n) for m, n in program.refs]
+                if not (same_refs and other.offsets == program.offsets):
                     raise AssertionError("the programs of one trunk must take the same weights in order")
             table = mx.array(np.asarray(program.records, dtype=np.int32).reshape(-1))
             self._programs[key] = (program, table)
@@ -1013,9 +1018,13 @@ class CudaSampler:
 
     def _weights(self, program: _Program, params: list[mx.array]) -> mx.array:
         """The weights as one array: one kernel argument instead of ~120 (MLX's host cost is ~0.6 us an
-        argument). The modules then hold views of it, so the weights are in memory once, and a module's
-        replaced array (a hot load, a training step) is seen and packed again."""
+        argument). The modules then hold views of it, so the weights are in memory once where nothing else
+        holds the originals. A module's replaced array (``update``, a load, ``set_dtype``, a training
+        step: MLX swaps arrays) is seen and packed again on the next call; an array written in place
+        (``w += d`` keeps the object) is not, as for every cache of ``seen_arrays``."""
         if not self._packed_params.same(params):
+            if [a.shape for a in params] != program.shapes:
+                raise ValueError("the UNet's weight shapes changed since its sampler program was recorded")
             packed, views = pack(params, program.offsets, program.weight_elems)
             mx.eval(packed, *views)
             for (module, name), view in zip(program.refs, views, strict=True):

@@ -169,7 +169,8 @@ def test_the_weights_go_to_the_kernel_as_one_array_that_the_modules_then_view(tm
     unet = ConditionalUnet1D(2, 40, 64, (32, 64), 5, 8, True)
     sampler = cuda_sampler.CudaSampler(unet)
     program, _ = sampler._program(1, 16)
-    assert all(offset % cuda_sampler.WEIGHT_ALIGN == 0 for offset in program.offsets)
+    assert all(offset % 8 == 0 for offset in program.offsets)  # 16 bytes for any dtype: rows' vector loads
+    assert f"params[1] = weights + {program.offsets[1]};" in cuda_sampler._body(program)
     params = [mx.array(a) for a in _params(program)]  # copies: the values to expect
     packed = sampler._weights(program, _params(program))
     for a, view, offset in zip(params, _params(program), program.offsets, strict=True):
@@ -184,7 +185,11 @@ def test_the_weights_go_to_the_kernel_as_one_array_that_the_modules_then_view(tm
     other, _ = sampler._program(2, 16)
     repacked = sampler._weights(other, _params(other))
     assert repacked is not packed
-    assert mx.array_equal(unet.final_conv[1].bias, mx.ones_like(unet.final_conv[1].bias))
+    bias = unet.final_conv[1].bias
+    assert mx.array_equal(bias, mx.ones_like(bias))
+    final = next(i for i, (m, n) in enumerate(program.refs) if m is unet.final_conv[1] and n == "bias")
+    offset = program.offsets[final]
+    assert mx.array_equal(repacked[offset : offset + bias.size], bias)
 
 
 def test_packed_weights_are_views_of_one_array():
@@ -251,7 +256,7 @@ def test_persistent_kernel_in_bfloat16_is_no_less_accurate_than_the_chunked_samp
 
 @pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
 def test_an_aborted_kernel_is_detected_and_leaves_no_trajectory(monkeypatch):
-    # Four times as many blocks as SMs: they can't all be resident, so the first grid barrier times out.
+    # More threads than any SM holds (2048), so not every block is resident: the first barrier times out.
     policy = tiny_policy(image=False)
     obs = observation(policy, batch=1)
     expected = _predict(policy, obs, "ddim", 10, persistent=False)
@@ -262,7 +267,7 @@ def test_an_aborted_kernel_is_detected_and_leaves_no_trajectory(monkeypatch):
         return call(self, scheduler, x, films, step_noise, coeffs, lambda o: seen.append(o) or finish(o))
 
     monkeypatch.setattr(cuda_sampler.CudaSampler, "__call__", spy)
-    blocks = 4 * cuda_sampler.sm_count()
+    blocks = 9 * cuda_sampler.sm_count()
     monkeypatch.setattr(cuda_sampler, "sm_count", lambda: blocks)
     with pytest.warns(UserWarning, match="chunked sampler"):
         out = policy.predict_action(obs, scheduler="ddim", num_inference_steps=10, seed=1)["action_pred"]
@@ -270,3 +275,17 @@ def test_an_aborted_kernel_is_detected_and_leaves_no_trajectory(monkeypatch):
     assert np.isnan(np.array(seen[0])).all()
     assert policy._cuda_sampler.disabled
     assert mx.array_equal(out, expected)
+
+
+@pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_nan_weights_give_nan_actions_through_the_kernel(kind):
+    # clip_sample clamps x0: a clamp that dropped NaN (fminf/fmaxf) pinned NaN weights' DDPM actions to
+    # the range's edge, finite actions the server would send.
+    policy = tiny_policy(image=False)
+    weight = np.array(policy.unet.final_conv[1].weight)
+    weight.flat[0] = np.nan
+    policy.unet.final_conv[1].weight = mx.array(weight)
+    assert policy.config.noise_scheduler.clip_sample
+    assert policy._cuda_sampler.supports(1, policy.config.horizon)
+    assert np.isnan(np.array(_predict(policy, observation(policy, batch=1), kind, 10, persistent=True))).all()

@@ -9,7 +9,7 @@ import yaml
 from helpers import observation, tiny_policy, training_batch
 from mlx.utils import tree_flatten, tree_map
 
-from policy_core import ConfigError, ObservationError, build_policy
+from policy_core import ConfigError, ObservationError, build_policy, unet_cuda
 from policy_core.policy import FILM_SCHEDULES_CACHED
 from policy_core.vision import RgbEncoder
 
@@ -105,7 +105,7 @@ def _reference_sample(policy, obs, kind, steps, x_init, step_noise):
 # Pixels, actions span 0..512: float32 rounding over 10-13 steps reaches 1.2e-3 px on some weight draws on
 # the CPU and 3.0e-3 px (50 ulps at 512) through the CUDA kernel on an H100 (DDIM-12 with eta 0.5, these
 # seeded weights, before and after the packed weights); a wrong sampler is off by pixels.
-REFERENCE_TOLERANCE_PX = 5e-3
+REFERENCE_TOLERANCE_PX = 5e-3 if unet_cuda.available() else 2e-3
 
 
 def _error_to_reference(policy, obs, action_pred, kind="ddim", steps=None, seed=0) -> float:
