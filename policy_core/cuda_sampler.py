@@ -13,7 +13,7 @@ with a grid-wide barrier between them. A phase
    position by one warp (or by several, splitting its input channels, where a block has fewer rows
    than warps). Before the grid barrier each warp loads its first slice of the next phase's first
    row into registers (weights don't wait for the previous phase), and starts the next phase's
-   biases, GroupNorm vectors and (where they take at most half the L2) rows on their way to L2. The
+   biases, GroupNorm vectors and (where they take at most a sixth of the L2) rows on their way to L2. The
    last convolution's rows apply the scheduler's update to the trajectory.
 
 Activations and arithmetic are float32 whatever the weights' dtype. The program is recorded by running
@@ -550,8 +550,9 @@ __device__ __forceinline__ void prefetch_vector(const void* p, int bytes, int ti
 // Starts moving a phase's weight rows for this warp from HBM to L2 (Hopper bulk prefetch), and its
 // biases and GroupNorm affine vectors (small, but each a dependent load on the critical path), so
 // their loads overlap the barrier and the staging before them. Rows are left to the demand loads where
-// they take more than half the L2: prefetched lines then land while the current phase streams its own,
-// unevenly, and the barrier waits for the blocks whose rows came last (benchmarks/NOTES.md).
+// they take more than a sixth of the L2 (8 MB on an H100): the prefetch's traffic then slows the grid
+// barrier's L2 round trips (release after the last arrival 3.3 us instead of 1.5 on 10 MB phases), and
+// over half the L2 its lines land while the current phase streams its own, unevenly (benchmarks/NOTES.md).
 __device__ __forceinline__ void prefetch_phase(const int* rec, const Ctx& cx, int warp_id, int warps) {
   const int rows0 = rec[RS0 + R_OUT];
   const int rows = rows0 + (rec[F_NROWSETS] > 1 ? rec[RS0 + ROWSET_FIELDS + R_OUT] : 0);
@@ -915,7 +916,7 @@ def _header(
         "CLIP_RANGE": f"{cfg.clip_sample_range!r}f",
         "ADD_NOISE": int(isinstance(scheduler, DDPMScheduler) or cfg.eta > 0),
         "TIMEOUT_NS": f"{int(TIMEOUT_S * 1e9)}ull",
-        "PREFETCH_MAX_BYTES": f"{l2_bytes() // 2}ll",
+        "PREFETCH_MAX_BYTES": f"{l2_bytes() // 6}ll",
     }
     defines |= {f"F_{name}": i for i, name in enumerate(HEADER_FIELDS)}
     defines |= {f"S_{name}": i for i, name in enumerate(SOURCE_FIELDS)}
