@@ -1022,8 +1022,11 @@ class CudaSampler:
         argument). The modules then hold views of it, so the weights are in memory once where nothing else
         holds the originals. A module's replaced array (``update``, a load, ``set_dtype``, a training
         step: MLX swaps arrays) is seen and packed again on the next call; an array written in place
-        (``w += d`` keeps the object) is not, as for every cache of ``seen_arrays``."""
+        (``w += d`` keeps the object) is not, as for every cache of ``seen_arrays``. Its dtype is the
+        kernel's weight type."""
         if not self._packed_params.same(params):
+            if self._dtype(params) is None:
+                raise ValueError("the UNet's weights must share one dtype the sampler kernel reads")
             if [a.shape for a in params] != program.shapes:
                 raise ValueError("the UNet's weight shapes changed since its sampler program was recorded")
             packed, views = pack(params, program.offsets, program.weight_elems)
@@ -1092,9 +1095,8 @@ class CudaSampler:
         ``finish`` of the float32 trajectory (the caller's post-processing, evaluated with the kernel)."""
         batch, horizon, _ = x.shape
         program, table = self._program(batch, horizon)
-        params = _params(program)
-        kernel = self._kernel(program, self._dtype(params), scheduler, horizon)
-        weights = self._weights(program, params)
+        weights = self._weights(program, _params(program))
+        kernel = self._kernel(program, weights.dtype, scheduler, horizon)
         blocks = sm_count()
         # One kernel in flight per process: two persistent grids sharing the SMs (a model warming up
         # during a hot swap while another serves) could each hold blocks the other's barrier waits for.

@@ -160,6 +160,9 @@ def test_the_kernel_takes_one_weight_dtype_and_sees_weights_replaced():
     assert sampler.fits(1, 16, h100)
     unet.final_conv[1].weight = unet.final_conv[1].weight.astype(mx.bfloat16)  # one array: mixed dtypes
     assert not sampler.fits(1, 16, h100)
+    program, _ = sampler._program(1, 16)
+    with pytest.raises(ValueError, match="one dtype"):  # never packed into one array of a promoted type
+        sampler._weights(program, _params(program))
     unet.set_dtype(mx.bfloat16)
     assert sampler.fits(1, 16, h100)
 
