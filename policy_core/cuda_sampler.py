@@ -646,11 +646,13 @@ __device__ __forceinline__ void store(float* p, const float* v) {
 // Builds a phase's input (B, LEN, CIN) in shared memory from its one or two sources, W channels at a
 // time. A raw source is copied (global loads issued UNROLL at a time before their stores). A normed
 // source is built in one pass over its producer's output once its GroupNorm statistics are combined
-// from the producer's per-row (mean, M2): each thread holds W channels' affine terms and loads UNROLL / 2
+// from the producer's per-row (mean, M2): each thread holds W channels' affine terms and loads NROWS
 // rows' raw values and residuals at once (registers), then stores GroupNorm + mish + FiLM + residual.
+// Each batch of rows is an L2 round trip (~0.6 us measured): at batch 1 eight rows take all of a
+// thread's rows of one quad in every PushT phase at once; at larger batches eight would spill registers.
 template <int W>
 __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
-  constexpr int UNROLL = 4;
+  constexpr int UNROLL = 4, NROWS = BATCH == 1 ? 8 : 2;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int len = rec[F_LEN], cin = rec[F_CIN], nsrc = rec[F_NSRC], rows = BATCH * len;
   // GroupNorm statistics from the producer's per-row (mean, M2): Chan et al.'s pairwise combination.
@@ -733,17 +735,17 @@ __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
           fshift[b][k] = film_mode ? __ldg(shift_at) : 0.f;
         }
       }
-      for (int first = row0; first < rows; first += row_threads * (UNROLL / 2)) {
-        float x[UNROLL / 2][W], r[UNROLL / 2][W];
+      for (int first = row0; first < rows; first += row_threads * NROWS) {
+        float x[NROWS][W], r[NROWS][W];
 #pragma unroll
-        for (int u = 0; u < UNROLL / 2; ++u) {
+        for (int u = 0; u < NROWS; ++u) {
           const int bl = first + u * row_threads;
           if (bl >= rows) break;
           load_cg<W>(raw + (size_t)bl * ch + c, x[u]);
           if (residual) load_cg<W>(residual + (size_t)bl * ch + c, r[u]);
         }
 #pragma unroll
-        for (int u = 0; u < UNROLL / 2; ++u) {
+        for (int u = 0; u < NROWS; ++u) {
           const int bl = first + u * row_threads;
           if (bl >= rows) break;
           float* at = xs + bl * cin + offset + c;
