@@ -305,11 +305,93 @@ def _input_dim(unet: ConditionalUnet1D) -> int:
     return unet.final_conv[1].weight.shape[0]
 
 
-# Device helpers and one convolution row; WT, BATCH, HORIZON, ADIM, ... are #defined per program.
-_HELPERS = r"""
+# Shared with vision_cuda's persistent kernel: conversions, loads, sums, the grid barrier (TIMEOUT_NS).
+DEVICE_COMMON = r"""
 __device__ __forceinline__ float as_float(float v) { return v; }
 __device__ __forceinline__ float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float as_float(__half v) { return __half2float(v); }
+
+__device__ __forceinline__ unsigned int load_acquire(const unsigned int* p) {
+  unsigned int v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Grid-wide barrier. Arrivals count on sync[0] (monotonic); the last block of a round bumps the
+// generation sync[1], on which the others wait: spinning on the counter itself starves the arrivals
+// (~3 us per block measured). Each block counts its own barriers (`generation`), so it knows the value
+// to wait for without reading it first. A wait past TIMEOUT_NS (a block that never became resident)
+// sets sync[2], and every block returns false from then on.
+__device__ bool grid_barrier(unsigned int* sync, int* ok, unsigned int& generation) {
+  ++generation;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const unsigned int arrived = atomicAdd(sync, 1u) + 1;
+    int good = 1;
+    if (arrived == generation * gridDim.x) {
+      __threadfence();
+      atomicAdd(sync + 1, 1u);
+    } else {
+      const unsigned long long start = global_ns();
+      for (int spins = 0; load_acquire(sync + 1) < generation; ++spins) {
+        if ((spins & 63) == 63) {
+          if (load_acquire(sync + 2) != 0u) { good = 0; break; }
+          if (global_ns() - start > TIMEOUT_NS) { atomicExch(sync + 2, 1u); good = 0; break; }
+        }
+      }
+    }
+    *ok = good;
+  }
+  __syncthreads();
+  return *ok != 0;
+}
+
+template <int VEC>
+__device__ __forceinline__ void load_staged(const float* p, float* x) {
+  if constexpr (VEC == 1) {
+    x[0] = p[0];
+  } else {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <int W>
+__device__ __forceinline__ void load_cg(const float* p, float* v) {
+  if constexpr (W == 4) {
+    const float4 a = __ldcg(reinterpret_cast<const float4*>(p));
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  } else {
+    v[0] = __ldcg(p);
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void store(float* p, const float* v) {
+  if constexpr (W == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+    p[0] = v[0];
+  }
+}
+"""
+
+# Device helpers and one convolution row; WT, BATCH, HORIZON, ADIM, ... are #defined per program.
+_HELPERS = r"""
 
 // A lane's slice of one tap of a weight row, VEC weights as loaded: 16-bit weights stay packed two to a
 // register until used, which halves the registers that hold a slice of every tap.
@@ -346,23 +428,6 @@ struct Slice {
     }
   }
 };
-
-template <int VEC>
-__device__ __forceinline__ void load_staged(const float* p, float* x) {
-  if constexpr (VEC == 1) {
-    x[0] = p[0];
-  } else {
-    const float4 a = reinterpret_cast<const float4*>(p)[0];
-    const float4 b = reinterpret_cast<const float4*>(p)[1];
-    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
-  }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 // Same arithmetic as policy_core.schedulers' update() given one row of coefficient_table().
 __device__ __forceinline__ float scheduler_update(float out, float x, const float* c, float noise) {
@@ -582,67 +647,6 @@ __device__ __forceinline__ void prefetch_phase(const int* rec, const Ctx& cx, in
 #endif
 }
 
-__device__ __forceinline__ unsigned int load_acquire(const unsigned int* p) {
-  unsigned int v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ unsigned long long global_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-// Grid-wide barrier. Arrivals count on sync[0] (monotonic); the last block of a round bumps the
-// generation sync[1], on which the others wait: spinning on the counter itself starves the arrivals
-// (~3 us per block measured). Each block counts its own barriers (`generation`), so it knows the value
-// to wait for without reading it first. A wait past TIMEOUT_NS (a block that never became resident)
-// sets sync[2], and every block returns false from then on.
-__device__ bool grid_barrier(unsigned int* sync, int* ok, unsigned int& generation) {
-  ++generation;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const unsigned int arrived = atomicAdd(sync, 1u) + 1;
-    int good = 1;
-    if (arrived == generation * gridDim.x) {
-      __threadfence();
-      atomicAdd(sync + 1, 1u);
-    } else {
-      const unsigned long long start = global_ns();
-      for (int spins = 0; load_acquire(sync + 1) < generation; ++spins) {
-        if ((spins & 63) == 63) {
-          if (load_acquire(sync + 2) != 0u) { good = 0; break; }
-          if (global_ns() - start > TIMEOUT_NS) { atomicExch(sync + 2, 1u); good = 0; break; }
-        }
-      }
-    }
-    *ok = good;
-  }
-  __syncthreads();
-  return *ok != 0;
-}
-
-template <int W>
-__device__ __forceinline__ void load_cg(const float* p, float* v) {
-  if constexpr (W == 4) {
-    const float4 a = __ldcg(reinterpret_cast<const float4*>(p));
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-  } else {
-    v[0] = __ldcg(p);
-  }
-}
-
-template <int W>
-__device__ __forceinline__ void store(float* p, const float* v) {
-  if constexpr (W == 4) {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-  } else {
-    p[0] = v[0];
-  }
-}
-
 // Builds a phase's input (B, LEN, CIN) in shared memory from its one or two sources, W channels at a
 // time. A raw source is copied (global loads issued UNROLL at a time before their stores). A normed
 // source is built in one pass over its producer's output once its GroupNorm statistics are combined
@@ -846,14 +850,14 @@ PARAMS_TO_SHARED
     for (int i = threadIdx.x; i < BATCH * HORIZON * ADIM; i += THREADS) x_out[i] = __ldcg(ws + i);
 """
 
-_LAUNCH_LOCK = threading.Lock()
+LAUNCH_LOCK = threading.Lock()
 
 
 class KernelAborted(RuntimeError):
     """The kernel gave up at a barrier: not every block could be resident. The request can be rerun."""
 
 
-_WEIGHT_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
+WEIGHT_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
 
 
 @functools.cache
@@ -892,7 +896,7 @@ def _header(
 ) -> str:
     cfg = scheduler.config
     defines = {
-        "WT": _WEIGHT_TYPES[dtype],
+        "WT": WEIGHT_TYPES[dtype],
         "THREADS": THREADS,
         "WARPS": THREADS // 32,
         "BATCH": program.batch,
@@ -924,7 +928,7 @@ def _header(
     defines |= {f"S_{name}": i for i, name in enumerate(SOURCE_FIELDS)}
     defines |= {f"R_{name}": i for i, name in enumerate(ROWSET_FIELDS)}
     defines_text = "".join(f"#define {name} {value}\n" for name, value in defines.items())
-    return defines_text + _HELPERS + _row_products(program)
+    return defines_text + DEVICE_COMMON + _HELPERS + _row_products(program)
 
 
 def _row_products(program: _Program) -> str:
@@ -1015,7 +1019,7 @@ class CudaSampler:
         if not self._dtype_params.same(params):
             dtypes = {a.dtype for a in params}
             only = dtypes.pop() if len(dtypes) == 1 else None
-            self._params_dtype = only if only in _WEIGHT_TYPES else None
+            self._params_dtype = only if only in WEIGHT_TYPES else None
             self._dtype_params.remember(params)
         return self._params_dtype
 
@@ -1102,7 +1106,7 @@ class CudaSampler:
         blocks = sm_count()
         # One kernel in flight per process: two persistent grids sharing the SMs (a model warming up
         # during a hot swap while another serves) could each hold blocks the other's barrier waits for.
-        with _LAUNCH_LOCK:
+        with LAUNCH_LOCK:
             start = time.perf_counter()
             _, sync, out = kernel(
                 inputs=[table, _float32(x), films, _float32(step_noise), coeffs, weights],

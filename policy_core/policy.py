@@ -5,8 +5,8 @@ goes through a ResNet18-GN encoder, every ``low_dim`` key is used as is, and the
 concatenated in ``shape_meta.obs`` order and flattened over the ``n_obs_steps`` axis, as upstream.
 
 Inference is built for latency: the FiLM conditioning's step part is computed once per schedule and its
-observation part once per request, in one product for all blocks (on CUDA with the image trunks in
-``vision_cuda``'s two kernels per convolution).
+observation part once per request, in one product for all blocks (on CUDA with the image trunks as
+``vision_cuda``'s one persistent kernel).
 On CUDA the whole denoising loop is then one persistent kernel (``cuda_sampler``, for
 batches whose trajectory fits it); elsewhere the UNet runs in a form built for batch 1 (``unet_inference``
 on CPU and Metal, ``unet_cuda`` on CUDA beyond the kernel's batch sizes) in ``mx.compile``d chunks of up
@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from policy_core import unet_cuda, unet_inference, vision_cuda
+from policy_core import cuda_sampler, unet_cuda, unet_inference, vision_cuda
 from policy_core.config import PolicyConfig
 from policy_core.cuda_sampler import CudaSampler, KernelAborted
 from policy_core.normalizer import LinearNormalizer
@@ -294,7 +294,8 @@ class DiffusionUnetPolicy(nn.Module):
             chunk = slice(start, min(start + STEPS_PER_CALL, num_steps))
             x = self._compiled[kind](x, films[chunk], step_noise[chunk], coeffs[chunk])
         outputs = finish(x)
-        mx.eval(*outputs)
+        with cuda_sampler.LAUNCH_LOCK:  # the conditioning may hold vision_cuda's persistent kernel
+            mx.eval(*outputs)
         return outputs
 
     def sample_noise(self, batch: int, num_steps: int, seed: int | None = None) -> tuple[mx.array, mx.array]:

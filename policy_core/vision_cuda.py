@@ -1,162 +1,731 @@
-"""The image encoder's ResNet18-GN trunk on MLX's CUDA backend, for inference: two kernels per convolution.
+"""The image encoder's ResNet18-GN trunk on MLX's CUDA backend, for inference: one persistent kernel.
 
-On CUDA the module trunk costs ~1.5 ms for two 84x84 images on an H200, a chain of ~60 small kernels
-(cuDNN convolutions and GroupNorm's reductions and elementwise passes), not arithmetic
-(benchmarks/NOTES.md). Here each 3x3 or 1x1 convolution of the BasicBlocks is
+On CUDA the module trunk is a chain of ~60 small kernels (cuDNN convolutions, GroupNorm's reductions and
+elementwise passes), and a request pays MLX's host cost for each: ~1.5 ms for two 84x84 images on an
+H200, for ~0.3 G multiply-adds an image and 22 MB of bf16 weights (benchmarks/NOTES.md). Here the whole
+trunk is one kernel launch, built like ``cuda_sampler``'s: one thread block per SM walks a program of
+phases with a grid-wide barrier between them. A phase
 
-1. one cuBLAS product ``x (N*H*W, in) @ W (out*kh*kw, in)^T`` giving every tap's contribution at every
-   input pixel (MLX's (out, kh, kw, in) weight is that matrix as a free view), and
-2. one kernel that sums the taps landing on each output pixel (stride and zero padding) and applies
-   GroupNorm [+ the residual] [+ ReLU], one thread block per (group, image).
+1. computes one or two convolutions that read the same input (a BasicBlock's first one and its 1x1
+   downsample) in *items* of (image, output rows, output channels), spread round-robin over the blocks.
+   An item stages the input window it reads in shared memory (zero padding included), building it from
+   earlier phases' outputs: GroupNorm (statistics combined from the producer's per-item partials) + ReLU
+   [+ the residual, itself plain or GroupNorm'd] as it loads, while its weight rows are copied to shared
+   memory asynchronously. Each thread then sums CT output channels x PT pixels over a contiguous slice
+   of a weight row (MLX's (out, kh, kw, in) layout: one kernel row's taps and input channels are
+   contiguous in the weights and in the staged window), the block adds its slices, and writes the raw
+   outputs and, per group of GroupNorm channels in the item, their (mean, sum of squared deviations).
+   Where an item's input is a BasicBlock's output, items of the first channel tile also write it out:
+   the next block's residual.
+2. or applies the stem's GroupNorm + ReLU and 3x3 max pooling, or the last block's GroupNorm + residual +
+   ReLU into the kernel's output.
 
-The stem's 7x7 convolution stays MLX's (its taps would be 49 per pixel); its GroupNorm + ReLU is the same
-kernel over its output. Same parameters and results as ``ResNet18Trunk`` (tests/test_vision.py, on a
-GPU); no gradients (the custom kernels have none), so only the inference conditioning uses it.
+The tile shapes are chosen per convolution by a rough cost model (``_tiling``); the program is compiled
+by NVRTC per input shape, batch size and dtype (15-20 s on first use; MLX keeps the result on disk).
+Activations and arithmetic are float32 whatever the weights' dtype. Same parameters and results as
+``ResNet18Trunk`` (tests/test_vision.py, on a GPU); no gradients, so only the inference conditioning uses
+it. The barrier needs every block resident: one kernel of this kind or the sampler's runs at a time per
+process (a caller evaluates it under ``cuda_sampler.LAUNCH_LOCK``), and a barrier that waits past
+``cuda_sampler.TIMEOUT_S`` ends the kernel with NaN features rather than hanging.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+from dataclasses import dataclass
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from policy_core import unet_cuda
+from policy_core import cuda_sampler, unet_cuda
 from policy_core.vision import BasicBlock, ResNet18Trunk
 
-# z: taps (B, H, W, CH, KH * KW) at the input pixels; out: (B, HO, WO, CH). One block per (group, image);
-# each thread keeps its PER values in registers between the statistics and the output where PER <= 32,
-# and sums their taps again where it has more (the stem's GroupNorm: one tap each).
-_NORM2D_SOURCE = """
-  constexpr int CG = CH / GROUPS;
-  constexpr int N = HO * WO * CG;
-  constexpr int PER = (N + THREADS - 1) / THREADS;
-  constexpr bool KEEP = PER <= 32;
-  const int g = blockIdx.x, b = blockIdx.y;
-  __shared__ float scratch[32];
-  auto value = [&](int i) {
-    const int pixel = i / CG, ch = g * CG + i % CG, oy = pixel / WO, ox = pixel % WO;
-    float v = 0.f;
-    for (int ky = 0; ky < KH; ++ky) {
-      const int iy = oy * STRIDE + ky - PAD;
-      if (iy < 0 || iy >= H) continue;
-      for (int kx = 0; kx < KW; ++kx) {
-        const int ix = ox * STRIDE + kx - PAD;
-        if (ix < 0 || ix >= W) continue;
-        v += static_cast<float>(z[((((size_t)b * H + iy) * W + ix) * CH + ch) * (KH * KW) + ky * KW + kx]);
+THREADS = 256
+MAX_GROUPS = 64  # GroupNorm groups per tensor: a block keeps their (mean, rstd) in shared memory
+MAX_PARTIALS = 512  # a tensor's statistics partials per image, loaded into shared memory at once
+MAX_CHANNELS = 2 * THREADS  # a thread holds two channels' GroupNorm terms
+SCRATCH_FLOATS = 4 * (MAX_PARTIALS + MAX_GROUPS)  # two tensors' partials and group terms
+ROUND_TRIP = 1500  # the cost model's L2 round trip, in issue cycles
+
+# C++ aggregates of the phase records: a convolution's output with its GroupNorm, and a phase's input.
+_SOURCE = r"""
+struct Raw {
+  const float* data;
+  const float2* stats;  // per (image, row tile, unit of channels): (mean, M2)
+  int h, w, c, tiles, tile_rows, unit, group;
+  const AT* gamma;
+  const AT* beta;
+  float eps;
+};
+
+// mode 0: plain; 1: relu(gn(raw)); 2: relu(gn(raw) + plain); 3: relu(gn(raw) + gn(id)); 4: the input.
+struct Src {
+  int mode;
+  const float* plain;
+  const AT* input;
+  Raw raw;
+  Raw id;
+  float* mat;  // where items of the first channel tile also write what they stage (mode 2, 3)
+};
+
+// GroupNorm of image n as per-channel terms a * x + b (at aff + 2kC and aff + (2k + 1)C) of `count` (1 or
+// 2) tensors of C channels at once: a source's input and its GroupNorm'd residual. Every thread first
+// loads its share of the producers' partials and its channels' gamma and beta (one L2 round trip), then
+// one warp per group combines the partials (mean = sum n_i m_i / N, M2 = sum M2_i + n_i (m_i - mean)^2),
+// then one thread per channel computes the terms.
+__device__ void norm_terms(const Raw (&raws)[2], int count, int n, float* aff, float* scratch) {
+  constexpr int CPT = 2;  // channels per thread (C <= 512)
+  const int c = raws[0].c, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  float2* loaded = reinterpret_cast<float2*>(scratch);
+  float* terms = scratch + 4 * MAX_PARTIALS;
+  float gb[2][CPT][2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    if (k >= count) break;
+    const Raw& r = raws[k];
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      const int ch = tid + j * THREADS;
+      gb[k][j][0] = ch < c ? as_float(r.gamma[ch]) : 0.f;
+      gb[k][j][1] = ch < c ? as_float(r.beta[ch]) : 0.f;
+    }
+    const int partials = r.tiles * (c / r.unit);
+    for (int i = tid; i < partials; i += THREADS)
+      loaded[k * MAX_PARTIALS + i] = __ldcg(r.stats + (size_t)n * partials + i);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    if (k >= count) break;
+    const Raw& r = raws[k];
+    const int per_group = r.group / r.unit, units = c / r.unit;
+    const float2* p = loaded + k * MAX_PARTIALS;
+    for (int g = warp; g < c / r.group; g += THREADS / 32) {
+      float weighted = 0.f, total = 0.f;
+      for (int i = lane; i < r.tiles * per_group; i += 32) {
+        const int t = i / per_group;
+        const float nb = (float)(min(r.tile_rows, r.h - t * r.tile_rows) * r.w * r.unit);
+        weighted += nb * p[t * units + g * per_group + i % per_group].x;
+        total += nb;
+      }
+      total = warp_sum(total);
+      const float mean = warp_sum(weighted) / total;
+      float m2 = 0.f;
+      for (int i = lane; i < r.tiles * per_group; i += 32) {
+        const int t = i / per_group;
+        const float nb = (float)(min(r.tile_rows, r.h - t * r.tile_rows) * r.w * r.unit);
+        const float2 s = p[t * units + g * per_group + i % per_group];
+        m2 += s.y + nb * (s.x - mean) * (s.x - mean);
+      }
+      m2 = warp_sum(m2);
+      if (lane == 0) {
+        terms[2 * (k * MAX_GROUPS + g)] = mean;
+        terms[2 * (k * MAX_GROUPS + g) + 1] = rsqrtf(m2 / total + r.eps);
       }
     }
-    return v;
-  };
-  float vals[KEEP ? PER : 1];
-  float s = 0.f;
-  for (int j = 0; j < PER; ++j) {
-    const int i = threadIdx.x + j * THREADS;
-    const float v = i < N ? value(i) : 0.f;
-    if (KEEP) vals[j] = v;
-    s += v;
   }
-  const float mean = block_sum(s, scratch) / N;
-  float q = 0.f;
-  for (int j = 0; j < PER; ++j) {
-    const int i = threadIdx.x + j * THREADS;
-    if (i >= N) break;
-    const float d = (KEEP ? vals[j] : value(i)) - mean;
-    q += d * d;
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    if (k >= count) break;
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      const int ch = tid + j * THREADS;
+      if (ch >= c) break;
+      const float* t = terms + 2 * (k * MAX_GROUPS + ch / raws[k].group);
+      const float scale = t[1] * gb[k][j][0];
+      aff[2 * k * c + ch] = scale;
+      aff[(2 * k + 1) * c + ch] = gb[k][j][1] - t[0] * scale;
+    }
   }
-  const float rstd = rsqrtf(block_sum(q, scratch) / N + (float)EPS);
-  for (int j = 0; j < PER; ++j) {
-    const int i = threadIdx.x + j * THREADS;
-    if (i >= N) break;
-    const int pixel = i / CG, ch = g * CG + i % CG;
-    const size_t at = ((size_t)b * HO * WO + pixel) * CH + ch;
-    float v = ((KEEP ? vals[j] : value(i)) - mean) * rstd * static_cast<float>(gamma[ch]);
-    v += static_cast<float>(beta[ch]);
-    if (RES) v += static_cast<float>(res[at]);
-    if (RELU) v = fmaxf(v, 0.f);
-    out[at] = static_cast<T>(v);
+  __syncthreads();
+}
+
+// aff: (a, b) of the raw input, then of a GroupNorm'd residual, C floats each.
+__device__ void source_terms(const Src& src, int n, float* aff, float* scratch) {
+  if (src.mode >= 1 && src.mode <= 3) norm_terms({src.raw, src.id}, src.mode == 3 ? 2 : 1, n, aff, scratch);
+}
+
+template <int CW>
+__device__ __forceinline__ void source_load(const Src& src, size_t at, float* v, float* id) {
+  if (src.mode == 4) {
+#pragma unroll
+    for (int i = 0; i < CW; ++i) v[i] = as_float(src.input[at + i]);
+  } else {
+    load_cg<CW>((src.mode == 0 ? src.plain : src.raw.data) + at, v);
+    if (src.mode == 2) load_cg<CW>(src.plain + at, id);
+    if (src.mode == 3) load_cg<CW>(src.id.data + at, id);
   }
+}
+
+template <int CW>
+__device__ __forceinline__ void source_finish(const Src& src, int ch, const float* aff, float* v,
+                                              const float* id) {
+  if (src.mode == 0 || src.mode == 4) return;
+  const int c = src.raw.c;
+#pragma unroll
+  for (int i = 0; i < CW; ++i) {
+    float residual = src.mode == 2 ? id[i] : 0.f;
+    if (src.mode == 3) residual = aff[2 * c + ch + i] * id[i] + aff[3 * c + ch + i];
+    v[i] = fmaxf(aff[ch + i] * v[i] + aff[c + ch + i] + residual, 0.f);
+  }
+}
+
+// Rows iy0 .. iy0 + RW - 1, columns ix0 .. ix0 + WP - 1 of image n of the source, zero outside the image,
+// CIP floats a pixel. A thread issues the loads of BATCH positions before it transforms and stores any
+// (their round trips overlap).
+template <int H, int W, int CI, int RW, int WP, int CIP>
+__device__ void stage_window(const Src& src, int n, int iy0, int ix0, const float* aff, float* xs, bool mat) {
+  constexpr int CW = CI % 4 == 0 ? 4 : 1, Q = CI / CW, TOTAL = RW * WP * Q, BATCH = 8;
+  for (int e0 = threadIdx.x; e0 < TOTAL; e0 += BATCH * THREADS) {
+    float v[BATCH][CW] = {}, id[BATCH][CW];
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) {
+      const int e = e0 + u * THREADS, col = (e / Q) % WP, iy = iy0 + e / (Q * WP), ix = ix0 + col;
+      if (e < TOTAL && iy >= 0 && iy < H && ix >= 0 && ix < W)
+        source_load<CW>(src, (((size_t)n * H + iy) * W + ix) * CI + (e % Q) * CW, v[u], id[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) {
+      const int e = e0 + u * THREADS, ch = (e % Q) * CW, col = (e / Q) % WP, row = e / (Q * WP);
+      const int iy = iy0 + row, ix = ix0 + col;
+      if (e >= TOTAL) break;
+      if (iy >= 0 && iy < H && ix >= 0 && ix < W) {
+        source_finish<CW>(src, ch, aff, v[u], id[u]);
+        if (mat) store<CW>(src.mat + (((size_t)n * H + iy) * W + ix) * CI + ch, v[u]);
+      }
+      store<CW>(xs + (row * WP + col) * CIP + ch, v[u]);
+    }
+  }
+}
+
+__device__ __forceinline__ void copy_async(void* to_shared, const void* from) {
+  const unsigned int to = static_cast<unsigned int>(__cvta_generic_to_shared(to_shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(from) : "memory");
+}
+
+// VEC weights from shared memory as floats.
+template <int VEC>
+__device__ __forceinline__ void load_weights(const AT* p, float* w) {
+  if constexpr (VEC == 1) {
+    w[0] = as_float(p[0]);
+  } else if constexpr (sizeof(AT) == 2) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const unsigned int bits[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const unsigned short h = i % 2 ? bits[i / 2] >> 16 : bits[i / 2] & 0xffffu;
+      w[i] = as_float(*reinterpret_cast<const AT*>(&h));
+    }
+  } else {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+  }
+}
+
+// A KxK convolution, stride S, zero padding P, no bias, (NIMG, H, W, CI) -> raw (NIMG, HO, WO, CO) and
+// its partial statistics. This block's items are those of begin .. begin + ITEMS - 1 it is dealt of the
+// phase's `total`. An item's weights (NT rows, contiguous) are copied to shared memory asynchronously
+// while its window is staged. Threads: CG channel groups x PG pixel groups x KS slices of a weight row.
+template <int H, int W, int CI, int K, int S, int P, int CO, int HO, int WO,
+          int TR, int NT, int CT, int PT, int KS, int VEC, int UNIT, int XS>
+__device__ void conv_phase(const Src& src, const AT* __restrict__ w, float* out, float2* stats,
+                           float* smem, int begin, int total) {
+  constexpr int RT = (HO + TR - 1) / TR, CTILES = CO / NT, ITEMS = NIMG * RT * CTILES;
+  constexpr int RW = (TR - 1) * S + K, WP = (WO - 1) * S + K, PIX = TR * WO;
+  constexpr int CG = NT / CT, PG = (PIX + PT - 1) / PT, ACTIVE = CG * PG * KS;
+  constexpr int SPAN = K * CI, CHUNK = SPAN / KS;
+  // With vector loads, weight rows in shared memory start an odd number of 16 bytes apart and the window's
+  // pixels 16 bytes more than their channels: the rows and pixels a warp reads at once fall in different
+  // banks (unpadded, a 64-channel layer's loads conflicted 16 ways).
+  constexpr int ROW_BYTES = K * SPAN * (int)sizeof(AT);
+  constexpr int PITCH_BYTES = VEC > 1 ? ((ROW_BYTES + 15) / 16 | 1) * 16 : ROW_BYTES;
+  constexpr int PITCH = PITCH_BYTES / (int)sizeof(AT), CIP = VEC > 1 ? CI + 4 : CI;
+  static_assert(ACTIVE <= THREADS && SPAN % KS == 0 && CHUNK % VEC == 0 && CO % NT == 0);
+  float* aff = smem;
+  float* scratch = aff + 4 * CI;
+  float* xs = scratch + SCRATCH_FLOATS;
+  AT* wsm = reinterpret_cast<AT*>(xs + XS);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int cg = tid % CG, pg = (tid / CG) % PG, ks = tid / (CG * PG);
+  int terms_for = -1;
+  for (int item = blockIdx.x; item < total; item += gridDim.x) {
+    const int it = item - begin;
+    if (it < 0 || it >= ITEMS) continue;
+    const int ct = it % CTILES, rt = (it / CTILES) % RT, n = it / (CTILES * RT);
+    const int oy0 = rt * TR, pixels = min(TR, HO - oy0) * WO;
+    if (n != terms_for) {
+      source_terms(src, n, aff, scratch);
+      terms_for = n;
+    }
+    const AT* wsrc = w + (size_t)ct * NT * K * SPAN;
+    if constexpr (VEC > 1) {
+      constexpr int PER_ROW = ROW_BYTES / 16;
+      for (int i = tid; i < NT * PER_ROW; i += THREADS)
+        copy_async(reinterpret_cast<char*>(wsm) + (i / PER_ROW) * PITCH_BYTES + (i % PER_ROW) * 16,
+                   reinterpret_cast<const char*>(wsrc) + 16 * i);
+    } else if constexpr (NT * ROW_BYTES % 16 == 0) {
+      for (int i = tid; i < NT * ROW_BYTES / 16; i += THREADS)
+        copy_async(reinterpret_cast<char*>(wsm) + 16 * i, reinterpret_cast<const char*>(wsrc) + 16 * i);
+    } else {
+#pragma unroll 4
+      for (int i = tid; i < NT * K * SPAN; i += THREADS)
+        wsm[(i / (K * SPAN)) * PITCH + i % (K * SPAN)] = __ldg(wsrc + i);
+    }
+    stage_window<H, W, CI, RW, WP, CIP>(src, n, oy0 * S - P, -P, aff, xs, ct == 0 && src.mat != nullptr);
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+    float acc[PT][CT] = {};
+    if (tid < ACTIVE) {
+      int base[PT];
+#pragma unroll
+      for (int p = 0; p < PT; ++p) {
+        const int pix = pg + p * PG, q = pix < pixels ? pix : 0;
+        base[p] = ((q / WO) * S * WP + (q % WO) * S) * CIP;
+      }
+      const AT* wrow = wsm + cg * CT * PITCH + ks * CHUNK;
+#pragma unroll 1
+      for (int ky = 0; ky < K; ++ky) {
+        const float* xk = xs + ky * WP * CIP;
+        const AT* wk = wrow + ky * SPAN;
+#pragma unroll 2
+        for (int j = 0; j < CHUNK; j += VEC) {
+          // (kx, ci) of this step: contiguous in a weight row, CIP floats a pixel in the window
+          const int span_at = ks * CHUNK + j, at = span_at + span_at / CI * (CIP - CI);
+          float wv[CT][VEC];
+#pragma unroll
+          for (int c = 0; c < CT; ++c) load_weights<VEC>(wk + c * PITCH + j, wv[c]);
+#pragma unroll
+          for (int p = 0; p < PT; ++p) {
+            float xv[VEC];
+            load_staged<VEC>(xk + base[p] + at, xv);
+#pragma unroll
+            for (int c = 0; c < CT; ++c)
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) acc[p][c] = fmaf(xv[v], wv[c][v], acc[p][c]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the window is read: its space takes the output tile and the slices' sums
+    float* tile = xs;
+    float* part = KS == 1 ? tile : xs + PIX * NT;
+    if (tid < ACTIVE) {
+#pragma unroll
+      for (int p = 0; p < PT; ++p) {
+        const int pix = pg + p * PG;
+        if (pix >= pixels) continue;
+#pragma unroll
+        for (int c = 0; c < CT; ++c) part[(ks * PIX + pix) * NT + cg * CT + c] = acc[p][c];
+      }
+    }
+    __syncthreads();
+    if (KS > 1) {
+      for (int e = tid; e < pixels * NT; e += THREADS) {
+        float s = 0.f;
+        for (int k = 0; k < KS; ++k) s += part[k * PIX * NT + e];
+        tile[e] = s;
+      }
+      __syncthreads();
+    }
+    for (int e = tid; e < pixels * NT; e += THREADS)
+      out[(((size_t)n * HO + oy0) * WO + e / NT) * CO + ct * NT + e % NT] = tile[e];
+    for (int u = warp; u < NT / UNIT; u += THREADS / 32) {
+      const int count = pixels * UNIT;
+      float s = 0.f;
+      for (int i = lane; i < count; i += 32) s += tile[(i / UNIT) * NT + u * UNIT + i % UNIT];
+      const float mean = warp_sum(s) / count;
+      float m2 = 0.f;
+      for (int i = lane; i < count; i += 32) {
+        const float d = tile[(i / UNIT) * NT + u * UNIT + i % UNIT] - mean;
+        m2 += d * d;
+      }
+      m2 = warp_sum(m2);
+      if (lane == 0)
+        stats[((size_t)n * RT + rt) * (CO / UNIT) + ct * (NT / UNIT) + u] = make_float2(mean, m2);
+    }
+    __syncthreads();
+  }
+}
+
+// Elementwise phases split each image into gridDim / NIMG pieces (at least one).
+#define FOR_PIECES(E, STEP)                                                         \
+  const int pieces = max(1, (int)gridDim.x / NIMG), per = ((E) / (STEP) + pieces - 1) / pieces; \
+  int terms_for = -1;                                                               \
+  for (int item = blockIdx.x; item < NIMG * pieces; item += gridDim.x)
+
+// relu(GroupNorm(stem)) then 3x3 max pooling, stride 2, padding 1: (NIMG, H, W, C) -> (NIMG, PH, PW, C).
+template <int H, int W, int C, int PH, int PW>
+__device__ void pool_phase(const Raw& r, float* out, float* smem) {
+  float* aff = smem;
+  float* scratch = aff + 4 * C;
+  constexpr int E = PH * PW * C;
+  FOR_PIECES(E, 1) {
+    const int n = item / pieces, piece = item % pieces;
+    if (n != terms_for) {
+      norm_terms({r, r}, 1, n, aff, scratch);
+      terms_for = n;
+    }
+    for (int e = piece * per + threadIdx.x; e < min(E, (piece + 1) * per); e += THREADS) {
+      const int ch = e % C, px = (e / C) % PW, py = e / (C * PW);
+      float m = 0.f;  // the max of ReLU outputs, every window holding at least one pixel
+      for (int ky = 0; ky < 3; ++ky) {
+        const int iy = py * 2 - 1 + ky;
+        if (iy < 0 || iy >= H) continue;
+        for (int kx = 0; kx < 3; ++kx) {
+          const int ix = px * 2 - 1 + kx;
+          if (ix < 0 || ix >= W) continue;
+          const float v = __ldcg(r.data + (((size_t)n * H + iy) * W + ix) * C + ch);
+          m = fmaxf(m, aff[ch] * v + aff[C + ch]);
+        }
+      }
+      out[(size_t)n * E + e] = m;
+    }
+  }
+}
+
+// The last BasicBlock's output into the kernel's output, in its dtype.
+template <int H, int W, int C>
+__device__ void final_phase(const Src& src, AT* out, float* smem) {
+  float* aff = smem;
+  float* scratch = aff + 4 * C;
+  constexpr int E = H * W * C;
+  static_assert(C % 4 == 0);
+  FOR_PIECES(E, 4) {
+    const int n = item / pieces, piece = item % pieces;
+    if (n != terms_for) {
+      source_terms(src, n, aff, scratch);
+      terms_for = n;
+    }
+    for (int q = piece * per + threadIdx.x; q < min(E / 4, (piece + 1) * per); q += THREADS) {
+      const size_t at = (size_t)n * E + q * 4;
+      float v[4], id[4];
+      source_load<4>(src, at, v, id);
+      source_finish<4>(src, (q * 4) % C, aff, v, id);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[at + i] = static_cast<AT>(v[i]);
+    }
+  }
+}
+"""
+
+_BODY = r"""
+  extern __shared__ float smem[];
+  __shared__ int ok;
+  unsigned int generation = 0;
+  // out stays NaN unless every phase ran: a kernel that gave up at a barrier can't pass for features.
+  if (blockIdx.x == 0)
+    for (int i = threadIdx.x; i < OUT_SIZE; i += THREADS)
+      out[i] = static_cast<AT>(__int_as_float(0x7fc00000));
 """
 
 
+@dataclass(frozen=True)
+class _Raw:
+    """A convolution's output (images, h, w, c) in the workspace at ``slot``, its GroupNorm partials at
+    ``stats`` (per image, row tile and ``unit`` channels), and the GroupNorm that follows it."""
+
+    slot: int
+    stats: int
+    h: int
+    w: int
+    c: int
+    tiles: int
+    tile_rows: int
+    unit: int
+    norm: int  # index of the norm's (gamma, beta) kernel inputs
+    group: int
+    eps: float
+
+    def cpp(self) -> str:
+        return (
+            f"Raw{{ws + {self.slot}, reinterpret_cast<const float2*>(ws + {self.stats}), {self.h}, "
+            f"{self.w}, {self.c}, {self.tiles}, {self.tile_rows}, {self.unit}, {self.group}, g{self.norm}, "
+            f"b{self.norm}, {self.eps!r}f}}"
+        )
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What a phase reads, (images, h, w, c): see the kernel's ``Src``."""
+
+    mode: int
+    h: int
+    w: int
+    c: int
+    plain: int = -1  # mode 0: the tensor; mode 2: the residual
+    raw: _Raw | None = None
+    id: _Raw | None = None
+    mat: int = -1
+
+    def cpp(self) -> str:
+        def ws(slot: int) -> str:
+            return "nullptr" if slot < 0 else f"ws + {slot}"
+
+        raws = [r.cpp() if r else "Raw{}" for r in (self.raw, self.id)]
+        return (
+            f"Src{{{self.mode}, {ws(self.plain)}, {'x' if self.mode == 4 else 'nullptr'}, {raws[0]}, "
+            f"{raws[1]}, {ws(self.mat)}}}"
+        )
+
+
+@dataclass(frozen=True)
+class _Tiling:
+    rows: int  # output rows per item (TR)
+    channels: int  # output channels per item (NT)
+    thread_channels: int  # CT
+    thread_pixels: int  # PT
+    splits: int  # KS: slices of a weight row
+    vec: int
+    unit: int  # channels per statistics partial
+    window: int  # floats of the staged window or the output tile, whichever is larger (XS)
+
+
+def _pitch_bytes(row_bytes: int, vec: int) -> int:
+    """A weight row's pitch in shared memory, as the kernel's PITCH_BYTES."""
+    return (-(-row_bytes // 16) | 1) * 16 if vec > 1 else row_bytes
+
+
+@functools.cache
+def _tiling(
+    images: int,
+    ci: int,
+    k: int,
+    s: int,
+    co: int,
+    ho: int,
+    wo: int,
+    group: int,
+    blocks: int,
+    itemsize: int,
+    shared_bytes: int,
+) -> _Tiling:
+    """The cheapest tiling of one convolution by a rough model of a block's time per item (thread
+    instructions issued for at least four warps a cycle, the staging's batches of L2 round trips, fixed
+    costs) times the rounds of items over the blocks, within ``shared_bytes``."""
+    vec = 8 if ci % 8 == 0 else 1
+    span = k * ci
+    cw = 4 if ci % 4 == 0 else 1
+    best, best_cost = None, float("inf")
+    for ct in (1, 2, 4):
+        for nt in range(ct, co + 1, ct):
+            weight_bytes = nt * _pitch_bytes(k * span * itemsize, vec)
+            if co % nt or not (nt % group == 0 or group % nt == 0):
+                continue
+            for tr in range(1, ho + 1):
+                tiles = -(-ho // tr)
+                if tiles * co // min(nt, group) > MAX_PARTIALS:
+                    continue
+                rounds = -(-images * tiles * (co // nt) // blocks)
+                stage = ((tr - 1) * s + k) * ((wo - 1) * s + k) * (ci + 4 if vec > 1 else ci)
+                staging = -(-stage // (cw * THREADS * 8)) * ROUND_TRIP + stage / cw / THREADS * 24
+                pix = tr * wo
+                for ks in range(1, span // vec + 1):
+                    if (span // vec) % ks:
+                        continue
+                    tile = (1 + (ks if ks > 1 else 0)) * pix * nt
+                    window = -(-max(stage, tile) // 4) * 4
+                    if (4 * ci + SCRATCH_FLOATS + window) * 4 + weight_bytes > shared_bytes:
+                        continue
+                    for pt in range(1, 9):
+                        pg = -(-pix // pt)
+                        active = (nt // ct) * pg * ks
+                        if active > THREADS or ct * pt > 16:
+                            continue
+                        steps = k * span // ks // vec
+                        loads = ct * max(1, vec * itemsize // 16) + pt * (2 if vec == 8 else 1)
+                        # issue-bound at 4 warps a cycle, plus a latency term that more warps hide
+                        compute = steps * (ct * pt * vec + loads) * (-(-active // 32) / 4 + 1)
+                        output = (ks + 4) * pix * nt / THREADS * 2 + weight_bytes / 16 / THREADS * 4
+                        cost = rounds * (compute + staging + output + 2 * ROUND_TRIP)
+                        if cost < best_cost:
+                            best_cost = cost
+                            best = _Tiling(tr, nt, ct, pt, ks, vec, min(nt, group), window)
+    if best is None:
+        raise ValueError(f"no tiling of a {k}x{k} convolution of {ci} -> {co} channels fits shared memory")
+    return best
+
+
+class _Program:
+    """The phases of the trunk for (images, h, w, c) inputs, as C++ calls, and its kernel inputs."""
+
+    def __init__(
+        self,
+        module: ResNet18Trunk,
+        shape: tuple[int, int, int, int],
+        blocks: int,
+        itemsize: int,
+        shared_bytes: int,
+    ):
+        self.images, h, w, c = shape
+        self.blocks, self.itemsize, self.shared_bytes = blocks, itemsize, shared_bytes
+        self.layers = 0  # convolutions, in the order of ``_layers``
+        self.phases: list[str] = []
+        self.ws_size = 0
+        self.shared_floats = 0
+        stem = self._conv_phase(_Source(4, h, w, c), [(module.conv1, module.bn1)])[0]
+        ph, pw = (stem.h - 1) // 2 + 1, (stem.w - 1) // 2 + 1
+        pooled = self._alloc(ph * pw * stem.c)
+        pool = f"pool_phase<{stem.h}, {stem.w}, {stem.c}, {ph}, {pw}>"
+        self.phases.append(f"{pool}({stem.cpp()}, ws + {pooled}, smem);")
+        self.shared_floats = max(self.shared_floats, 4 * stem.c + SCRATCH_FLOATS)
+        source = _Source(0, ph, pw, stem.c, plain=pooled)
+        for block in module.layer1 + module.layer2 + module.layer3 + module.layer4:
+            source = self._basic_block(source, block)
+        self.out_shape = (self.images, source.h, source.w, source.c)
+        self.phases.append(f"final_phase<{source.h}, {source.w}, {source.c}>({source.cpp()}, out, smem);")
+        self.shared_floats = max(self.shared_floats, 4 * source.c + SCRATCH_FLOATS)
+
+    def _alloc(self, floats_per_image: int) -> int:
+        slot = self.ws_size
+        self.ws_size += -(-floats_per_image * self.images // 4) * 4  # 16-byte aligned
+        return slot
+
+    def _basic_block(self, source: _Source, block: BasicBlock) -> _Source:
+        pairs = [(block.conv1, block.bn1)]
+        if "downsample" in block:
+            pairs.append(tuple(block.downsample))
+        if source.mode in (2, 3):  # the previous block's output: also written out, as this one's residual
+            source = _Source(source.mode, source.h, source.w, source.c, source.plain, source.raw, source.id,
+                             mat=self._alloc(source.h * source.w * source.c))  # fmt: skip
+            residual = source.mat
+        else:
+            residual = source.plain
+        raws = self._conv_phase(source, pairs)
+        first = raws[0]
+        normed = _Source(1, first.h, first.w, first.c, raw=first)
+        out = self._conv_phase(normed, [(block.conv2, block.bn2)])[0]
+        if len(raws) == 2:
+            return _Source(3, out.h, out.w, out.c, raw=out, id=raws[1])
+        return _Source(2, out.h, out.w, out.c, plain=residual, raw=out)
+
+    def _conv_phase(self, source: _Source, pairs: list[tuple[nn.Conv2d, nn.GroupNorm]]) -> list[_Raw]:
+        calls, raws, begin = [], [], 0
+        staged = np.zeros((source.h, source.w), dtype=bool)  # what the items of channel tile 0 stage
+        for conv, norm in pairs:
+            co, k, _, ci = conv.weight.shape
+            s, p = conv.stride[0], conv.padding[0]
+            ho, wo = (source.h + 2 * p - k) // s + 1, (source.w + 2 * p - k) // s + 1
+            group = co // norm.num_groups
+            shape = (self.images, ci, k, s, co, ho, wo, group)
+            t = _tiling(*shape, self.blocks, self.itemsize, self.shared_bytes)
+            tiles = -(-ho // t.rows)
+            self.layers += 1
+            raw = _Raw(
+                slot=self._alloc(ho * wo * co),
+                stats=self._alloc(2 * tiles * co // t.unit),
+                h=ho, w=wo, c=co, tiles=tiles, tile_rows=t.rows, unit=t.unit,
+                norm=self.layers - 1, group=group, eps=norm.eps,
+            )  # fmt: skip
+            args = [source.h, source.w, ci, k, s, p, co, ho, wo, t.rows, t.channels, t.thread_channels,
+                    t.thread_pixels, t.splits, t.vec, t.unit, t.window]  # fmt: skip
+            calls.append(
+                f"conv_phase<{', '.join(map(str, args))}>(src, w{self.layers - 1}, ws + {raw.slot}, "
+                f"reinterpret_cast<float2*>(ws + {raw.stats}), smem, {begin}, TOTAL);"
+            )
+            begin += self.images * tiles * (co // t.channels)
+            for tile in range(tiles):
+                top = tile * t.rows * s - p
+                staged[max(0, top) : top + (t.rows - 1) * s + k, max(0, -p) : -p + (wo - 1) * s + k] = True
+            weights = -(-t.channels * _pitch_bytes(k * k * ci * self.itemsize, t.vec) // 4)
+            self.shared_floats = max(self.shared_floats, 4 * ci + SCRATCH_FLOATS + t.window + weights)
+            raws.append(raw)
+        if source.mat >= 0 and not staged.all():
+            raise AssertionError("a block output written out by the items that stage it would miss pixels")
+        body = "\n    ".join(call.replace("TOTAL", str(begin)) for call in calls)
+        self.phases.append(f"{{\n    const Src src = {source.cpp()};\n    {body}\n  }}")
+        return raws
+
+    def body(self) -> str:
+        barrier = "\n  if (!grid_barrier(sync, &ok, generation)) return;\n  "
+        return _BODY + "  " + barrier.join(self.phases) + "\n"
+
+    def header(self, dtype: mx.Dtype) -> str:
+        defines = {
+            "AT": cuda_sampler.WEIGHT_TYPES[dtype],
+            "THREADS": THREADS,
+            "NIMG": self.images,
+            "MAX_PARTIALS": MAX_PARTIALS,
+            "MAX_GROUPS": MAX_GROUPS,
+            "SCRATCH_FLOATS": SCRATCH_FLOATS,
+            "OUT_SIZE": self.images * self.out_shape[1] * self.out_shape[2] * self.out_shape[3],
+            "TIMEOUT_NS": f"{int(cuda_sampler.TIMEOUT_S * 1e9)}ull",
+        }
+        text = "".join(f"#define {name} {value}\n" for name, value in defines.items())
+        return text + cuda_sampler.DEVICE_COMMON + _SOURCE
+
+
+def _layers(module: ResNet18Trunk) -> list[tuple[nn.Conv2d, nn.Module]]:
+    """(convolution, norm) pairs in the program's order: the stem, then per BasicBlock its first,
+    its downsample and its second."""
+    pairs = [(module.conv1, module.bn1)]
+    for block in module.layer1 + module.layer2 + module.layer3 + module.layer4:
+        pairs.append((block.conv1, block.bn1))
+        if "downsample" in block:
+            pairs.append(tuple(block.downsample))
+        pairs.append((block.conv2, block.bn2))
+    return pairs
+
+
+def _inputs(module: ResNet18Trunk, dtype: mx.Dtype) -> list[mx.array]:
+    """The kernel's weight inputs of this module: convolutions, then gammas, then betas."""
+    convs, norms = zip(*_layers(module), strict=True)
+    arrays = [conv.weight for conv in convs] + [n.weight for n in norms] + [n.bias for n in norms]
+    return unet_cuda.same_dtype(dtype, *arrays)
+
+
 def supports(trunk: ResNet18Trunk) -> bool:
-    """Whether this trunk can run here in this form: a CUDA device and GroupNorm (not frozen BatchNorm)."""
-    return unet_cuda.available() and isinstance(trunk.bn1, nn.GroupNorm)
-
-
-def taps2d(x: mx.array, weight: mx.array) -> mx.array:
-    """Each tap's contribution at every input pixel: (B, H, W, in) -> (B, H, W, out, kh * kw)."""
-    batch, height, width, in_channels = x.shape
-    out_channels, kh, kw, _ = weight.shape
-    z = x.reshape(-1, in_channels) @ weight.reshape(out_channels * kh * kw, in_channels).T
-    return z.reshape(batch, height, width, out_channels, kh * kw)
-
-
-def norm_taps2d(
-    z: mx.array,
-    kernel_size: tuple[int, int],
-    stride: int,
-    padding: int,
-    norm: nn.GroupNorm,
-    residual: mx.array | None = None,
-    relu: bool = True,
-) -> mx.array:
-    """[ReLU](GroupNorm(the convolution summed from its taps ``z``) [+ residual]), float32 arithmetic."""
-    batch, height, width, channels, _ = z.shape
-    kh, kw = kernel_size
-    out_h = (height + 2 * padding - kh) // stride + 1
-    out_w = (width + 2 * padding - kw) // stride + 1
-    values = out_h * out_w * channels // norm.num_groups
-    threads = 256 if values <= 256 * 32 else 512
-    gamma, beta, residual = unet_cuda.same_dtype(z.dtype, norm.weight, norm.bias, residual)
-    header = f"#define EPS {norm.eps!r}\n#define THREADS {threads}\n{unet_cuda.BLOCK_SUM}"
-    name = f"dpmlx_taps2d_group_norm_eps{unet_cuda.eps_tag(norm.eps)}_threads{threads}"
-    kernel = unet_cuda.cached_kernel(name, ["z", "gamma", "beta", "res"], _NORM2D_SOURCE, header)
-    return kernel(
-        # An unused input is never read (RES 0): pass any array rather than make one.
-        inputs=[z, gamma, beta, gamma if residual is None else residual],
-        template=[
-            ("T", z.dtype),
-            ("H", height),
-            ("W", width),
-            ("HO", out_h),
-            ("WO", out_w),
-            ("CH", channels),
-            ("KH", kh),
-            ("KW", kw),
-            ("STRIDE", stride),
-            ("PAD", padding),
-            ("GROUPS", norm.num_groups),
-            ("RES", int(residual is not None)),
-            ("RELU", int(relu)),
-        ],
-        grid=(norm.num_groups * threads, batch, 1),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[(batch, out_h, out_w, channels)],
-        output_dtypes=[z.dtype],
-    )[0]
-
-
-def _conv_norm(
-    x: mx.array, conv: nn.Conv2d, norm: nn.GroupNorm, residual: mx.array | None = None, relu: bool = True
-) -> mx.array:
-    kh, kw = conv.weight.shape[1:3]
-    return norm_taps2d(
-        taps2d(x, conv.weight), (kh, kw), conv.stride[0], conv.padding[0], norm, residual, relu
+    """Whether this trunk can run here in this form: a CUDA device and GroupNorm (not frozen BatchNorm)
+    with torch's channel grouping, at most MAX_GROUPS groups and MAX_CHANNELS channels."""
+    if not (unet_cuda.available() and cuda_sampler.sm_count()):
+        return False
+    return all(
+        isinstance(norm, nn.GroupNorm)
+        and norm.pytorch_compatible
+        and norm.num_groups <= MAX_GROUPS
+        and norm.dims <= MAX_CHANNELS
+        for _, norm in _layers(trunk)
     )
 
 
-def _basic_block(x: mx.array, block: BasicBlock) -> mx.array:
-    out = _conv_norm(x, block.conv1, block.bn1)
-    identity = x
-    if "downsample" in block:
-        conv, norm = block.downsample
-        identity = _conv_norm(x, conv, norm, relu=False)
-    return _conv_norm(out, block.conv2, block.bn2, residual=identity)
+_KERNELS: dict[tuple, tuple[_Program, object]] = {}
+
+
+def _kernel(module: ResNet18Trunk, shape: tuple[int, ...], dtype: mx.Dtype) -> tuple[_Program, object]:
+    # The program depends on the trunk's shapes and GroupNorm settings, not its values.
+    norms = tuple((norm.num_groups, norm.eps) for _, norm in _layers(module))
+    key = (tuple(shape), dtype, module.conv1.weight.shape, norms)
+    if key not in _KERNELS:
+        blocks, shared = cuda_sampler.sm_count(), cuda_sampler.max_shared_bytes()
+        program = _Program(module, shape, blocks, dtype.size, shared)
+        header, body = program.header(dtype), program.body()
+        name = "dpmlx_trunk_" + hashlib.sha1((header + body).encode()).hexdigest()[:16]
+        n = program.layers
+        kernel = mx.fast.cuda_kernel(
+            name=name,
+            input_names=["x"] + [f"{kind}{i}" for kind in "wgb" for i in range(n)],
+            output_names=["ws", "sync", "out"],
+            source=body,
+            header=header,
+            shared_memory=program.shared_floats * 4,
+        )
+        _KERNELS[key] = (program, kernel)
+    return _KERNELS[key]
 
 
 def trunk(module: ResNet18Trunk, x: mx.array) -> mx.array:
-    """``module(x)`` in this form (see ``supports``). x: (N, H, W, C) -> (N, h, w, 512)."""
-    stem = module.conv1(x)
-    x = module.maxpool(norm_taps2d(stem[..., None], (1, 1), 1, 0, module.bn1))
-    for block in module.layer1 + module.layer2 + module.layer3 + module.layer4:
-        x = _basic_block(x, block)
-    return x
+    """``module(x)`` in this form (see ``supports``). x: (N, H, W, C) -> (N, h, w, 512), x's dtype."""
+    program, kernel = _kernel(module, x.shape, x.dtype)
+    blocks = cuda_sampler.sm_count()
+    _, _, out = kernel(
+        inputs=[x, *_inputs(module, x.dtype)],
+        grid=(blocks * THREADS, 1, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(program.ws_size,), (3,), program.out_shape],
+        output_dtypes=[mx.float32, mx.uint32, x.dtype],
+        init_value=0,
+    )
+    return out

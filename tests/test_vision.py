@@ -174,5 +174,19 @@ def test_cuda_trunk_in_bfloat16_tracks_float32():
 
 def test_cuda_trunk_serves_groupnorm_trunks_and_leaves_frozen_batchnorm_to_the_modules(monkeypatch):
     monkeypatch.setattr(vision_cuda.unet_cuda, "available", lambda: True)  # as on a CUDA device
+    monkeypatch.setattr(vision_cuda.cuda_sampler, "sm_count", lambda: 132)
     assert vision_cuda.supports(ResNet18Trunk(norm="group"))
     assert not vision_cuda.supports(ResNet18Trunk(norm="batch"))
+
+
+@pytest.mark.parametrize("shape", [(2, 84, 84, 3), (1, 45, 37, 3), (16, 96, 96, 3)])
+@pytest.mark.parametrize("itemsize", [2, 4])
+@pytest.mark.parametrize("blocks, shared_bytes", [(132, 227 * 1024 - 1024), (58, 99 * 1024 - 1024)])
+def test_cuda_trunk_program_fits_the_device(shape, itemsize, blocks, shared_bytes):
+    # The kernel's plan is made on the host (runs anywhere): every convolution's tiles fit the block's
+    # shared memory of an H100 and of an L4-sized device, and the phases chain to the trunk's output.
+    program = vision_cuda._Program(ResNet18Trunk(), shape, blocks, itemsize, shared_bytes)
+    assert program.shared_floats * 4 <= shared_bytes
+    assert program.layers == len(vision_cuda._layers(ResNet18Trunk())) == 20
+    assert len(program.phases) == 19  # stem, pooling, two per BasicBlock, output
+    assert program.out_shape == (shape[0], *ResNet18Trunk()(mx.zeros((1, *shape[1:]))).shape[1:])
