@@ -16,6 +16,7 @@ to ten denoising steps (MLX re-specialises them per batch size and dtype). A req
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import warnings
 from collections.abc import Callable
@@ -294,7 +295,8 @@ class DiffusionUnetPolicy(nn.Module):
             chunk = slice(start, min(start + STEPS_PER_CALL, num_steps))
             x = self._compiled[kind](x, films[chunk], step_noise[chunk], coeffs[chunk])
         outputs = finish(x)
-        with cuda_sampler.LAUNCH_LOCK:  # the conditioning may hold vision_cuda's persistent kernel
+        # On CUDA the conditioning may hold vision_cuda's persistent kernel: one such kernel at a time.
+        with cuda_sampler.LAUNCH_LOCK if unet_cuda.available() else contextlib.nullcontext():
             mx.eval(*outputs)
         return outputs
 

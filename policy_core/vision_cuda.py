@@ -413,7 +413,7 @@ __device__ void final_phase(const Src& src, AT* out, float* smem) {
 """
 
 _BODY = r"""
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];  // float4, uint4 and cp.async accesses
   __shared__ int ok;
   unsigned int generation = 0;
   // out stays NaN unless every phase ran: a kernel that gave up at a barrier can't pass for features.
@@ -691,16 +691,23 @@ def supports(trunk: ResNet18Trunk) -> bool:
     )
 
 
-_KERNELS: dict[tuple, tuple[_Program, object]] = {}
+_KERNELS: dict[tuple, tuple[_Program, object] | None] = {}
 
 
-def _kernel(module: ResNet18Trunk, shape: tuple[int, ...], dtype: mx.Dtype) -> tuple[_Program, object]:
-    # The program depends on the trunk's shapes and GroupNorm settings, not its values.
+def _kernel(module: ResNet18Trunk, shape: tuple[int, ...], dtype: mx.Dtype) -> tuple[_Program, object] | None:
+    """The trunk's program and kernel for inputs of ``shape``, or None where a convolution has no tiling
+    that fits the device's shared memory (an item spans whole output rows: on an H100 from ~360 px
+    inputs, on a 99 KB device from ~104 px in float32). The program depends on the trunk's shapes and
+    GroupNorm settings, not its values."""
     norms = tuple((norm.num_groups, norm.eps) for _, norm in _layers(module))
     key = (tuple(shape), dtype, module.conv1.weight.shape, norms)
     if key not in _KERNELS:
         blocks, shared = cuda_sampler.sm_count(), cuda_sampler.max_shared_bytes()
-        program = _Program(module, shape, blocks, dtype.size, shared)
+        try:
+            program = _Program(module, shape, blocks, dtype.size, shared)
+        except ValueError:
+            _KERNELS[key] = None
+            return None
         header, body = program.header(dtype), program.body()
         name = "dpmlx_trunk_" + hashlib.sha1((header + body).encode()).hexdigest()[:16]
         n = program.layers
@@ -717,8 +724,12 @@ def _kernel(module: ResNet18Trunk, shape: tuple[int, ...], dtype: mx.Dtype) -> t
 
 
 def trunk(module: ResNet18Trunk, x: mx.array) -> mx.array:
-    """``module(x)`` in this form (see ``supports``). x: (N, H, W, C) -> (N, h, w, 512), x's dtype."""
-    program, kernel = _kernel(module, x.shape, x.dtype)
+    """``module(x)`` in this form (see ``supports``); inputs too large for the kernel's tiles (``_kernel``)
+    go through the modules. x: (N, H, W, C) -> (N, h, w, 512), x's dtype."""
+    built = _kernel(module, x.shape, x.dtype)
+    if built is None:
+        return module(x)
+    program, kernel = built
     blocks = cuda_sampler.sm_count()
     _, _, out = kernel(
         inputs=[x, *_inputs(module, x.dtype)],

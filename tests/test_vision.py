@@ -190,3 +190,15 @@ def test_cuda_trunk_program_fits_the_device(shape, itemsize, blocks, shared_byte
     assert program.layers == len(vision_cuda._layers(ResNet18Trunk())) == 20
     assert len(program.phases) == 19  # stem, pooling, two per BasicBlock, output
     assert program.out_shape == (shape[0], *ResNet18Trunk()(mx.zeros((1, *shape[1:]))).shape[1:])
+
+
+def test_cuda_trunk_leaves_inputs_too_large_for_its_tiles_to_the_modules(monkeypatch):
+    # A 112x112 float32 input has no tiling of the 512-channel layers within an L4-sized block's shared
+    # memory: the trunk is then the modules' (planning runs anywhere; the kernel is never built).
+    monkeypatch.setattr(vision_cuda.cuda_sampler, "sm_count", lambda: 58)
+    monkeypatch.setattr(vision_cuda.cuda_sampler, "max_shared_bytes", lambda: 99 * 1024 - 1024)
+    monkeypatch.setattr(vision_cuda, "_KERNELS", {})
+    trunk = ResNet18Trunk()
+    x = mx.random.normal((1, 112, 112, 3))
+    assert vision_cuda._kernel(trunk, x.shape, x.dtype) is None
+    assert mx.array_equal(vision_cuda.trunk(trunk, x), trunk(x))
