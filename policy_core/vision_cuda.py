@@ -482,6 +482,7 @@ class _Tiling:
     vec: int
     unit: int  # channels per statistics partial
     window: int  # floats of the staged window or the output tile, whichever is larger (XS)
+    shared_floats: int  # the block's shared memory: terms, scratch, window and weight rows
 
 
 def _pitch_bytes(row_bytes: int, vec: int) -> int:
@@ -512,9 +513,9 @@ def _tiling(
     best, best_cost = None, float("inf")
     for ct in (1, 2, 4):
         for nt in range(ct, co + 1, ct):
-            weight_bytes = nt * _pitch_bytes(k * span * itemsize, vec)
             if co % nt or not (nt % group == 0 or group % nt == 0):
                 continue
+            weight_bytes = nt * _pitch_bytes(k * span * itemsize, vec)
             for tr in range(1, ho + 1):
                 tiles = -(-ho // tr)
                 if tiles * co // min(nt, group) > MAX_PARTIALS:
@@ -528,7 +529,8 @@ def _tiling(
                         continue
                     tile = (1 + (ks if ks > 1 else 0)) * pix * nt
                     window = -(-max(stage, tile) // 4) * 4
-                    if (4 * ci + SCRATCH_FLOATS + window) * 4 + weight_bytes > shared_bytes:
+                    shared_floats = 4 * ci + SCRATCH_FLOATS + window + -(-weight_bytes // 4)
+                    if shared_floats * 4 > shared_bytes:
                         continue
                     for pt in range(1, 9):
                         pg = -(-pix // pt)
@@ -543,7 +545,7 @@ def _tiling(
                         cost = rounds * (compute + staging + output + 2 * ROUND_TRIP)
                         if cost < best_cost:
                             best_cost = cost
-                            best = _Tiling(tr, nt, ct, pt, ks, vec, min(nt, group), window)
+                            best = _Tiling(tr, nt, ct, pt, ks, vec, min(nt, group), window, shared_floats)
     if best is None:
         raise ValueError(f"no tiling of a {k}x{k} convolution of {ci} -> {co} channels fits shared memory")
     return best
@@ -630,8 +632,7 @@ class _Program:
             for tile in range(tiles):
                 top = tile * t.rows * s - p
                 staged[max(0, top) : top + (t.rows - 1) * s + k, max(0, -p) : -p + (wo - 1) * s + k] = True
-            weights = -(-t.channels * _pitch_bytes(k * k * ci * self.itemsize, t.vec) // 4)
-            self.shared_floats = max(self.shared_floats, 4 * ci + SCRATCH_FLOATS + t.window + weights)
+            self.shared_floats = max(self.shared_floats, t.shared_floats)
             raws.append(raw)
         if source.mat >= 0 and not staged.all():
             raise AssertionError("a block output written out by the items that stage it would miss pixels")
