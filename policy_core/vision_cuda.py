@@ -20,8 +20,9 @@ phases with a grid-wide barrier between them. A phase
 2. or applies the stem's GroupNorm + ReLU and 3x3 max pooling, or the last block's GroupNorm + residual +
    ReLU into the kernel's output.
 
-The tile shapes are chosen per convolution by a rough cost model (``_tiling``); the program is compiled
-by NVRTC per input shape, batch size and dtype (15-20 s on first use; MLX keeps the result on disk).
+The tile shapes are chosen per convolution by a rough cost model (``_tiling``, for PLAN_IMAGES images); the
+program is compiled by NVRTC per image shape and dtype, for every batch size (15-20 s on first use; MLX
+keeps the result on disk).
 Activations and arithmetic are float32 whatever the weights' dtype. Same parameters and results as
 ``ResNet18Trunk`` (tests/test_vision.py, on a GPU); no gradients, so only the inference conditioning uses
 it. The barrier needs every block resident: one kernel of this kind or the sampler's runs at a time per
@@ -48,6 +49,7 @@ MAX_PARTIALS = 512  # a tensor's statistics partials per image, loaded into shar
 MAX_CHANNELS = 2 * THREADS  # a thread holds two channels' GroupNorm terms
 SCRATCH_FLOATS = 4 * (MAX_PARTIALS + MAX_GROUPS)  # two tensors' partials and group terms
 ROUND_TRIP = 1500  # the cost model's L2 round trip, in issue cycles
+PLAN_IMAGES = 2  # the batch the tiles are planned for: one robot's two observation steps
 
 # C++ aggregates of the phase records: a convolution's output with its GroupNorm, and a phase's input.
 _SOURCE = r"""
@@ -226,15 +228,16 @@ __device__ __forceinline__ void load_weights(const AT* p, float* w) {
   }
 }
 
-// A KxK convolution, stride S, zero padding P, no bias, (NIMG, H, W, CI) -> raw (NIMG, HO, WO, CO) and
+// A KxK convolution, stride S, zero padding P, no bias, (nimg, H, W, CI) -> raw (nimg, HO, WO, CO) and
 // its partial statistics. This block's items are those of begin .. begin + ITEMS - 1 it is dealt of the
 // phase's `total`. An item's weights (NT rows, contiguous) are copied to shared memory asynchronously
 // while its window is staged. Threads: CG channel groups x PG pixel groups x KS slices of a weight row.
 template <int H, int W, int CI, int K, int S, int P, int CO, int HO, int WO,
           int TR, int NT, int CT, int PT, int KS, int VEC, int UNIT, int XS>
 __device__ void conv_phase(const Src& src, const AT* __restrict__ w, float* out, float2* stats,
-                           float* smem, int begin, int total) {
-  constexpr int RT = (HO + TR - 1) / TR, CTILES = CO / NT, ITEMS = NIMG * RT * CTILES;
+                           float* smem, int nimg, int begin, int total) {
+  constexpr int RT = (HO + TR - 1) / TR, CTILES = CO / NT;
+  const int ITEMS = nimg * RT * CTILES;
   constexpr int RW = (TR - 1) * S + K, WP = (WO - 1) * S + K, PIX = TR * WO;
   constexpr int CG = NT / CT, PG = (PIX + PT - 1) / PT, ACTIVE = CG * PG * KS;
   constexpr int SPAN = K * CI, CHUNK = SPAN / KS;
@@ -351,15 +354,15 @@ __device__ void conv_phase(const Src& src, const AT* __restrict__ w, float* out,
   }
 }
 
-// Elementwise phases split each image into gridDim / NIMG pieces (at least one).
+// Elementwise phases split each image into gridDim / nimg pieces (at least one).
 #define FOR_PIECES(E, STEP)                                                         \
-  const int pieces = max(1, (int)gridDim.x / NIMG), per = ((E) / (STEP) + pieces - 1) / pieces; \
+  const int pieces = max(1, (int)gridDim.x / nimg), per = ((E) / (STEP) + pieces - 1) / pieces; \
   int terms_for = -1;                                                               \
-  for (int item = blockIdx.x; item < NIMG * pieces; item += gridDim.x)
+  for (int item = blockIdx.x; item < nimg * pieces; item += gridDim.x)
 
-// relu(GroupNorm(stem)) then 3x3 max pooling, stride 2, padding 1: (NIMG, H, W, C) -> (NIMG, PH, PW, C).
+// relu(GroupNorm(stem)) then 3x3 max pooling, stride 2, padding 1: (nimg, H, W, C) -> (nimg, PH, PW, C).
 template <int H, int W, int C, int PH, int PW>
-__device__ void pool_phase(const Raw& r, float* out, float* smem) {
+__device__ void pool_phase(const Raw& r, float* out, float* smem, int nimg) {
   float* aff = smem;
   float* scratch = aff + 4 * C;
   constexpr int E = PH * PW * C;
@@ -389,7 +392,7 @@ __device__ void pool_phase(const Raw& r, float* out, float* smem) {
 
 // The last BasicBlock's output into the kernel's output, in its dtype.
 template <int H, int W, int C>
-__device__ void final_phase(const Src& src, AT* out, float* smem) {
+__device__ void final_phase(const Src& src, AT* out, float* smem, int nimg) {
   float* aff = smem;
   float* scratch = aff + 4 * C;
   constexpr int E = H * W * C;
@@ -416,9 +419,10 @@ _BODY = r"""
   extern __shared__ __align__(16) float smem[];  // float4, uint4 and cp.async accesses
   __shared__ int ok;
   unsigned int generation = 0;
+  const int nimg = x_shape[0];  // the workspace's tensors are laid out per image: slot * nimg
   // out stays NaN unless every phase ran: a kernel that gave up at a barrier can't pass for features.
   if (blockIdx.x == 0)
-    for (int i = threadIdx.x; i < OUT_SIZE; i += THREADS)
+    for (int i = threadIdx.x; i < nimg * OUT_PER_IMAGE; i += THREADS)
       out[i] = static_cast<AT>(__int_as_float(0x7fc00000));
 """
 
@@ -442,9 +446,9 @@ class _Raw:
 
     def cpp(self) -> str:
         return (
-            f"Raw{{ws + {self.slot}, reinterpret_cast<const float2*>(ws + {self.stats}), {self.h}, "
-            f"{self.w}, {self.c}, {self.tiles}, {self.tile_rows}, {self.unit}, {self.group}, g{self.norm}, "
-            f"b{self.norm}, {self.eps!r}f}}"
+            f"Raw{{ws + {self.slot} * nimg, reinterpret_cast<const float2*>(ws + {self.stats} * nimg), "
+            f"{self.h}, {self.w}, {self.c}, {self.tiles}, {self.tile_rows}, {self.unit}, {self.group}, "
+            f"g{self.norm}, b{self.norm}, {self.eps!r}f}}"
         )
 
 
@@ -463,7 +467,7 @@ class _Source:
 
     def cpp(self) -> str:
         def ws(slot: int) -> str:
-            return "nullptr" if slot < 0 else f"ws + {slot}"
+            return "nullptr" if slot < 0 else f"ws + {slot} * nimg"
 
         raws = [r.cpp() if r else "Raw{}" for r in (self.raw, self.id)]
         return (
@@ -572,18 +576,19 @@ class _Program:
         ph, pw = (stem.h - 1) // 2 + 1, (stem.w - 1) // 2 + 1
         pooled = self._alloc(ph * pw * stem.c)
         pool = f"pool_phase<{stem.h}, {stem.w}, {stem.c}, {ph}, {pw}>"
-        self.phases.append(f"{pool}({stem.cpp()}, ws + {pooled}, smem);")
+        self.phases.append(f"{pool}({stem.cpp()}, ws + {pooled} * nimg, smem, nimg);")
         self.shared_floats = max(self.shared_floats, 4 * stem.c + SCRATCH_FLOATS)
         source = _Source(0, ph, pw, stem.c, plain=pooled)
         for block in module.layer1 + module.layer2 + module.layer3 + module.layer4:
             source = self._basic_block(source, block)
-        self.out_shape = (self.images, source.h, source.w, source.c)
-        self.phases.append(f"final_phase<{source.h}, {source.w}, {source.c}>({source.cpp()}, out, smem);")
+        self.out_per_image = (source.h, source.w, source.c)
+        final = f"final_phase<{source.h}, {source.w}, {source.c}>"
+        self.phases.append(f"{final}({source.cpp()}, out, smem, nimg);")
         self.shared_floats = max(self.shared_floats, 4 * source.c + SCRATCH_FLOATS)
 
     def _alloc(self, floats_per_image: int) -> int:
         slot = self.ws_size
-        self.ws_size += -(-floats_per_image * self.images // 4) * 4  # 16-byte aligned
+        self.ws_size += -(-floats_per_image // 4) * 4  # per image; 16-byte aligned for any batch
         return slot
 
     def _basic_block(self, source: _Source, block: BasicBlock) -> _Source:
@@ -625,10 +630,11 @@ class _Program:
             args = [source.h, source.w, ci, k, s, p, co, ho, wo, t.rows, t.channels, t.thread_channels,
                     t.thread_pixels, t.splits, t.vec, t.unit, t.window]  # fmt: skip
             calls.append(
-                f"conv_phase<{', '.join(map(str, args))}>(src, w{self.layers - 1}, ws + {raw.slot}, "
-                f"reinterpret_cast<float2*>(ws + {raw.stats}), smem, {begin}, TOTAL);"
+                f"conv_phase<{', '.join(map(str, args))}>(src, w{self.layers - 1}, ws + {raw.slot} * nimg, "
+                f"reinterpret_cast<float2*>(ws + {raw.stats} * nimg), smem, nimg, {begin} * nimg, "
+                "TOTAL * nimg);"
             )
-            begin += self.images * tiles * (co // t.channels)
+            begin += tiles * (co // t.channels)  # items per image
             for tile in range(tiles):
                 top = tile * t.rows * s - p
                 staged[max(0, top) : top + (t.rows - 1) * s + k, max(0, -p) : -p + (wo - 1) * s + k] = True
@@ -648,11 +654,10 @@ class _Program:
         defines = {
             "AT": cuda_sampler.WEIGHT_TYPES[dtype],
             "THREADS": THREADS,
-            "NIMG": self.images,
             "MAX_PARTIALS": MAX_PARTIALS,
             "MAX_GROUPS": MAX_GROUPS,
             "SCRATCH_FLOATS": SCRATCH_FLOATS,
-            "OUT_SIZE": self.images * self.out_shape[1] * self.out_shape[2] * self.out_shape[3],
+            "OUT_PER_IMAGE": self.out_per_image[0] * self.out_per_image[1] * self.out_per_image[2],
             "TIMEOUT_NS": f"{int(cuda_sampler.TIMEOUT_S * 1e9)}ull",
         }
         text = "".join(f"#define {name} {value}\n" for name, value in defines.items())
@@ -701,11 +706,11 @@ def _kernel(module: ResNet18Trunk, shape: tuple[int, ...], dtype: mx.Dtype) -> t
     inputs, on a 99 KB device from ~104 px in float32). The program depends on the trunk's shapes and
     GroupNorm settings, not its values."""
     norms = tuple((norm.num_groups, norm.eps) for _, norm in _layers(module))
-    key = (tuple(shape), dtype, module.conv1.weight.shape, norms)
+    key = (tuple(shape[1:]), dtype, module.conv1.weight.shape, norms)
     if key not in _KERNELS:
         blocks, shared = cuda_sampler.sm_count(), cuda_sampler.max_shared_bytes()
         try:
-            program = _Program(module, shape, blocks, dtype.size, shared)
+            program = _Program(module, (PLAN_IMAGES, *shape[1:]), blocks, dtype.size, shared)
         except ValueError:
             _KERNELS[key] = None
             return None
@@ -736,7 +741,7 @@ def trunk(module: ResNet18Trunk, x: mx.array) -> mx.array:
         inputs=[x, *_inputs(module, x.dtype)],
         grid=(blocks * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
-        output_shapes=[(program.ws_size,), (3,), program.out_shape],
+        output_shapes=[(program.ws_size * x.shape[0],), (3,), (x.shape[0], *program.out_per_image)],
         output_dtypes=[mx.float32, mx.uint32, x.dtype],
         init_value=0,
     )

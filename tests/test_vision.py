@@ -156,6 +156,22 @@ def test_cuda_trunk_equals_the_module_trunk(shape):
     assert mx.abs(out - ref).max().item() < 1e-4 * max(1.0, mx.abs(ref).max().item())
 
 
+def test_cuda_trunk_serves_every_batch_size_with_one_program(monkeypatch):
+    # The batch is read at run time: a server's batch buckets share one compiled kernel per image shape.
+    if not vision_cuda.supports(ResNet18Trunk()):
+        pytest.skip("needs MLX's CUDA backend (CI has no GPU)")
+    monkeypatch.setattr(vision_cuda, "_KERNELS", {})
+    mx.random.seed(2)
+    trunk = _randomized_norms(ResNet18Trunk())
+    for batch in (1, 3, 8, 2):
+        x = mx.random.normal((batch, 40, 44, 3))
+        ref = trunk(x)
+        out = vision_cuda.trunk(trunk, x)
+        assert out.shape == ref.shape
+        assert mx.abs(out - ref).max().item() < 1e-4 * max(1.0, mx.abs(ref).max().item()), batch
+    assert len(vision_cuda._KERNELS) == 1
+
+
 def test_cuda_trunk_in_bfloat16_tracks_float32():
     if not vision_cuda.supports(ResNet18Trunk()):
         pytest.skip("needs MLX's CUDA backend (CI has no GPU)")
@@ -189,7 +205,7 @@ def test_cuda_trunk_program_fits_the_device(shape, itemsize, blocks, shared_byte
     assert program.shared_floats * 4 <= shared_bytes
     assert program.layers == len(vision_cuda._layers(ResNet18Trunk())) == 20
     assert len(program.phases) == 19  # stem, pooling, two per BasicBlock, output
-    assert program.out_shape == (shape[0], *ResNet18Trunk()(mx.zeros((1, *shape[1:]))).shape[1:])
+    assert program.out_per_image == ResNet18Trunk()(mx.zeros((1, *shape[1:]))).shape[1:]
 
 
 def test_cuda_trunk_leaves_inputs_too_large_for_its_tiles_to_the_modules(monkeypatch):
