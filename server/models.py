@@ -234,8 +234,10 @@ class ModelWorker(threading.Thread):
             obs = {k: np.concatenate([p.obs[k] for p in batch]) for k in batch[0].obs}
             # Each request's noise comes from its own seed, so results do not depend on batching.
             noises = [policy.sample_noise(p.rows, steps, p.request.options.seed) for p in batch]
-            x_init = mx.concatenate([n[0] for n in noises])
-            step_noise = mx.concatenate([n[1] for n in noises], axis=1)
+            x_init, step_noise = noises[0]  # a lone request's as drawn: no copies
+            if len(noises) > 1:
+                x_init = mx.concatenate([n[0] for n in noises])
+                step_noise = mx.concatenate([n[1] for n in noises], axis=1)
             if padded > rows:
                 obs = {
                     k: np.concatenate([v, np.repeat(v[-1:], padded - rows, axis=0)]) for k, v in obs.items()

@@ -212,6 +212,9 @@ def test_explicit_noise_is_used_and_scheduler_switch_needs_no_reload():
         obs, scheduler="ddpm", num_inference_steps=20, noise=x_init, step_noise=step_noise
     )
     assert mx.array_equal(seeded["action_pred"], explicit["action_pred"]).item()
+    # The compiled draw gives MLX's plain draw for the seed's key, bit for bit.
+    plain = mx.random.normal((21, 1, *x_init.shape[1:]), key=mx.random.key(5))
+    assert mx.array_equal(mx.concatenate([x_init[None], step_noise]), plain).item()
     with pytest.raises(ValueError, match="scheduler"):
         policy.predict_action(obs, scheduler="euler")
     with pytest.raises(ValueError, match="num_inference_steps"):
