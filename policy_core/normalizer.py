@@ -14,6 +14,12 @@ import numpy as np
 STAT_NAMES = ("scale", "offset", "min", "max", "mean", "std")
 
 
+@mx.compile
+def _inverse_affine(y: mx.array, scale: mx.array, offset: mx.array) -> mx.array:
+    # Compiled: one fused kernel per request instead of two (each ~10-15 us of MLX's host time on CUDA).
+    return (y - offset) / scale
+
+
 @dataclass
 class FeatureNorm:
     """Affine parameters of one feature plus the statistics they were fitted from, all float32 (D,)."""
@@ -116,8 +122,7 @@ class LinearNormalizer:
         return x * scale + offset
 
     def unnormalize(self, key: str, y: mx.array) -> mx.array:
-        scale, offset = self.affine(key)
-        return (y - offset) / scale
+        return _inverse_affine(y, *self.affine(key))
 
     def to_tensors(self, prefix: str = "normalizer.") -> dict[str, np.ndarray]:
         return {

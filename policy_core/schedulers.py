@@ -129,6 +129,7 @@ class _Scheduler(ABC):
         self.num_inference_steps: int | None = None
         self.timesteps: list[int] = []
         self._coeffs: dict[int, tuple[float, ...]] = {}
+        self._coefficient_table: mx.array | None = None
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """diffusers' default "leading" spacing: t_k = k * (T // n) + steps_offset, descending."""
@@ -149,13 +150,15 @@ class _Scheduler(ABC):
         self.timesteps = timesteps
         prev = self._previous_timesteps(timesteps, ratio)
         self._coeffs = {t: self._step_coeffs(t, p) for t, p in zip(timesteps, prev, strict=True)}
+        self._coefficient_table = mx.array([self._coeffs[t] for t in timesteps], dtype=mx.float32)
 
     def coefficient_table(self) -> mx.array:
         """(num_inference_steps, 5) float32: ``update``'s coefficients for each entry of ``timesteps``, so a
-        compiled sampler can take them as inputs instead of baking one timestep's into its trace."""
-        if not self._coeffs:
+        compiled sampler can take them as inputs instead of baking one timestep's into its trace. Made once
+        per ``set_timesteps``: an array written on the host costs a CUDA request a page migration."""
+        if self._coefficient_table is None:
             raise ValueError("call set_timesteps() before coefficient_table()")
-        return mx.array([self._coeffs[t] for t in self.timesteps], dtype=mx.float32)
+        return self._coefficient_table
 
     def step(
         self, model_output: mx.array, timestep: int, sample: mx.array, noise: mx.array | None = None
