@@ -353,19 +353,6 @@ __device__ bool grid_barrier(unsigned int* sync, int* ok, unsigned int& generati
   return *ok != 0;
 }
 
-// The counters live in a buffer the host keeps between launches (``barrier_counters``, zero when made),
-// so no launch pays for filling them: every block calls this once on its way out, and the last one
-// sets the arrival and generation counts back to zero for the next launch, after every block has
-// passed its last barrier. The abort flag sync[2] is cleared too unless the host reads it (keep_abort).
-__device__ void grid_exit(unsigned int* sync, bool keep_abort) {
-  if (threadIdx.x == 0 && atomicAdd(sync + 3, 1u) + 1 == gridDim.x) {
-    sync[0] = 0u;
-    sync[1] = 0u;
-    if (!keep_abort) sync[2] = 0u;
-    sync[3] = 0u;
-  }
-}
-
 template <int VEC>
 __device__ __forceinline__ void load_staged(const float* p, float* x) {
   if constexpr (VEC == 1) {
@@ -789,7 +776,6 @@ __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
 _BODY = r"""
   extern __shared__ float smem[];
   __shared__ int ok;
-  unsigned int* const sync = const_cast<unsigned int*>(counters);  // see grid_exit
   // The parameters' pointers in shared memory: a per-thread array would live in local memory, a
   // dependent L2 round trip before each row's weights.
   const WT** params = reinterpret_cast<const WT**>(smem);
@@ -814,7 +800,7 @@ PARAMS_TO_SHARED
   prefetch_phase(records, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
   Slice wv[KMAX];  // this warp's first slice of its next row's weights, loaded ahead
   first_slice(records, cx, warp, wv);
-  if (!grid_barrier(sync, &ok, generation)) return grid_exit(sync, true);
+  if (!grid_barrier(sync, &ok, generation)) return;
   const int steps = coeffs_shape[0];
   for (int step = 0; step < steps; ++step) {
     cx.step = step;
@@ -857,23 +843,14 @@ PARAMS_TO_SHARED
         prefetch_phase(records + next * REC, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
         first_slice(records + next * REC, cx, warp, wv);
       }
-      if (!grid_barrier(sync, &ok, generation)) return grid_exit(sync, true);
+      if (!grid_barrier(sync, &ok, generation)) return;
     }
   }
   if (blockIdx.x == 0)
     for (int i = threadIdx.x; i < BATCH * HORIZON * ADIM; i += THREADS) x_out[i] = __ldcg(ws + i);
-  grid_exit(sync, true);
 """
 
 LAUNCH_LOCK = threading.Lock()
-
-
-def barrier_counters() -> mx.array:
-    """A persistent kernel's grid-barrier counters, zero: arrivals, generation, abort flag, exits. The
-    kernel reads and writes them although they are an input (MLX fills outputs on every launch, ~10-15
-    us of host time per output) and leaves them zero for its next launch (``grid_exit``). A buffer
-    serves one kernel at a time: launches evaluate under ``LAUNCH_LOCK``."""
-    return mx.array(np.zeros(4, dtype=np.uint32))  # host data: no graph to evaluate, even inside a trace
 
 
 class KernelAborted(RuntimeError):
@@ -1023,7 +1000,6 @@ class CudaSampler:
         self._packed_params, self._packed = SeenArrays(), None
         # Set after a kernel gave up at a barrier (the GPU is shared): later requests go chunked at once.
         self.disabled = False
-        self._counters: mx.array | None = None
 
     def _program(self, batch: int, horizon: int) -> tuple[_Program, mx.array]:
         key = (batch, horizon)
@@ -1083,11 +1059,11 @@ class CudaSampler:
             body = _body(program)
             # MLX caches kernels by name: the name carries the whole source.
             name = "dpmlx_sampler_" + hashlib.sha1((header + body).encode()).hexdigest()[:16]
-            inputs = ["program", "x_init", "films", "noise", "coeffs", "weights", "counters"]
+            inputs = ["program", "x_init", "films", "noise", "coeffs"]
             self._kernels[key] = mx.fast.cuda_kernel(
                 name=name,
-                input_names=inputs,
-                output_names=["ws", "x_out"],
+                input_names=[*inputs, "weights"],
+                output_names=["ws", "sync", "x_out"],
                 source=body,
                 header=header,
                 shared_memory=program.shared_bytes,
@@ -1131,22 +1107,21 @@ class CudaSampler:
         # One kernel in flight per process: two persistent grids sharing the SMs (a model warming up
         # during a hot swap while another serves) could each hold blocks the other's barrier waits for.
         with LAUNCH_LOCK:
-            if self._counters is None:
-                self._counters = barrier_counters()
             start = time.perf_counter()
-            _, out = kernel(
-                inputs=[table, _float32(x), films, _float32(step_noise), coeffs, weights, self._counters],
+            _, sync, out = kernel(
+                inputs=[table, _float32(x), films, _float32(step_noise), coeffs, weights],
                 grid=(blocks * THREADS, 1, 1),
                 threadgroup=(THREADS, 1, 1),
-                output_shapes=[(program.ws_size,), tuple(x.shape)],
-                output_dtypes=[mx.float32, mx.float32],
+                output_shapes=[(program.ws_size,), (3,), tuple(x.shape)],
+                output_dtypes=[mx.float32, mx.uint32, mx.float32],
+                init_value=0,
             )
             outputs = finish(out)
-            mx.eval(*outputs)
+            mx.eval(sync, *outputs)
             elapsed = time.perf_counter() - start
         # The kernel aborts only after a barrier waited TIMEOUT_S, so a shorter call needs no read of its
         # flag (reading a device array costs ~0.1 ms; half the timeout leaves room for the two clocks).
-        if elapsed >= TIMEOUT_S / 2 and np.asarray(self._counters)[2]:
+        if elapsed >= TIMEOUT_S / 2 and np.asarray(sync)[2]:
             self.disabled = True
             raise KernelAborted(
                 f"the sampler kernel's grid barrier waited over {TIMEOUT_S} s: not all {blocks} blocks "

@@ -418,7 +418,6 @@ __device__ void final_phase(const Src& src, AT* out, float* smem, int nimg) {
 _BODY = r"""
   extern __shared__ __align__(16) float smem[];  // float4, uint4 and cp.async accesses
   __shared__ int ok;
-  unsigned int* const sync = const_cast<unsigned int*>(counters);  // see grid_exit
   unsigned int generation = 0;
   const int nimg = x_shape[0];  // the workspace's tensors are laid out per image: slot * nimg
   // out stays NaN unless every phase ran: a kernel that gave up at a barrier can't pass for features.
@@ -648,9 +647,8 @@ class _Program:
         return raws
 
     def body(self) -> str:
-        # Nothing reads the abort flag (the features stay NaN): the next launch starts clear.
-        barrier = "\n  if (!grid_barrier(sync, &ok, generation)) return grid_exit(sync, false);\n  "
-        return _BODY + "  " + barrier.join(self.phases) + "\n  grid_exit(sync, false);\n"
+        barrier = "\n  if (!grid_barrier(sync, &ok, generation)) return;\n  "
+        return _BODY + "  " + barrier.join(self.phases) + "\n"
 
     def header(self, dtype: mx.Dtype) -> str:
         defines = {
@@ -699,16 +697,14 @@ def supports(trunk: ResNet18Trunk) -> bool:
     )
 
 
-_KERNELS: dict[tuple, tuple[_Program, object, mx.array] | None] = {}
+_KERNELS: dict[tuple, tuple[_Program, object] | None] = {}
 
 
-def _kernel(
-    module: ResNet18Trunk, shape: tuple[int, ...], dtype: mx.Dtype
-) -> tuple[_Program, object, mx.array] | None:
-    """The trunk's program, kernel and barrier counters for inputs of ``shape``, or None where a
-    convolution has no tiling that fits the device's shared memory (an item spans whole output rows: on
-    an H100 from ~360 px inputs, on a 99 KB device from ~104 px in float32). The program depends on the
-    trunk's shapes and GroupNorm settings, not its values."""
+def _kernel(module: ResNet18Trunk, shape: tuple[int, ...], dtype: mx.Dtype) -> tuple[_Program, object] | None:
+    """The trunk's program and kernel for inputs of ``shape``, or None where a convolution has no tiling
+    that fits the device's shared memory (an item spans whole output rows: on an H100 from ~360 px
+    inputs, on a 99 KB device from ~104 px in float32). The program depends on the trunk's shapes and
+    GroupNorm settings, not its values."""
     norms = tuple((norm.num_groups, norm.eps) for _, norm in _layers(module))
     key = (tuple(shape[1:]), dtype, module.conv1.weight.shape, norms)
     if key not in _KERNELS:
@@ -723,13 +719,13 @@ def _kernel(
         n = program.layers
         kernel = mx.fast.cuda_kernel(
             name=name,
-            input_names=["x"] + [f"{kind}{i}" for kind in "wgb" for i in range(n)] + ["counters"],
-            output_names=["ws", "out"],
+            input_names=["x"] + [f"{kind}{i}" for kind in "wgb" for i in range(n)],
+            output_names=["ws", "sync", "out"],
             source=body,
             header=header,
             shared_memory=program.shared_floats * 4,
         )
-        _KERNELS[key] = (program, kernel, cuda_sampler.barrier_counters())
+        _KERNELS[key] = (program, kernel)
     return _KERNELS[key]
 
 
@@ -739,13 +735,14 @@ def trunk(module: ResNet18Trunk, x: mx.array) -> mx.array:
     built = _kernel(module, x.shape, x.dtype)
     if built is None:
         return module(x)
-    program, kernel, counters = built
+    program, kernel = built
     blocks = cuda_sampler.sm_count()
-    _, out = kernel(
-        inputs=[x, *_inputs(module, x.dtype), counters],
+    _, _, out = kernel(
+        inputs=[x, *_inputs(module, x.dtype)],
         grid=(blocks * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
-        output_shapes=[(program.ws_size * x.shape[0],), (x.shape[0], *program.out_per_image)],
-        output_dtypes=[mx.float32, x.dtype],
+        output_shapes=[(program.ws_size * x.shape[0],), (3,), (x.shape[0], *program.out_per_image)],
+        output_dtypes=[mx.float32, mx.uint32, x.dtype],
+        init_value=0,
     )
     return out
