@@ -31,6 +31,7 @@ import numpy as np
 from policy_core import cuda_sampler, unet_cuda, unet_inference, vision_cuda
 from policy_core.config import PolicyConfig
 from policy_core.cuda_sampler import CudaSampler, KernelAborted
+from policy_core.cuda_upload import HostUploads
 from policy_core.normalizer import LinearNormalizer
 from policy_core.schedulers import make_scheduler
 from policy_core.seen_arrays import SeenArrays
@@ -104,6 +105,7 @@ class DiffusionUnetPolicy(nn.Module):
         object.__setattr__(self, "_schedulers", {})
         object.__setattr__(self, "_film_cache", (None, {}))
         object.__setattr__(self, "_film_arrays", SeenArrays())
+        object.__setattr__(self, "_uploads", HostUploads())
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -358,7 +360,8 @@ class DiffusionUnetPolicy(nn.Module):
             action_pred = self.normalizer.unnormalize("action", naction)
             return [action_pred[:, start : start + cfg.n_action_steps], action_pred]
 
-        obs = {k: _as_mx(obs[k]) for k in cfg.obs}
+        # On CUDA host observations are copied into arrays kept on the GPU (cuda_upload).
+        obs = {k: self._uploads(k, obs[k]) if unet_cuda.available() else _as_mx(obs[k]) for k in cfg.obs}
         action, action_pred = self._sample(kind, steps, obs, x_init, noise_per_step, unnormalize)
         return {"action": action, "action_pred": action_pred}
 

@@ -1,0 +1,91 @@
+"""A request's host observations for MLX's CUDA backend, without managed-memory page migrations.
+
+``mx.array(numpy)`` there writes the bytes into managed memory, often a buffer recycled from the GPU:
+MLX first copies its stale contents back (a synchronous device-to-managed copy), the host's writes then
+migrate its pages to the host, and the first kernel that reads them migrates them back. On an H100 that
+was ~0.27 ms of host time and ~0.19 ms of GPU time for two 96x96 uint8 frames, ~0.06 + 0.07 ms for a
+lowdim observation (benchmarks/NOTES.md). ``HostUploads`` instead keeps one MLX array per observation
+key, shape and dtype, advised to live in host memory and to be read there by the GPU (``cuMemAdvise``:
+preferred location the host, accessed by device 0), and writes each request's values into it through a
+NumPy view: no page moves either way, and the kernel that reads them reads a few KB over the bus. The
+arrays are written behind MLX's back, so a returned array is only valid until the next write of its key
+(the policy evaluates a request before it returns).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+KEPT_ARRAYS = 16  # per HostUploads: an observation key's batch buckets
+# dtypes ``mx.array`` stores as they are (it would convert others, e.g. float64 to float32).
+WRITTEN_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
+
+
+class _Location(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]  # CUmemLocation
+
+
+class _Driver:
+    """The CUDA driver's memory advice, bound once per process (MLX's device is device 0)."""
+
+    SET_PREFERRED_LOCATION, SET_ACCESSED_BY = 3, 5  # CUmem_advise
+    DEVICE, HOST = _Location(1, 0), _Location(2, 0)  # CUmemLocationType DEVICE / HOST
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        self._advise = lib.cuMemAdvise_v2
+        self._advise.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, _Location]
+        device, context = ctypes.c_int(), ctypes.c_void_p()
+        self._check(lib.cuInit(0), "cuInit")
+        self._check(lib.cuDeviceGet(ctypes.byref(device), 0), "cuDeviceGet")
+        self._check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), device), "cuDevicePrimaryCtxRetain")
+        self._lib, self._context = lib, context
+
+    @staticmethod
+    def _check(result: int, call: str) -> None:
+        if result != 0:
+            raise RuntimeError(f"{call} failed with CUDA driver error {result}")
+
+    def keep_on_host(self, pointer: int, nbytes: int) -> None:
+        """Managed memory at ``pointer`` stays in host memory and device 0 reads it there."""
+        self._check(self._lib.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")  # the calling thread's
+        self._check(self._advise(pointer, nbytes, self.SET_PREFERRED_LOCATION, self.HOST), "cuMemAdvise")
+        self._check(self._advise(pointer, nbytes, self.SET_ACCESSED_BY, self.DEVICE), "cuMemAdvise")
+
+
+@functools.cache
+def _driver() -> _Driver:
+    return _Driver()
+
+
+class HostUploads:
+    """Observation arrays kept per (key, shape, dtype), written by each request from host data."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple, tuple[mx.array, np.ndarray]] = {}
+
+    def __call__(self, key: str, value: Any) -> mx.array:
+        """``value`` as an MLX array: an MLX array as it is; host data of a written dtype in this key's kept
+        array for its shape (valid until the next write of the key); anything else through ``mx.array``."""
+        if isinstance(value, mx.array):
+            return value
+        host = np.asarray(value)
+        if host.dtype not in WRITTEN_DTYPES or host.size == 0:
+            return mx.array(host)
+        slot = (key, host.shape, host.dtype)
+        if slot in self._arrays:
+            array, view = self._arrays[slot]
+            view[...] = host
+            return array
+        if len(self._arrays) >= KEPT_ARRAYS:
+            del self._arrays[next(iter(self._arrays))]  # the one made first
+        array = mx.array(host)  # this request's values, through MLX; later requests write into it
+        view = np.asarray(array)  # a writable view of MLX's managed buffer
+        _driver().keep_on_host(view.__array_interface__["data"][0], view.nbytes)
+        self._arrays[slot] = (array, view)
+        return array

@@ -1,0 +1,68 @@
+"""HostUploads: observations written into arrays kept per key, shape and dtype (policy_core/cuda_upload.py).
+
+The bookkeeping and the writes run anywhere (on the CPU an MLX array's memory is the host's); the
+driver's memory advice runs on a GPU only."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import observation, tiny_policy
+
+from policy_core import cuda_upload, unet_cuda
+
+
+class _NoAdvice:
+    # The CPU backend's arrays already live in host memory.
+    def keep_on_host(self, pointer: int, nbytes: int) -> None:
+        assert pointer and nbytes
+
+
+def test_uploads_refill_one_kept_array_per_key_shape_and_dtype(monkeypatch):
+    if unet_cuda.available():
+        pytest.skip("the CPU form of the writes")
+    monkeypatch.setattr(cuda_upload, "_driver", lambda: _NoAdvice())
+    uploads = cuda_upload.HostUploads()
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (1, 2, 8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    first = uploads("image", frames[0])
+    assert np.array_equal(np.array(first), frames[0])
+    for frame in frames[1:]:
+        kept = uploads("image", frame)
+        assert kept is first  # the same array, refilled
+        assert np.array_equal(np.array(kept), frame)
+        assert kept.astype(mx.float32).sum().item() == frame.astype(np.float32).sum()  # MLX reads it
+    # Another key, shape or dtype has its own array; a Fortran-ordered input is written in C order.
+    state = rng.uniform(size=(1, 2, 2)).astype(np.float32)
+    assert uploads("agent_pos", state) is not first
+    assert uploads("image", frames[0][:, :1]) is not first
+    ordered = uploads("agent_pos", np.asfortranarray(state))
+    assert np.array_equal(np.array(ordered), state)
+    # Other dtypes go through mx.array (float64 becomes float32 there), MLX arrays are taken as they are.
+    wide = uploads("agent_pos", state.astype(np.float64))
+    assert wide.dtype == mx.float32 and np.allclose(np.array(wide), state)
+    given = mx.array(state)
+    assert uploads("agent_pos", given) is given
+
+
+def test_uploads_keep_a_bounded_number_of_arrays(monkeypatch):
+    if unet_cuda.available():
+        pytest.skip("the CPU form of the writes")
+    monkeypatch.setattr(cuda_upload, "_driver", lambda: _NoAdvice())
+    uploads = cuda_upload.HostUploads()
+    for batch in range(1, cuda_upload.KEPT_ARRAYS + 3):
+        uploads("agent_pos", np.zeros((batch, 2, 2), np.float32))
+    assert len(uploads._arrays) == cuda_upload.KEPT_ARRAYS
+    assert ("agent_pos", (1, 2, 2), np.dtype(np.float32)) not in uploads._arrays  # the first made
+
+
+@pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
+def test_uploaded_observations_give_the_same_actions_as_fresh_arrays():
+    # Alternating observations through the kept arrays: each request sees its own, as with mx.array.
+    policy = tiny_policy(image=True)
+    observations = [observation(policy, batch=1, seed=s) for s in range(3)]
+    for obs in observations * 2:
+        fresh = {k: mx.array(v) for k, v in obs.items()}  # MLX arrays skip the uploads
+        expected = policy.predict_action(fresh, scheduler="ddim", num_inference_steps=4, seed=7)
+        uploaded = policy.predict_action(obs, scheduler="ddim", num_inference_steps=4, seed=7)
+        assert mx.array_equal(uploaded["action_pred"], expected["action_pred"]).item()
+    assert len(policy._uploads._arrays) == len(observations[0])
