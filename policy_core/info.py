@@ -33,6 +33,7 @@ def environment_report() -> dict[str, str]:
         "cpu_blas": blas_in_use(),
     }
     if backend_name() == "CUDA":
+        report["device_name"] = str(mx.device_info().get("device_name", "?"))  # names the card in results
         # The variable as this process sees it; dpmlx serve sets 0 unless it is set.
         report["MLX_USE_CUDA_GRAPHS"] = os.environ.get("MLX_USE_CUDA_GRAPHS", "unset (MLX: graphs on)")
     if backend_name() == "Metal":
