@@ -7,21 +7,26 @@ was ~0.27 ms of host time and ~0.19 ms of GPU time for two 96x96 uint8 frames, ~
 lowdim observation (benchmarks/NOTES.md). ``HostUploads`` instead keeps one MLX array per observation
 key, shape and dtype, advised to live in host memory and to be read there by the GPU (``cuMemAdvise``:
 preferred location the host, accessed by device 0), and writes each request's values into it through a
-NumPy view: no page moves either way, and the kernel that reads them reads a few KB over the bus. The
-arrays are written behind MLX's back, so a returned array is only valid until the next write of its key
-(the policy evaluates a request before it returns).
+NumPy view: no page moves either way, and the kernel that reads them reads a few KB over the bus. Advice
+applies to whole pages, so each array lies on pages of a buffer of its own (``_page_aligned``): advising a
+page shared with another small allocation (the barrier counters of a persistent kernel, say) would put
+that one in host memory too. The arrays are written behind MLX's back, so a returned array is only valid
+until the next write of its key (the policy evaluates a request before it returns).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
+import weakref
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 KEPT_ARRAYS = 16  # per HostUploads: an observation key's batch buckets
+PAGE_BYTES = max(4096, mmap.PAGESIZE)  # the host's page: the unit of managed-memory advice
 # dtypes ``mx.array`` stores as they are (it would convert others, e.g. float64 to float32).
 WRITTEN_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 
@@ -33,7 +38,7 @@ class _Location(ctypes.Structure):
 class _Driver:
     """The CUDA driver's memory advice, bound once per process (MLX's device is device 0)."""
 
-    SET_PREFERRED_LOCATION, SET_ACCESSED_BY = 3, 5  # CUmem_advise
+    SET_PREFERRED_LOCATION, UNSET_PREFERRED_LOCATION, SET_ACCESSED_BY, UNSET_ACCESSED_BY = 3, 4, 5, 6
     DEVICE, HOST = _Location(1, 0), _Location(2, 0)  # CUmemLocationType DEVICE / HOST
 
     def __init__(self) -> None:
@@ -53,9 +58,22 @@ class _Driver:
 
     def keep_on_host(self, pointer: int, nbytes: int) -> None:
         """Managed memory at ``pointer`` stays in host memory and device 0 reads it there."""
+        self._advise_all(
+            pointer, nbytes, [(self.SET_PREFERRED_LOCATION, self.HOST), (self.SET_ACCESSED_BY, self.DEVICE)]
+        )
+
+    def release(self, pointer: int, nbytes: int) -> None:
+        """Undo ``keep_on_host``, before MLX recycles the memory for other arrays."""
+        self._advise_all(
+            pointer,
+            nbytes,
+            [(self.UNSET_PREFERRED_LOCATION, self.HOST), (self.UNSET_ACCESSED_BY, self.DEVICE)],
+        )
+
+    def _advise_all(self, pointer: int, nbytes: int, advice: list[tuple[int, _Location]]) -> None:
         self._check(self._lib.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")  # the calling thread's
-        self._check(self._advise(pointer, nbytes, self.SET_PREFERRED_LOCATION, self.HOST), "cuMemAdvise")
-        self._check(self._advise(pointer, nbytes, self.SET_ACCESSED_BY, self.DEVICE), "cuMemAdvise")
+        for kind, location in advice:
+            self._check(self._advise(pointer, nbytes, kind, location), "cuMemAdvise")
 
 
 @functools.cache
@@ -84,8 +102,32 @@ class HostUploads:
             return array
         if len(self._arrays) >= KEPT_ARRAYS:
             del self._arrays[next(iter(self._arrays))]  # the one made first
-        array = mx.array(host)  # this request's values, through MLX; later requests write into it
-        view = np.asarray(array)  # a writable view of MLX's managed buffer
-        _driver().keep_on_host(view.__array_interface__["data"][0], view.nbytes)
+        array, view = _page_aligned(host.shape, host.dtype)
+        pointer, nbytes = view.__array_interface__["data"][0], _round_up(view.nbytes, PAGE_BYTES)
+        driver = _driver()
+        driver.keep_on_host(pointer, nbytes)
+        # The memory goes back to MLX's cache when the array dies (evicted, or the policy with it): the
+        # advice must not follow it to other arrays. At exit the driver may be gone; so is the memory.
+        weakref.finalize(array, driver.release, pointer, nbytes).atexit = False
+        view[...] = host
         self._arrays[slot] = (array, view)
         return array
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _page_aligned(shape: tuple[int, ...], dtype: np.dtype) -> tuple[mx.array, np.ndarray]:
+    """An MLX array of ``shape`` starting on a page boundary of a buffer made for it, whose whole pages it
+    spans lie inside that buffer, and a writable NumPy view of it (the same memory)."""
+    size = int(np.prod(shape))
+    spare = PAGE_BYTES // dtype.itemsize  # room to move the start onto a page boundary
+    buffer = mx.array(np.zeros(spare + _round_up(size * dtype.itemsize, PAGE_BYTES) // dtype.itemsize, dtype))
+    start = (-np.asarray(buffer).__array_interface__["data"][0] % PAGE_BYTES) // dtype.itemsize
+    array = buffer[start : start + size].reshape(shape)  # a view of the buffer (MLX slices share it)
+    mx.eval(array)
+    view = np.asarray(array)
+    if view.__array_interface__["data"][0] % PAGE_BYTES or not np.shares_memory(view, np.asarray(buffer)):
+        raise RuntimeError("MLX gave a page-aligned slice other memory than its buffer's")
+    return array, view

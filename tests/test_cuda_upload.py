@@ -3,6 +3,8 @@
 The bookkeeping and the writes run anywhere (on the CPU an MLX array's memory is the host's); the
 driver's memory advice runs on a GPU only."""
 
+import gc
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -11,16 +13,24 @@ from helpers import observation, tiny_policy
 from policy_core import cuda_upload, unet_cuda
 
 
-class _NoAdvice:
-    # The CPU backend's arrays already live in host memory.
+class _AdviceLog:
+    # The CPU backend's arrays already live in host memory: record the advice instead.
+    def __init__(self) -> None:
+        self.kept: dict[int, int] = {}
+
     def keep_on_host(self, pointer: int, nbytes: int) -> None:
-        assert pointer and nbytes
+        assert pointer % cuda_upload.PAGE_BYTES == 0 and nbytes % cuda_upload.PAGE_BYTES == 0
+        self.kept[pointer] = nbytes
+
+    def release(self, pointer: int, nbytes: int) -> None:
+        assert self.kept.pop(pointer) == nbytes
 
 
 def test_uploads_refill_one_kept_array_per_key_shape_and_dtype(monkeypatch):
     if unet_cuda.available():
         pytest.skip("the CPU form of the writes")
-    monkeypatch.setattr(cuda_upload, "_driver", lambda: _NoAdvice())
+    advice = _AdviceLog()
+    monkeypatch.setattr(cuda_upload, "_driver", lambda: advice)
     uploads = cuda_upload.HostUploads()
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (1, 2, 8, 8, 3), dtype=np.uint8) for _ in range(3)]
@@ -42,17 +52,28 @@ def test_uploads_refill_one_kept_array_per_key_shape_and_dtype(monkeypatch):
     assert wide.dtype == mx.float32 and np.allclose(np.array(wide), state)
     given = mx.array(state)
     assert uploads("agent_pos", given) is given
+    # Advice covers whole pages, each inside the buffer made for its array (a page shared with another
+    # allocation would move that one too), and is undone when the arrays go.
+    starts = {view.__array_interface__["data"][0]: view.nbytes for _, view in uploads._arrays.values()}
+    assert all(advice.kept[start] >= nbytes for start, nbytes in starts.items())
+    assert len(advice.kept) == len(uploads._arrays) == 3
+    del uploads, first, kept, ordered
+    gc.collect()
+    assert not advice.kept
 
 
 def test_uploads_keep_a_bounded_number_of_arrays(monkeypatch):
     if unet_cuda.available():
         pytest.skip("the CPU form of the writes")
-    monkeypatch.setattr(cuda_upload, "_driver", lambda: _NoAdvice())
+    advice = _AdviceLog()
+    monkeypatch.setattr(cuda_upload, "_driver", lambda: advice)
     uploads = cuda_upload.HostUploads()
     for batch in range(1, cuda_upload.KEPT_ARRAYS + 3):
         uploads("agent_pos", np.zeros((batch, 2, 2), np.float32))
     assert len(uploads._arrays) == cuda_upload.KEPT_ARRAYS
     assert ("agent_pos", (1, 2, 2), np.dtype(np.float32)) not in uploads._arrays  # the first made
+    gc.collect()
+    assert len(advice.kept) == cuda_upload.KEPT_ARRAYS  # the evicted one's advice undone
 
 
 @pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
