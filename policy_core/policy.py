@@ -20,7 +20,7 @@ import contextlib
 import secrets
 import warnings
 from collections.abc import Callable
-from functools import lru_cache, partial
+from functools import partial
 from itertools import accumulate
 from typing import Any
 
@@ -53,11 +53,11 @@ def _as_mx(x: Any) -> mx.array:
     return x if isinstance(x, mx.array) else mx.array(np.asarray(x))
 
 
-@lru_cache(maxsize=32)
-def _normal_draw(shape: tuple[int, ...]) -> Callable[[mx.array], mx.array]:
-    """``mx.random.normal(shape, key=key)`` compiled: the same values from the random bits and one fused
-    transform instead of ~6 operations, each ~10-15 us of MLX's host time on CUDA (benchmarks/NOTES.md)."""
-    return mx.compile(lambda key: mx.random.normal(shape, key=key))
+# ``mx.random.normal(shape, key=key)`` compiled: the same values from the random bits and one fused transform
+# instead of ~6 operations, each ~10-15 us of MLX's host time on CUDA (benchmarks/NOTES.md). One function for
+# every shape (its ints are compile constants): MLX keys traces by the function's address in a cache per
+# thread, so functions made and dropped per shape could, from another thread, find a dead one's trace.
+_normal_draw = mx.compile(lambda key, *shape: mx.random.normal(shape, key=key))
 
 
 class DiffusionUnetPolicy(nn.Module):
@@ -314,7 +314,7 @@ class DiffusionUnetPolicy(nn.Module):
         (num_steps, B, horizon, action_dim) that ``predict_action(seed=seed)`` uses."""
         shape = (batch, self.config.horizon, self.config.action_dim)
         key = mx.random.key(secrets.randbits(63) if seed is None else seed)
-        noise = _normal_draw((1 + num_steps, *shape))(key)  # one draw for x_T and every step
+        noise = _normal_draw(key, 1 + num_steps, *shape)  # one draw for x_T and every step
         return noise[0], noise[1:]
 
     def predict_action(
@@ -334,7 +334,8 @@ class DiffusionUnetPolicy(nn.Module):
         an explicit x_T (B, horizon, action_dim) and ``step_noise`` explicit per-step noise
         (steps, B, horizon, action_dim), both overriding what the seed would give (a server batching
         several requests passes each request's own). ``scheduler`` ("ddim" | "ddpm") switches the
-        sampler without reloading weights.
+        sampler without reloading weights. One call at a time per policy: on CUDA the observations are
+        written into arrays the policy keeps (``cuda_upload``).
         """
         cfg = self.config
         batch = self.validate_obs(obs)
@@ -360,7 +361,8 @@ class DiffusionUnetPolicy(nn.Module):
             action_pred = self.normalizer.unnormalize("action", naction)
             return [action_pred[:, start : start + cfg.n_action_steps], action_pred]
 
-        # On CUDA host observations are copied into arrays kept on the GPU (cuda_upload).
+        # On CUDA host observations are written into arrays the policy keeps in host memory, which the GPU
+        # reads there (cuda_upload): one request at a time per policy (the server's worker per model).
         obs = {k: self._uploads(k, obs[k]) if unet_cuda.available() else _as_mx(obs[k]) for k in cfg.obs}
         action, action_pred = self._sample(kind, steps, obs, x_init, noise_per_step, unnormalize)
         return {"action": action, "action_pred": action_pred}

@@ -1,3 +1,4 @@
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -219,6 +220,27 @@ def test_explicit_noise_is_used_and_scheduler_switch_needs_no_reload():
         policy.predict_action(obs, scheduler="euler")
     with pytest.raises(ValueError, match="num_inference_steps"):
         policy.predict_action(obs, num_inference_steps=1000)
+
+
+def test_noise_draws_keep_their_shape_across_threads_and_many_shapes():
+    # The server's model workers take turns on one process-wide compiled draw, with a shape per (steps,
+    # rows): each draw must be its own shape's, as MLX's plain draw gives it, whichever thread asks.
+    policy = tiny_policy(image=False)
+    shapes = [(steps, rows) for steps in (4, 10, 16, 20, 50, 100) for rows in range(1, 8)]  # 42
+
+    def check(steps: int, rows: int, wrong: list) -> None:
+        x_init, step_noise = policy.sample_noise(rows, steps, seed=steps * 10 + rows)
+        plain = mx.random.normal((1 + steps, *x_init.shape), key=mx.random.key(steps * 10 + rows))
+        if step_noise.shape != plain[1:].shape or not mx.array_equal(step_noise, plain[1:]).item():
+            wrong.append((steps, rows))
+
+    wrong: list = []
+    for steps, rows in shapes:
+        check(steps, rows, wrong)
+        worker = threading.Thread(target=check, args=(steps, rows, wrong))
+        worker.start()
+        worker.join()
+    assert not wrong
 
 
 def test_batched_request_equals_single_requests():
