@@ -861,7 +861,7 @@ WEIGHT_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "
 
 
 @functools.cache
-def _device_attribute(code: int) -> int | None:
+def device_attribute(code: int) -> int | None:
     """A CUDA driver attribute of device 0 (MLX's device), or None where the driver can't say."""
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
@@ -877,17 +877,17 @@ def _device_attribute(code: int) -> int | None:
 
 def sm_count() -> int | None:
     """Streaming multiprocessors: the grid size, one resident block each."""
-    return _device_attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+    return device_attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
 
 
 def l2_bytes() -> int:
     """The L2 cache's size (50 MB on an H100), or 0 where the driver can't say."""
-    return _device_attribute(38) or 0  # CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE
+    return device_attribute(38) or 0  # CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE
 
 
 def max_shared_bytes() -> int:
     """Dynamic shared memory one block may opt into (227 KB on an H100, 99 KB on an L4)."""
-    optin = _device_attribute(97)  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    optin = device_attribute(97)  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
     return max(0, (optin or 0) - 1024)  # the kernel's static shared memory
 
 

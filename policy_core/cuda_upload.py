@@ -7,11 +7,14 @@ was ~0.27 ms of host time and ~0.19 ms of GPU time for two 96x96 uint8 frames, ~
 lowdim observation (benchmarks/NOTES.md). ``HostUploads`` instead keeps one MLX array per observation
 key, shape and dtype, advised to live in host memory and to be read there by the GPU (``cuMemAdvise``:
 preferred location the host, accessed by device 0), and writes each request's values into it through a
-NumPy view: no page moves either way, and the kernel that reads them reads a few KB over the bus. Advice
-applies to whole pages, so each array lies on pages of a buffer of its own (``_page_aligned``): advising a
-page shared with another small allocation (the barrier counters of a persistent kernel, say) would put
-that one in host memory too. The arrays are written behind MLX's back, so a returned array is only valid
-until the next write of its key (the policy evaluates a request before it returns).
+NumPy view: no page moves either way, and the kernel that reads them reads tens of KB over the bus (55 KB
+for two 96x96 RGB frames). Advice applies to whole pages, so each array lies on pages of a buffer of its
+own (``_page_aligned``): advising a page shared with another small allocation (the barrier counters of a
+persistent kernel, say) would put that one in host memory too. The arrays are written behind MLX's back,
+so a returned array is only valid until the next write of its (key, shape, dtype) slot: one request at a
+time per ``HostUploads`` (the policy evaluates a request before it returns). Where MLX does not use managed
+memory (no concurrent managed access: WSL, some Jetsons) or the advice fails, observations go through
+``mx.array`` as before. MLX's CUDA device is assumed to be device 0, as elsewhere in policy_core.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
+import warnings
 import weakref
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-KEPT_ARRAYS = 16  # per HostUploads: an observation key's batch buckets
+from policy_core import cuda_sampler
+
+KEPT_ARRAYS = 32  # per HostUploads, over all keys: each observation key's batch buckets
 PAGE_BYTES = max(4096, mmap.PAGESIZE)  # the host's page: the unit of managed-memory advice
 # dtypes ``mx.array`` stores as they are (it would convert others, e.g. float64 to float32).
 WRITTEN_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
@@ -81,31 +87,48 @@ def _driver() -> _Driver:
     return _Driver()
 
 
+@functools.cache
+def _managed_memory() -> bool:
+    """Whether MLX allocates managed memory here (it does where the device has concurrent managed access)."""
+    return cuda_sampler.device_attribute(89) == 1  # CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS
+
+
 class HostUploads:
     """Observation arrays kept per (key, shape, dtype), written by each request from host data."""
+
+    # Set for the process after advice failed once; its array is kept here, never given back to MLX with
+    # whatever part of the advice took.
+    failed: list[mx.array | None] = []
 
     def __init__(self) -> None:
         self._arrays: dict[tuple, tuple[mx.array, np.ndarray]] = {}
 
     def __call__(self, key: str, value: Any) -> mx.array:
-        """``value`` as an MLX array: an MLX array as it is; host data of a written dtype in this key's kept
-        array for its shape (valid until the next write of the key); anything else through ``mx.array``."""
+        """``value`` as an MLX array: an MLX array as it is; host data of a written dtype in the kept array
+        of its (key, shape, dtype) slot (valid until the slot's next write); anything else, or where the
+        advice can't be used, through ``mx.array``."""
         if isinstance(value, mx.array):
             return value
         host = np.asarray(value)
-        if host.dtype not in WRITTEN_DTYPES or host.size == 0:
+        if host.dtype not in WRITTEN_DTYPES or host.size == 0 or self.failed or not _managed_memory():
             return mx.array(host)
         slot = (key, host.shape, host.dtype)
         if slot in self._arrays:
-            array, view = self._arrays[slot]
+            array, view = self._arrays[slot] = self._arrays.pop(slot)  # now the most recently used
             view[...] = host
             return array
         if len(self._arrays) >= KEPT_ARRAYS:
-            del self._arrays[next(iter(self._arrays))]  # the one made first
-        array, view = _page_aligned(host.shape, host.dtype)
-        pointer, nbytes = view.__array_interface__["data"][0], _round_up(view.nbytes, PAGE_BYTES)
-        driver = _driver()
-        driver.keep_on_host(pointer, nbytes)
+            del self._arrays[next(iter(self._arrays))]  # the least recently used
+        array = None
+        try:
+            array, view = _page_aligned(host.shape, host.dtype)
+            pointer, nbytes = view.__array_interface__["data"][0], _round_up(view.nbytes, PAGE_BYTES)
+            driver = _driver()
+            driver.keep_on_host(pointer, nbytes)
+        except (OSError, AttributeError, RuntimeError) as error:
+            HostUploads.failed.append(array)
+            warnings.warn(f"observations go through mx.array from now on: {error}", stacklevel=2)
+            return mx.array(host)
         # The memory goes back to MLX's cache when the array dies (evicted, or the policy with it): the
         # advice must not follow it to other arrays. At exit the driver may be gone; so is the memory.
         weakref.finalize(array, driver.release, pointer, nbytes).atexit = False

@@ -556,7 +556,8 @@ def _tiling(
 
 
 class _Program:
-    """The phases of the trunk for (images, h, w, c) inputs, as C++ calls, and its kernel inputs."""
+    """The phases of the trunk for (images, h, w, c) inputs, as C++ calls, and its kernel inputs. The
+    tiles are planned for ``images`` (``PLAN_IMAGES``); the kernel reads the batch size at run time."""
 
     def __init__(
         self,
@@ -733,7 +734,8 @@ def trunk(module: ResNet18Trunk, x: mx.array) -> mx.array:
     """``module(x)`` in this form (see ``supports``); inputs too large for the kernel's tiles (``_kernel``)
     go through the modules. x: (N, H, W, C) -> (N, h, w, 512), x's dtype."""
     built = _kernel(module, x.shape, x.dtype)
-    if built is None:
+    # The kernel's workspace offsets are 32-bit ints: ~4000 84x84 images would overflow them.
+    if built is None or built[0].ws_size * x.shape[0] >= 2**31:
         return module(x)
     program, kernel = built
     blocks = cuda_sampler.sm_count()

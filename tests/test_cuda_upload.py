@@ -26,11 +26,18 @@ class _AdviceLog:
         assert self.kept.pop(pointer) == nbytes
 
 
+def _advised(monkeypatch) -> _AdviceLog:
+    advice = _AdviceLog()
+    monkeypatch.setattr(cuda_upload, "_driver", lambda: advice)
+    monkeypatch.setattr(cuda_upload, "_managed_memory", lambda: True)  # as where MLX uses managed memory
+    monkeypatch.setattr(cuda_upload.HostUploads, "failed", [])
+    return advice
+
+
 def test_uploads_refill_one_kept_array_per_key_shape_and_dtype(monkeypatch):
     if unet_cuda.available():
         pytest.skip("the CPU form of the writes")
-    advice = _AdviceLog()
-    monkeypatch.setattr(cuda_upload, "_driver", lambda: advice)
+    advice = _advised(monkeypatch)
     uploads = cuda_upload.HostUploads()
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (1, 2, 8, 8, 3), dtype=np.uint8) for _ in range(3)]
@@ -65,15 +72,41 @@ def test_uploads_refill_one_kept_array_per_key_shape_and_dtype(monkeypatch):
 def test_uploads_keep_a_bounded_number_of_arrays(monkeypatch):
     if unet_cuda.available():
         pytest.skip("the CPU form of the writes")
-    advice = _AdviceLog()
-    monkeypatch.setattr(cuda_upload, "_driver", lambda: advice)
+    advice = _advised(monkeypatch)
     uploads = cuda_upload.HostUploads()
-    for batch in range(1, cuda_upload.KEPT_ARRAYS + 3):
+    for batch in range(1, cuda_upload.KEPT_ARRAYS + 1):
         uploads("agent_pos", np.zeros((batch, 2, 2), np.float32))
-    assert len(uploads._arrays) == cuda_upload.KEPT_ARRAYS
-    assert ("agent_pos", (1, 2, 2), np.dtype(np.float32)) not in uploads._arrays  # the first made
+    uploads("agent_pos", np.ones((1, 2, 2), np.float32))  # batch 1 used again: now the most recent
+    for batch in (100, 101):
+        uploads("agent_pos", np.zeros((batch, 2, 2), np.float32))
+    slots = {shape[0] for _, shape, _ in uploads._arrays}
+    assert len(slots) == cuda_upload.KEPT_ARRAYS and 1 in slots and 2 not in slots and 3 not in slots
     gc.collect()
-    assert len(advice.kept) == cuda_upload.KEPT_ARRAYS  # the evicted one's advice undone
+    assert len(advice.kept) == cuda_upload.KEPT_ARRAYS  # the evicted ones' advice undone
+
+
+class _FailingAdvice(_AdviceLog):
+    def keep_on_host(self, pointer: int, nbytes: int) -> None:
+        raise RuntimeError("cuMemAdvise failed with CUDA driver error 1")
+
+
+def test_uploads_fall_back_to_mx_array_where_the_advice_fails_or_memory_is_not_managed(monkeypatch):
+    if unet_cuda.available():
+        pytest.skip("the CPU form of the writes")
+    _advised(monkeypatch)
+    monkeypatch.setattr(cuda_upload, "_driver", lambda: _FailingAdvice())
+    uploads = cuda_upload.HostUploads()
+    frames = np.arange(2 * 8 * 8 * 3, dtype=np.uint8).reshape(1, 2, 8, 8, 3)
+    with pytest.warns(UserWarning, match="through mx.array"):
+        first = uploads("image", frames)
+    assert np.array_equal(np.array(first), frames)
+    assert np.array_equal(np.array(uploads("image", frames + 1)), frames + 1)  # no warning, no kept array
+    assert not uploads._arrays and len(cuda_upload.HostUploads.failed) == 1
+    # Without managed memory nothing is kept or advised either.
+    advice = _advised(monkeypatch)
+    monkeypatch.setattr(cuda_upload, "_managed_memory", lambda: False)
+    assert np.array_equal(np.array(uploads("image", frames)), frames)
+    assert not uploads._arrays and not advice.kept
 
 
 @pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")

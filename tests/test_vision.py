@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -206,6 +208,16 @@ def test_cuda_trunk_program_fits_the_device(shape, itemsize, blocks, shared_byte
     assert program.layers == len(vision_cuda._layers(ResNet18Trunk())) == 20
     assert len(program.phases) == 19  # stem, pooling, two per BasicBlock, output
     assert program.out_per_image == ResNet18Trunk()(mx.zeros((1, *shape[1:]))).shape[1:]
+
+
+def test_cuda_trunk_leaves_batches_past_its_32_bit_offsets_to_the_modules(monkeypatch):
+    # The kernel indexes its workspace with ints: a batch whose workspace passes 2**31 floats is the
+    # modules' (the kernel itself is never called).
+    huge = SimpleNamespace(ws_size=2**31 // 2)
+    monkeypatch.setattr(vision_cuda, "_kernel", lambda module, shape, dtype: (huge, None))
+    trunk = ResNet18Trunk()
+    x = mx.random.normal((2, 33, 33, 3))
+    assert mx.array_equal(vision_cuda.trunk(trunk, x), trunk(x))
 
 
 def test_cuda_trunk_leaves_inputs_too_large_for_its_tiles_to_the_modules(monkeypatch):
