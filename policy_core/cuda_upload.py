@@ -29,7 +29,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from policy_core import cuda_sampler
+from policy_core import cuda_sampler, unet_cuda
 
 KEPT_ARRAYS = 32  # per HostUploads, over all keys: each observation key's batch buckets
 PAGE_BYTES = max(4096, mmap.PAGESIZE)  # the host's page: the unit of managed-memory advice
@@ -87,9 +87,14 @@ def _driver() -> _Driver:
     return _Driver()
 
 
-@functools.cache
 def _managed_memory() -> bool:
-    """Whether MLX allocates managed memory here (it does where the device has concurrent managed access)."""
+    """Whether MLX's arrays are in managed memory here: its CUDA backend is the default device, and that
+    device has concurrent managed access (elsewhere MLX allocates pinned host memory)."""
+    return unet_cuda.available() and _concurrent_managed_access()
+
+
+@functools.cache
+def _concurrent_managed_access() -> bool:
     return cuda_sampler.device_attribute(89) == 1  # CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS
 
 

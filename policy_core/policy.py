@@ -362,8 +362,9 @@ class DiffusionUnetPolicy(nn.Module):
             return [action_pred[:, start : start + cfg.n_action_steps], action_pred]
 
         # On CUDA host observations are written into arrays the policy keeps in host memory, which the GPU
-        # reads there (cuda_upload): one request at a time per policy (the server's worker per model).
-        obs = {k: self._uploads(k, obs[k]) if unet_cuda.available() else _as_mx(obs[k]) for k in cfg.obs}
+        # reads there; elsewhere they become MLX arrays as they are (cuda_upload): one request at a time per
+        # policy (the server's worker per model).
+        obs = {k: self._uploads(k, obs[k]) for k in cfg.obs}
         action, action_pred = self._sample(kind, steps, obs, x_init, noise_per_step, unnormalize)
         return {"action": action, "action_pred": action_pred}
 
