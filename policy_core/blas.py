@@ -7,10 +7,13 @@ imported before anything imports MLX; ``policy_core/__init__.py`` does that.
 
 The first choice is the OpenBLAS that every numpy wheel bundles (0.3.31 with numpy 2.4, runtime CPU
 dispatch): on the sampler's matrix-vector-like products it is ~1.3x faster than Debian's 0.3.21. Its
-symbols are renamed (``scipy_cblas_sgemm64_``, 64-bit integers), so a ten-line shim that exports MLX's
-real-valued products, ``cblas_sgemm`` and ``cblas_dgemm``, is compiled once with the C compiler (MLX's CPU
-``mx.compile`` needs one too) and cached (complex ``cblas_cgemm`` stays on the bundled BLAS). Without a
-compiler or numpy's library, a system OpenBLAS is used; without either, the reference BLAS stays.
+symbols are renamed (``scipy_cblas_sgemm64_``, 64-bit integers), so a shim that exports MLX's real-valued
+products, ``cblas_sgemm`` and ``cblas_dgemm`` (``cblas_shim.c``), is compiled once with the C compiler
+(MLX's CPU ``mx.compile`` needs one too) and cached (complex ``cblas_cgemm`` stays on the bundled BLAS).
+Without a compiler or numpy's library, a system OpenBLAS is used; without either, the reference BLAS stays.
+
+The shim computes a matrix times at most 8 vectors itself, the shape of most layers at batch 1, 2-3x
+faster than OpenBLAS's blocked GEMM; it and OpenBLAS share one thread pool (see ``cblas_shim.c``).
 
 Override with ``DPMLX_BLAS``: a path to a CBLAS shared library, or ``reference`` to keep the bundled one
 (either way nothing is compiled).
@@ -41,22 +44,9 @@ SYSTEM_OPENBLAS = (
     "/usr/lib/libopenblas.so.0",
 )
 
-SHIM_SOURCE = r"""
-#include <stdint.h>
-typedef int64_t i64;
-void scipy_cblas_sgemm64_(int, int, int, i64, i64, i64, float, const float *, i64, const float *, i64,
-                          float, float *, i64);
-void scipy_cblas_dgemm64_(int, int, int, i64, i64, i64, double, const double *, i64, const double *, i64,
-                          double, double *, i64);
-void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
-                 const float *b, int ldb, float beta, float *c, int ldc) {
-  scipy_cblas_sgemm64_(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-void cblas_dgemm(int order, int ta, int tb, int m, int n, int k, double alpha, const double *a, int lda,
-                 const double *b, int ldb, double beta, double *c, int ldc) {
-  scipy_cblas_dgemm64_(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-"""
+SHIM_SOURCE = (Path(__file__).parent / "cblas_shim.c").read_text()
+# Compiler flags, first choice first; the cache key has the CPU's features (-march=native).
+SHIM_FLAGS = (("-O3", "-march=native", "-pthread"), ("-O2", "-pthread"))
 
 loaded_blas: str | None = None
 """Path of the BLAS this module loaded, or None when MLX uses whatever it links."""
@@ -85,43 +75,71 @@ def _cache_dir() -> Path | None:
     return directory if private else None
 
 
+def _cpu_features() -> str:
+    """The CPU's feature list (part of the shim's cache key: it is built for this CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line for line in lines if line.startswith(("flags", "Features"))), "")
+
+
 def build_shim(openblas: Path) -> Path | None:
     """The CBLAS shim over ``openblas``: cached in the user's cache directory, else built into a fresh
     private temporary directory (never a shared, guessable path: the result is loaded as code).
-    None without a compiler or when the build fails (then a warning carries the compiler's message)."""
+    None without a compiler or when every build fails (then a warning carries the compiler's message)."""
     compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
     if not compiler[0]:
         return None
-    key = hashlib.sha256(f"{openblas}\n{SHIM_SOURCE}".encode()).hexdigest()[:16]
-    name = f"libdpmlx_cblas_{key}.so"
     cache = _cache_dir()
-    if cache is not None and (cache / name).is_file() and (cache / name).stat().st_uid == os.getuid():
-        return cache / name
-    work = None
-    try:
-        work = Path(tempfile.mkdtemp(prefix="dpmlx-cblas-", dir=cache))
-        source = work / "cblas_shim.c"
-        source.write_text(SHIM_SOURCE)
-        built = work / name
-        command = [*compiler, "-O2", "-shared", "-fPIC", "-Wl,--no-undefined", str(source), "-o", str(built)]
-        command += [str(openblas), "-Xlinker", "-rpath", "-Xlinker", str(openblas.parent)]
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as exc:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
-        detail = getattr(exc, "stderr", b"") or b""
-        warnings.warn(
-            f"could not build the BLAS shim ({exc}; {detail.decode(errors='replace')[-300:]}); "
-            "falling back to the system OpenBLAS if there is one",
-            stacklevel=2,
-        )
-        return None
-    if cache is None:
-        return built
-    target = cache / name
-    built.replace(target)  # atomic: concurrent importers see a whole file or none
-    shutil.rmtree(work, ignore_errors=True)
-    return target
+    names = [
+        "libdpmlx_cblas_"
+        + hashlib.sha256(
+            "\n".join([str(openblas), _cpu_features(), *flags, SHIM_SOURCE]).encode()
+        ).hexdigest()[:16]
+        + ".so"
+        for flags in SHIM_FLAGS
+    ]
+    for name in names:  # a build that failed here once is not retried at every import
+        if cache is not None and (cache / name).is_file() and (cache / name).stat().st_uid == os.getuid():
+            return cache / name
+    errors = []
+    for flags, name in zip(SHIM_FLAGS, names, strict=True):
+        work = None
+        try:
+            work = Path(tempfile.mkdtemp(prefix="dpmlx-cblas-", dir=cache))
+            source, built = work / "cblas_shim.c", work / name
+            source.write_text(SHIM_SOURCE)
+            command = [
+                *compiler,
+                *flags,
+                "-shared",
+                "-fPIC",
+                "-Wl,--no-undefined",
+                str(source),
+                "-o",
+                str(built),
+            ]
+            command += [str(openblas), "-Xlinker", "-rpath", "-Xlinker", str(openblas.parent)]
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+            detail = getattr(exc, "stderr", b"") or b""
+            errors.append(f"{' '.join(flags)}: {exc}; {detail.decode(errors='replace')[-300:]}")
+            continue
+        if cache is None:
+            return built
+        target = cache / name
+        built.replace(target)  # atomic: concurrent importers see a whole file or none
+        shutil.rmtree(work, ignore_errors=True)
+        return target
+    warnings.warn(
+        f"could not build the BLAS shim ({' | '.join(errors)}); "
+        "falling back to the system OpenBLAS if there is one",
+        stacklevel=2,
+    )
+    return None
 
 
 def _candidates() -> list[str]:
@@ -159,15 +177,37 @@ def preload() -> str | None:
     return None
 
 
+def _shim() -> ctypes.CDLL | None:
+    return ctypes.CDLL(loaded_blas) if loaded_blas is not None and "libdpmlx_cblas_" in loaded_blas else None
+
+
+def shim_threads() -> int:
+    """Threads of the shim's pool (its kernel's and OpenBLAS's); 0 when the shim is not loaded or its
+    OpenBLAS has no threading callback (then OpenBLAS takes every product on its own threads)."""
+    shim = _shim()
+    return shim.dpmlx_pool_threads() if shim is not None else 0
+
+
+def shim_calls() -> tuple[int, int]:
+    """Products the shim's kernel took, and parallel calls its pool ran (its kernel's and OpenBLAS's)."""
+    shim = _shim()
+    if shim is None:
+        return 0, 0
+    shim.dpmlx_kernel_calls.restype = shim.dpmlx_pool_calls.restype = ctypes.c_long
+    return shim.dpmlx_kernel_calls(), shim.dpmlx_pool_calls()
+
+
 def blas_in_use() -> str:
     """Which BLAS library serves MLX's matmuls: the one loaded here, else read from /proc/self/maps."""
     if sys.platform == "darwin":
         return "Accelerate (macOS)"
-    if loaded_blas is not None and "libdpmlx_cblas_" in loaded_blas:
-        lib = ctypes.CDLL(loaded_blas)
-        lib.scipy_openblas_get_config64_.restype = ctypes.c_char_p
-        config = lib.scipy_openblas_get_config64_().decode()
-        return f"{config} (numpy's, through {loaded_blas})"
+    shim = _shim()
+    if shim is not None:
+        shim.scipy_openblas_get_config64_.restype = ctypes.c_char_p
+        config = shim.scipy_openblas_get_config64_().decode()
+        threads = shim.dpmlx_pool_threads()
+        pool = f"; own kernel for at most 8 vectors, one pool of {threads} threads" if threads else ""
+        return f"{config} (numpy's, through {loaded_blas}{pool})"
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:

@@ -1,14 +1,13 @@
 """The sampler's fast paths against the reference modules they replace."""
 
 import os
-import shutil
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
-from policy_core import blas, unet_cuda
+from policy_core import unet_cuda
 from policy_core.unet import ConditionalUnet1D, mish
 from policy_core.unet_inference import conv1d, denoise, group_norm_mish, upsample1d
 
@@ -89,17 +88,6 @@ def test_denoise_in_bfloat16_tracks_float32():
     assert out.dtype == mx.bfloat16
     rel = (mx.abs(out.astype(mx.float32) - ref).max() / mx.abs(ref).max()).item()
     assert rel < 0.05
-
-
-@pytest.mark.skipif(not blas.sys.platform.startswith("linux"), reason="the BLAS preload is Linux-only")
-def test_mlx_matmuls_run_on_numpys_openblas_when_a_compiler_exists():
-    a = mx.random.normal((64, 300))
-    b = mx.random.normal((300, 5))
-    assert np.allclose(np.array(a @ b), np.array(a) @ np.array(b), atol=1e-4)
-    if blas.numpy_openblas() is None or shutil.which("cc") is None or os.environ.get("DPMLX_BLAS"):
-        pytest.skip("no numpy-bundled OpenBLAS, no C compiler, or DPMLX_BLAS overrides the choice")
-    assert blas.loaded_blas is not None and "libdpmlx_cblas_" in blas.loaded_blas
-    assert blas.blas_in_use().startswith("OpenBLAS 0.3")
 
 
 def test_direct_launches_are_a_default_an_explicit_setting_overrides(monkeypatch):

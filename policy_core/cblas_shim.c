@@ -1,0 +1,301 @@
+/* MLX's real-valued CBLAS products (cblas_sgemm, cblas_dgemm) over numpy's bundled OpenBLAS, whose
+   symbols are renamed (scipy_..._64_, 64-bit integers). Built and loaded by policy_core/blas.py.
+
+   Most layers of a batch-1 request are a weight matrix times at most 8 vectors (batch x time steps).
+   OpenBLAS's blocked GEMM reads such a matrix at ~7-10 GB/s on the 2-core VM; streaming each row once
+   against all the vectors reads it 2-3x faster (benchmarks/NOTES.md). This file does those products
+   itself and passes every other one to OpenBLAS: from 9 vectors on the kernel is no faster (its
+   packed vectors no longer stay in L1).
+
+   Both run on one thread pool: OpenBLAS hands its parallel jobs to this file's pool (its caller-managed
+   threading callback) instead of its own threads. Two pools on the same cores spin against each other
+   (a batch-4 request was 3.7x slower when the kernel ran on OpenMP beside OpenBLAS's threads). Without
+   the callback (an OpenBLAS before 0.3.27) every product goes to OpenBLAS on its own threads. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+typedef int64_t i64;
+void scipy_cblas_sgemm64_(int, int, int, i64, i64, i64, float, const float *, i64, const float *, i64,
+                          float, float *, i64);
+void scipy_cblas_dgemm64_(int, int, int, i64, i64, i64, double, const double *, i64, const double *, i64,
+                          double, double *, i64);
+typedef void (*openblas_dojob)(int thread, void *job, int data);
+typedef void (*openblas_threads)(int sync, openblas_dojob dojob, int jobs, size_t job_size, void *job_data,
+                                 int data);
+/* Weak: absent from other OpenBLAS versions, then null. */
+void scipy_openblas_set_threads_callback_function64_(openblas_threads) __attribute__((weak));
+int scipy_openblas_get_num_threads64_(void) __attribute__((weak));
+
+/* ---- The pool: the calling thread runs job 0, helper i runs job i. All jobs of a call run at once
+   (OpenBLAS's level-3 jobs wait on each other), one call at a time. Helpers spin for a while after a call,
+   since a layer's next product follows within microseconds, then sleep. */
+
+/* 5 ms: with 0.2 ms the wake-ups between a batch-4 request's products cost it 10%. */
+enum { SPIN_NS = 5000000, MAX_HELPERS = 255 };
+typedef void (*pool_job)(int job, void *arg);
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one call at a time */
+static pthread_mutex_t sleep_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static int helpers;            /* started; guarded by pool_lock */
+static unsigned long started_at[MAX_HELPERS + 1]; /* helper i's last call before it started */
+static pool_job call_fn;       /* the call's fields, written while generation is odd */
+static void *call_arg;
+static int call_jobs;
+static unsigned long generation; /* even: fields stable; odd: being written */
+static int unfinished;           /* helper jobs of the current call not yet done */
+static int sleeping;
+static long pool_calls, kernel_calls;
+
+static long now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static void *helper_main(void *index_ptr) {
+  const int index = (int)(intptr_t)index_ptr;
+  unsigned long seen = started_at[index];
+  for (;;) {
+    unsigned long g = __atomic_load_n(&generation, __ATOMIC_ACQUIRE);
+    if (g == seen || (g & 1)) {
+      long start = now_ns();
+      for (int spin = 1;; ++spin) {
+        g = __atomic_load_n(&generation, __ATOMIC_ACQUIRE);
+        if (g != seen && !(g & 1)) break;
+        CPU_RELAX();
+        if ((spin & 63) == 0 && now_ns() - start > SPIN_NS) {
+          pthread_mutex_lock(&sleep_lock);
+          __atomic_add_fetch(&sleeping, 1, __ATOMIC_SEQ_CST);
+          while ((g = __atomic_load_n(&generation, __ATOMIC_SEQ_CST)) == seen || (g & 1))
+            pthread_cond_wait(&wake, &sleep_lock);
+          __atomic_sub_fetch(&sleeping, 1, __ATOMIC_SEQ_CST);
+          pthread_mutex_unlock(&sleep_lock);
+          break;
+        }
+      }
+    }
+    /* A helper without a job in call g can read the fields while call g+1 writes them: read, then
+       check that the generation did not move (a helper with a job holds its call open). */
+    const pool_job fn = __atomic_load_n(&call_fn, __ATOMIC_RELAXED);
+    void *const arg = __atomic_load_n(&call_arg, __ATOMIC_RELAXED);
+    const int jobs = __atomic_load_n(&call_jobs, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (__atomic_load_n(&generation, __ATOMIC_RELAXED) != g) continue;
+    seen = g;
+    if (index < jobs) {
+      fn(index, arg);
+      __atomic_sub_fetch(&unfinished, 1, __ATOMIC_RELEASE);
+    }
+  }
+  return NULL;
+}
+
+/* Runs fn(0..jobs-1, arg) at once on the caller and jobs-1 helpers. */
+static void pool_run(int jobs, pool_job fn, void *arg) {
+  if (jobs <= 1) {
+    fn(0, arg);
+    return;
+  }
+  pthread_mutex_lock(&pool_lock);
+  while (helpers < jobs - 1 && helpers < MAX_HELPERS) {
+    pthread_t thread;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    started_at[helpers + 1] = generation;
+    const int failed = pthread_create(&thread, &attr, helper_main, (void *)(intptr_t)(helpers + 1));
+    pthread_attr_destroy(&attr);
+    if (failed) break;
+    ++helpers;
+  }
+  const int together = jobs <= helpers + 1 ? jobs : helpers + 1; /* job 0 here, 1.. on helpers */
+  __atomic_add_fetch(&generation, 1, __ATOMIC_ACQ_REL);             /* odd: fields being written */
+  __atomic_store_n(&call_fn, fn, __ATOMIC_RELAXED);
+  __atomic_store_n(&call_arg, arg, __ATOMIC_RELAXED);
+  __atomic_store_n(&call_jobs, together, __ATOMIC_RELAXED);
+  __atomic_store_n(&unfinished, together - 1, __ATOMIC_RELAXED);
+  __atomic_add_fetch(&generation, 1, __ATOMIC_SEQ_CST); /* even: published */
+  if (__atomic_load_n(&sleeping, __ATOMIC_SEQ_CST) > 0) {
+    pthread_mutex_lock(&sleep_lock);
+    pthread_cond_broadcast(&wake);
+    pthread_mutex_unlock(&sleep_lock);
+  }
+  fn(0, arg);
+  for (int job = together; job < jobs; ++job) fn(job, arg);
+  while (__atomic_load_n(&unfinished, __ATOMIC_ACQUIRE) > 0) CPU_RELAX();
+  __atomic_add_fetch(&pool_calls, 1, __ATOMIC_RELAXED);
+  pthread_mutex_unlock(&pool_lock);
+}
+
+/* A forked child has none of the helpers (nor, possibly, a free lock): it starts a fresh pool. */
+static void pool_after_fork_in_child(void) {
+  pthread_mutex_init(&pool_lock, NULL);
+  pthread_mutex_init(&sleep_lock, NULL);
+  pthread_cond_init(&wake, NULL);
+  helpers = 0;
+  sleeping = 0;
+  unfinished = 0;
+  generation &= ~1UL;
+}
+
+struct openblas_call {
+  openblas_dojob dojob;
+  char *jobs;
+  size_t job_size;
+  int data;
+};
+
+static void openblas_job(int job, void *arg) {
+  const struct openblas_call *call = arg;
+  call->dojob(job, call->jobs + (size_t)job * call->job_size, call->data);
+}
+
+/* Job i runs as OpenBLAS "thread" i: it picks that thread's scratch buffer. */
+static void openblas_on_pool(int sync, openblas_dojob dojob, int jobs, size_t job_size, void *job_data,
+                             int data) {
+  (void)sync; /* run to completion either way */
+  struct openblas_call call = {dojob, job_data, job_size, data};
+  pool_run(jobs, openblas_job, &call);
+}
+
+static int pool_threads; /* 0: no pool, every product goes to OpenBLAS as it is */
+
+__attribute__((constructor)) static void pool_install(void) {
+  if (!scipy_openblas_set_threads_callback_function64_ || !scipy_openblas_get_num_threads64_) return;
+  pthread_atfork(NULL, NULL, pool_after_fork_in_child);
+  pool_threads = scipy_openblas_get_num_threads64_();
+  scipy_openblas_set_threads_callback_function64_(openblas_on_pool);
+}
+
+/* ---- The kernel: C[i*si + j*sj] = alpha * sum_k big[i*ldbig + k] * pack_j[k] (+ beta C) for the rows i
+   of a large matrix and at most 8 vectors packed below (zero-padded to 8 floats), R rows at a time.
+   The packed vectors are PACK_SKEW floats further apart than their length: vectors 4 KB apart alias
+   in L1 (1024 x 5120 by 16 took 7.4 ms instead of 1.8). */
+
+/* Products under KERNEL_MIN_ELEMENTS weights stay with OpenBLAS; under PARALLEL_MIN_ELEMENTS (1 MB)
+   the kernel runs on the calling thread alone. */
+enum { KERNEL_MAX_VECTORS = 8, KERNEL_MIN_ELEMENTS = 1 << 16, PARALLEL_MIN_ELEMENTS = 1 << 18 };
+enum { PACK_SKEW = 16 };
+typedef float v8 __attribute__((vector_size(32)));
+#define LOAD8(p) ({ v8 v_; memcpy(&v_, (p), sizeof v_); v_; })
+#define HSUM8(v) ((((v)[0] + (v)[4]) + ((v)[1] + (v)[5])) + (((v)[2] + (v)[6]) + (((v)[3] + (v)[7]))))
+
+struct kernel_call {
+  const float *big, *pack;
+  i64 ldbig, rows, k, stride, vectors, si, sj, rows_per_job;
+  float alpha, beta;
+  float *c;
+};
+
+#define KERNEL_BLOCK(R, NSP)                                                                    \
+  static void rows_##R##_##NSP(const struct kernel_call *p, i64 first, i64 last) {              \
+    const i64 kv = p->k & ~(i64)7;                                                              \
+    for (i64 i0 = first; i0 < last; i0 += R) {                                                  \
+      v8 acc[R][NSP];                                                                           \
+      memset(acc, 0, sizeof acc);                                                               \
+      const float *a[R];                                                                        \
+      for (int r = 0; r < R; ++r) a[r] = p->big + (i0 + r < last ? i0 + r : last - 1) * p->ldbig; \
+      for (i64 kk = 0; kk < kv; kk += 8) {                                                      \
+        v8 x[R];                                                                                \
+        for (int r = 0; r < R; ++r) x[r] = LOAD8(a[r] + kk);                                    \
+        for (int j = 0; j < NSP; ++j) {                                                         \
+          const v8 s = LOAD8(p->pack + j * p->stride + kk);                                     \
+          for (int r = 0; r < R; ++r) acc[r][j] += x[r] * s;                                    \
+        }                                                                                       \
+      }                                                                                         \
+      for (int r = 0; r < R && i0 + r < last; ++r)                                              \
+        for (int j = 0; j < p->vectors; ++j) {                                                  \
+          float sum = HSUM8(acc[r][j]);                                                         \
+          for (i64 kk = kv; kk < p->k; ++kk) sum += a[r][kk] * p->pack[j * p->stride + kk];     \
+          float *out = p->c + (i0 + r) * p->si + j * p->sj;                                     \
+          *out = p->beta == 0.f ? p->alpha * sum : p->alpha * sum + p->beta * *out;             \
+        }                                                                                       \
+    }                                                                                           \
+  }
+KERNEL_BLOCK(4, 4)
+KERNEL_BLOCK(2, 8)
+
+static void kernel_job(int job, void *arg) {
+  const struct kernel_call *p = arg;
+  const i64 first = job * p->rows_per_job;
+  const i64 last = first + p->rows_per_job < p->rows ? first + p->rows_per_job : p->rows;
+  if (first >= last) return;
+  if (p->vectors <= 4) rows_4_4(p, first, last);
+  else rows_2_8(p, first, last);
+}
+
+/* A thread's packed vectors, kept between calls and freed when the thread ends. */
+static __thread float *pack_buffer;
+static __thread size_t pack_capacity;
+static pthread_key_t pack_key;
+static pthread_once_t pack_key_once = PTHREAD_ONCE_INIT;
+static void make_pack_key(void) { pthread_key_create(&pack_key, free); }
+
+/* Vector j's element kk is small[j * js + kk * ks]. Returns 0 (nothing done) where it can't take the call. */
+static int kernel(const float *big, i64 ldbig, i64 rows, i64 k, const float *small, i64 js, i64 ks,
+                  i64 vectors, float alpha, float beta, float *c, i64 si, i64 sj) {
+  const i64 padded = vectors <= 4 ? 4 : 8;
+  const i64 stride = ((k + 7) & ~(i64)7) + PACK_SKEW;
+  const size_t need = (size_t)(padded * stride);
+  if (need > pack_capacity) {
+    float *grown = realloc(pack_buffer, need * sizeof(float));
+    if (!grown) return 0;
+    pack_buffer = grown;
+    pack_capacity = need;
+    pthread_once(&pack_key_once, make_pack_key);
+    pthread_setspecific(pack_key, grown);
+  }
+  memset(pack_buffer, 0, need * sizeof(float));
+  for (i64 j = 0; j < vectors; ++j)
+    for (i64 kk = 0; kk < k; ++kk) pack_buffer[j * stride + kk] = small[j * js + kk * ks];
+  const int jobs = rows * k >= PARALLEL_MIN_ELEMENTS ? pool_threads : 1;
+  const i64 block = padded == 4 ? 4 : 2; /* rows a block takes together */
+  const i64 per_job = ((rows + jobs - 1) / jobs + block - 1) / block * block;
+  struct kernel_call call = {.big = big, .pack = pack_buffer, .ldbig = ldbig, .rows = rows, .k = k,
+                             .stride = stride, .vectors = vectors, .si = si, .sj = sj,
+                             .rows_per_job = per_job, .alpha = alpha, .beta = beta, .c = c};
+  __atomic_add_fetch(&kernel_calls, 1, __ATOMIC_RELAXED);
+  pool_run(jobs, kernel_job, &call);
+  return 1;
+}
+
+int dpmlx_pool_threads(void) { return pool_threads; }
+long dpmlx_pool_calls(void) { return __atomic_load_n(&pool_calls, __ATOMIC_RELAXED); }
+long dpmlx_kernel_calls(void) { return __atomic_load_n(&kernel_calls, __ATOMIC_RELAXED); }
+
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+
+void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
+                 const float *b, int ldb, float beta, float *c, int ldc) {
+  if (pool_threads > 0 && order == ROW_MAJOR && m > 0 && n > 0 && k > 0) {
+    /* A (m x k) times at most 8 columns of B. */
+    if (ta == NO_TRANS && n <= KERNEL_MAX_VECTORS && (i64)m * k >= KERNEL_MIN_ELEMENTS &&
+        (tb == NO_TRANS ? kernel(a, lda, m, k, b, 1, ldb, n, alpha, beta, c, ldc, 1)
+                        : kernel(a, lda, m, k, b, ldb, 1, n, alpha, beta, c, ldc, 1)))
+      return;
+    /* At most 8 rows of A times B^T, B (n x k): the same with the roles swapped, C written transposed. */
+    if (tb == TRANS && m <= KERNEL_MAX_VECTORS && (i64)n * k >= KERNEL_MIN_ELEMENTS &&
+        (ta == NO_TRANS ? kernel(b, ldb, n, k, a, lda, 1, m, alpha, beta, c, 1, ldc)
+                        : kernel(b, ldb, n, k, a, 1, lda, m, alpha, beta, c, 1, ldc)))
+      return;
+  }
+  scipy_cblas_sgemm64_(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void cblas_dgemm(int order, int ta, int tb, int m, int n, int k, double alpha, const double *a, int lda,
+                 const double *b, int ldb, double beta, double *c, int ldc) {
+  scipy_cblas_dgemm64_(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}

@@ -1,0 +1,143 @@
+"""MLX's CPU products on numpy's OpenBLAS through the shim (policy_core/blas.py, cblas_shim.c): its own
+kernel for a matrix times at most 8 vectors, and one thread pool for that kernel and OpenBLAS."""
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from policy_core import blas
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS preload is Linux-only")
+
+
+def _need_pool(threads: int = 1) -> None:
+    if blas.shim_threads() < threads:
+        pytest.skip(f"the BLAS shim with a pool of at least {threads} threads is not in use")
+
+
+def test_mlx_matmuls_run_on_numpys_openblas_when_a_compiler_exists():
+    a = mx.random.normal((64, 300))
+    b = mx.random.normal((300, 5))
+    assert np.allclose(np.array(a @ b), np.array(a) @ np.array(b), atol=1e-4)
+    if blas.numpy_openblas() is None or shutil.which("cc") is None or os.environ.get("DPMLX_BLAS"):
+        pytest.skip("no numpy-bundled OpenBLAS, no C compiler, or DPMLX_BLAS overrides the choice")
+    assert blas.loaded_blas is not None and "libdpmlx_cblas_" in blas.loaded_blas
+    assert blas.blas_in_use().startswith("OpenBLAS 0.3")
+
+
+@pytest.mark.parametrize("rows", [515, 2053])  # on the calling thread alone; split over the pool
+@pytest.mark.parametrize("vectors", [1, 3, 4, 5, 8])
+def test_kernel_for_few_vectors_equals_numpy_in_every_layout(vectors, rows):
+    """Both orientations, either operand transposed, addmm's alpha and beta; K = 301 leaves a tail after
+    the 8-wide loop, and the row counts are no multiple of the rows a block takes."""
+    _need_pool()
+    rng = np.random.default_rng(vectors)
+    big = rng.standard_normal((rows, 301), dtype=np.float32)
+    small = rng.standard_normal((301, vectors), dtype=np.float32)
+    bias = rng.standard_normal((rows, vectors), dtype=np.float32)
+    exact = big.astype(np.float64) @ small.astype(np.float64)
+    # Transposed views reach BLAS as transpose flags, not copies.
+    cases = {
+        "A @ B": mx.array(big) @ mx.array(small),
+        "A @ B given as B^T": mx.array(big) @ mx.array(np.ascontiguousarray(small.T)).T,
+        "(B^T A^T)^T": (mx.array(np.ascontiguousarray(small.T)) @ mx.array(big).T).T,
+        "(B^T A^T)^T, B^T given as B": (mx.array(small).T @ mx.array(big).T).T,
+        "addmm": mx.addmm(mx.array(bias), mx.array(big), mx.array(small), alpha=0.5, beta=2.0),
+    }
+    kernel_before, _ = blas.shim_calls()
+    for name, product in cases.items():
+        expected = 0.5 * exact + 2.0 * bias if name == "addmm" else exact
+        np.testing.assert_allclose(np.array(product), expected, rtol=1e-5, atol=1e-4, err_msg=name)
+    assert blas.shim_calls()[0] - kernel_before == len(cases)  # none of them went to OpenBLAS
+    nine = mx.array(big) @ mx.array(rng.standard_normal((301, 9), dtype=np.float32))
+    mx.eval(nine)
+    assert blas.shim_calls()[0] - kernel_before == len(cases)  # 9 vectors: OpenBLAS's
+
+
+def test_openblas_runs_its_parallel_products_on_the_shims_pool():
+    _need_pool(threads=2)
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((512, 512), dtype=np.float32) for _ in range(2))
+    _, pool_before = blas.shim_calls()
+    mlx_product = np.array(mx.array(a) @ mx.array(b))
+    numpy_product = a @ b  # numpy's own matmuls take the same library and pool
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    np.testing.assert_allclose(mlx_product, exact, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(numpy_product, exact, rtol=1e-4, atol=1e-3)
+    assert blas.shim_calls()[1] - pool_before >= 2
+
+
+def test_products_from_several_threads_at_once_are_right_and_finish():
+    """The pool takes one call at a time; concurrent callers (numpy on Python threads, MLX on its own)
+    wait their turn, and nobody deadlocks or reads another call's job."""
+    _need_pool(threads=2)
+    rng = np.random.default_rng(1)
+    square = rng.standard_normal((384, 384), dtype=np.float32)
+    big = rng.standard_normal((4096, 640), dtype=np.float32)
+    few = rng.standard_normal((640, 4), dtype=np.float32)
+    square_exact = square.astype(np.float64) @ square.astype(np.float64)
+    few_exact = big.astype(np.float64) @ few.astype(np.float64)
+    errors: list[str] = []
+
+    def numpy_products():
+        for _ in range(30):
+            if not np.allclose(square @ square, square_exact, rtol=1e-4, atol=1e-3):
+                errors.append("numpy product wrong")
+
+    def mlx_products():
+        for _ in range(30):
+            if not np.allclose(np.array(mx.array(big) @ mx.array(few)), few_exact, rtol=1e-4, atol=1e-3):
+                errors.append("MLX product wrong")
+
+    threads = [threading.Thread(target=f) for f in (numpy_products, numpy_products, mlx_products)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 120
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "a product never finished"
+    assert errors == []
+
+
+def test_a_forked_child_gets_a_fresh_pool():
+    """The child of a fork has none of the parent's helper threads: its first parallel product starts
+    new ones instead of waiting for the parent's."""
+    _need_pool(threads=2)
+    script = """
+import os, sys
+import numpy as np
+import policy_core
+from policy_core import blas
+a = np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)
+exact = a.astype(np.float64) @ a.astype(np.float64)
+assert np.allclose(a @ a, exact, rtol=1e-4, atol=1e-3)
+pid = os.fork()
+if pid == 0:
+    before = blas.shim_calls()[1]
+    ok = np.allclose(a @ a, exact, rtol=1e-4, atol=1e-3) and blas.shim_calls()[1] > before
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    done = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_shim_build_falls_back_to_the_next_flags_and_caches(monkeypatch, tmp_path):
+    openblas = blas.numpy_openblas()
+    if openblas is None or shutil.which("cc") is None:
+        pytest.skip("no numpy-bundled OpenBLAS or no C compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(blas, "SHIM_FLAGS", (("-fno-such-flag",), ("-O2", "-pthread")))
+    built = blas.build_shim(openblas)
+    assert built is not None and built.parent == tmp_path / "dpmlx"
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # the failed build left nothing
+    stamp = built.stat().st_mtime_ns
+    assert blas.build_shim(openblas) == built and built.stat().st_mtime_ns == stamp  # cached, not rebuilt
