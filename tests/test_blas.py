@@ -17,6 +17,15 @@ from policy_core import blas
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS preload is Linux-only")
 
 
+@pytest.fixture(autouse=True)
+def _mlx_on_the_cpu():
+    """The shim serves MLX's CPU products: on a CUDA machine MLX would put them on the GPU."""
+    before = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(before)
+
+
 def _need_pool(threads: int = 1) -> None:
     if blas.shim_threads() < threads:
         pytest.skip(f"the BLAS shim with a pool of at least {threads} threads is not in use")
