@@ -53,6 +53,12 @@ def _as_mx(x: Any) -> mx.array:
     return x if isinstance(x, mx.array) else mx.array(np.asarray(x))
 
 
+def _as_float32(value: Any) -> mx.array:
+    """``value`` as a float32 MLX array; one already is passes as it is (astype would add a copy)."""
+    value = _as_mx(value)
+    return value if value.dtype == mx.float32 else value.astype(mx.float32)
+
+
 # ``mx.random.normal(shape, key=key)`` compiled: the same values from the random bits and one fused transform
 # instead of ~6 operations, each ~10-15 us of MLX's host time on CUDA (benchmarks/NOTES.md). One function for
 # every shape (its ints are compile constants): MLX keys traces by the function's address in a cache per
@@ -347,8 +353,8 @@ class DiffusionUnetPolicy(nn.Module):
             raise ValueError(f"num_inference_steps must be in [1, {cfg.noise_scheduler.num_train_timesteps}]")
         # Draw only what is not given (the server passes both: each request's own noise).
         drawn = self.sample_noise(batch, steps, seed) if noise is None or step_noise is None else (None, None)
-        x_init = drawn[0] if noise is None else _as_mx(noise).astype(mx.float32)
-        noise_per_step = drawn[1] if step_noise is None else _as_mx(step_noise).astype(mx.float32)
+        x_init = drawn[0] if noise is None else _as_float32(noise)
+        noise_per_step = drawn[1] if step_noise is None else _as_float32(step_noise)
         for name, value, shape in (
             ("noise", x_init, (batch, cfg.horizon, cfg.action_dim)),
             ("step_noise", noise_per_step, (steps, batch, cfg.horizon, cfg.action_dim)),
