@@ -16,6 +16,10 @@ torch uses CUDA when available, with TF32 off so float32 is float32 on both.
         --png benchmarks/results/compare_torch.png
 
 ``MLX / best torch`` is MLX's p50 over the fastest PyTorch variant's p50 (below 1: MLX is faster).
+``--rounds N`` runs the frameworks in turn N times (MLX, then each PyTorch variant, again and again): a
+row's p50 is then the median of its rounds' p50s, and the ratio the median of the rounds' ratios, each
+taken within one round, so that a machine whose speed drifts over minutes (a shared VM) weighs on both
+sides alike.
 ``--set KEY=VALUE`` overrides a field of the ``policy:`` section for both frameworks (YAML value, dotted
 keys for nested fields); the tests shrink the model with it
 (``--set down_dims=[32,64] --set diffusion_step_embed_dim=32``).
@@ -35,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -238,22 +243,56 @@ def _print_progress(row: dict) -> None:
 # ---- report ----------------------------------------------------------------------------------------------
 
 
-def ratios(rows: list[dict]) -> list[dict]:
-    """MLX p50 / fastest torch p50 per (config, sampler, dtype) where both ran."""
-    out = []
+def _groups(rows: list[dict], *fields: str) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["config"], r["sampler"], r["dtype"]), []).append(r)
-    for (config, sampler, dtype), group in groups.items():
-        mlx = [r for r in group if r["framework"] == "mlx" and "p50_ms" in r]
-        torch_rows = [r for r in group if r["framework"] != "mlx" and "p50_ms" in r]
-        if not mlx or not torch_rows:
+        groups.setdefault(tuple(r[f] for f in fields), []).append(r)
+    return groups
+
+
+def combine_rounds(round_rows: list[dict]) -> list[dict]:
+    """One row per (config, sampler, dtype, framework): the median of its rounds' p50 and p99, all their
+    timed requests counted, each round's p50 kept; a framework skipped in every round stays skipped."""
+    out = []
+    for group in _groups(round_rows, "config", "sampler", "dtype", "framework").values():
+        timed = [r for r in group if "p50_ms" in r]
+        if not timed:
+            out.append({k: v for k, v in group[0].items() if k != "round"})
             continue
-        best = min(torch_rows, key=lambda r: r["p50_ms"])
+        row = {k: v for k, v in timed[0].items() if k not in ("round", "p50_ms", "p99_ms", "mean_ms", "n")}
+        row.update({
+            "n": sum(r["n"] for r in timed),
+            "p50_ms": float(np.median([r["p50_ms"] for r in timed])),
+            "p99_ms": float(np.median([r["p99_ms"] for r in timed])),
+            "mean_ms": float(np.mean([r["mean_ms"] for r in timed])),
+            "round_p50_ms": [r["p50_ms"] for r in timed],
+        })  # fmt: skip
+        out.append(row)
+    return out
+
+
+def ratios(round_rows: list[dict]) -> list[dict]:
+    """MLX p50 / fastest torch p50 per (config, sampler, dtype) where both ran, taken within each round;
+    the median over rounds, with each round's."""
+    out = []
+    for (config, sampler, dtype), group in _groups(round_rows, "config", "sampler", "dtype").items():
+        per_round = []
+        for rows in _groups(group, "round").values():
+            mlx = [r for r in rows if r["framework"] == "mlx" and "p50_ms" in r]
+            torch_rows = [r for r in rows if r["framework"] != "mlx" and "p50_ms" in r]
+            if mlx and torch_rows:
+                per_round.append((mlx[0], min(torch_rows, key=lambda r: r["p50_ms"])))
+        if not per_round:
+            continue
+        round_ratios = [m["p50_ms"] / t["p50_ms"] for m, t in per_round]
+        best = Counter(t["framework"] for _, t in per_round).most_common(1)[0][0]
         out.append({
-            "config": config, "sampler": sampler, "dtype": dtype, "mlx_p50_ms": mlx[0]["p50_ms"],
-            "best_torch": best["framework"], "best_torch_p50_ms": best["p50_ms"],
-            "mlx_over_best_torch": mlx[0]["p50_ms"] / best["p50_ms"],
+            "config": config, "sampler": sampler, "dtype": dtype,
+            "mlx_p50_ms": float(np.median([m["p50_ms"] for m, _ in per_round])),
+            "best_torch": best,
+            "best_torch_p50_ms": float(np.median([t["p50_ms"] for _, t in per_round])),
+            "mlx_over_best_torch": float(np.median(round_ratios)),
+            "round_ratios": round_ratios,
         })  # fmt: skip
     return out
 
@@ -274,6 +313,8 @@ def format_table(rows: list[dict], ratio_rows: list[dict]) -> str:
         group = by_group.get((r["config"], r["sampler"], r["dtype"]))
         if r["framework"] == "mlx" and group:
             ratio = f"{group['mlx_over_best_torch']:.2f}x (vs {group['best_torch']})"
+            if len(group["round_ratios"]) > 1:
+                ratio += " rounds " + " ".join(f"{x:.2f}" for x in group["round_ratios"])
         lines.append(f"{prefix} {r['p50_ms']:10.2f} {r['p99_ms']:10.2f} {r['n']:4d}  {ratio}".rstrip())
     return "\n".join(lines)
 
@@ -328,14 +369,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"unknown {what}(s) {unknown}; choose from {sorted(known)}")
     overrides = [parse_override(item) for item in args.set]
     unet_cuda.use_direct_launches()  # as the server does
-    rows: list[dict] = []
+    round_rows: list[dict] = []
     torch_env: dict[str, Any] = {}
     mlx_env = mlx_environment() if "mlx" in frameworks else {}
     with tempfile.TemporaryDirectory(prefix="compare_torch_") as tmp:
         tmpdir = Path(tmp)
         for name in configs:
             path = config_file(name, overrides, tmpdir)
-            for dtype in dtypes:
+            for dtype, round_index in ((d, i) for d in dtypes for i in range(args.rounds)):
+                rows: list[dict] = []
                 if "mlx" in frameworks:
                     rows += time_mlx(name, path, dtype, samplers, args)
                 for fw in (f for f in FRAMEWORKS[1:] if f in frameworks):
@@ -350,10 +392,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     new_rows, env = time_torch(name, path, dtype, fw, samplers, args, tmpdir)
                     rows += new_rows
                     torch_env = torch_env or env
+                round_rows += [{**r, "round": round_index} for r in rows]
+    rows = combine_rounds(round_rows)
     order = {f: i for i, f in enumerate(FRAMEWORKS)}
     rows.sort(key=lambda r: (configs.index(r["config"]), samplers.index(r["sampler"]),
                              dtypes.index(r["dtype"]), order[r["framework"]]))  # fmt: skip
-    ratio_rows = ratios(rows)
+    ratio_rows = ratios(round_rows)
     devices = {
         "mlx": mlx_env.get("report", {}).get("device", "-"),
         "mlx_device_name": mlx_env.get("device_info", {}).get("device_name", mlx_env.get("cpu_model", "-")),
@@ -367,6 +411,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "warmup": args.warmup,
             "max_seconds": args.max_seconds,
             "batch": args.batch,
+            "rounds": args.rounds,
             "overrides": args.set,
             "torch_cpu_compile": args.torch_compile,
         },  # fmt: skip
@@ -384,6 +429,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "rows": rows,
         "ratios": ratio_rows,
+        "round_rows": round_rows,
     }
     print()
     print(
@@ -417,6 +463,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed requests per row (compilation)")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="cap on timed seconds per row")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the frameworks in turn this many times (median of rounds)"
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/compare_torch.json"))
     parser.add_argument("--png", type=Path, default=Path("benchmarks/results/compare_torch.png"))
     parser.add_argument(

@@ -61,6 +61,44 @@ def test_compare_torch_tiny_lowdim(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_rounds_give_medians_and_ratios_taken_within_each_round():
+    """A machine twice as slow in the second round: each round's ratio is the same, and the median of
+    the rounds' ratios keeps it, where the ratio of the medians of separate rounds would not."""
+
+    def row(framework, p50, round_index):
+        group = {"config": "lowdim", "sampler": "ddim10", "dtype": "float32", "batch": 1}
+        return {**group, "framework": framework, "n": 10, "p50_ms": p50, "p99_ms": p50 * 1.1, "mean_ms": p50,
+                "round": round_index}  # fmt: skip
+
+    skipped = {"config": "lowdim", "sampler": "ddim10", "dtype": "float32", "framework": "torch-compile",
+               "batch": 1, "skipped": "CUDA only"}  # fmt: skip
+    round_rows = [row("mlx", 100, 0), row("torch-eager", 400, 0), {**skipped, "round": 0}]
+    round_rows += [row("mlx", 200, 1), row("torch-eager", 800, 1), {**skipped, "round": 1}]
+    round_rows += [row("mlx", 130, 2), row("torch-eager", 520, 2), {**skipped, "round": 2}]
+    rows = {r["framework"]: r for r in compare_torch.combine_rounds(round_rows)}
+    assert rows["mlx"]["p50_ms"] == 130 and rows["mlx"]["round_p50_ms"] == [100, 200, 130]
+    assert rows["torch-eager"]["p50_ms"] == 520 and rows["torch-eager"]["n"] == 30
+    assert rows["torch-compile"]["skipped"] == "CUDA only" and "round" not in rows["torch-compile"]
+    [ratio] = compare_torch.ratios(round_rows)
+    assert ratio["round_ratios"] == [0.25, 0.25, 0.25] and ratio["mlx_over_best_torch"] == 0.25
+    assert ratio["best_torch"] == "torch-eager"
+
+
+def test_compare_torch_rounds_run_mlx_again(tmp_path):
+    out = tmp_path / "compare.json"
+    argv = ["--configs", "lowdim", "--samplers", "ddim10", "--frameworks", "mlx", "--rounds", "2"]
+    argv += ["--iters", "2", "--warmup", "1", "--json", str(out), "--png", str(tmp_path / "c.png")]
+    for item in TINY:
+        argv += ["--set", item]
+    assert compare_torch.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [r["round"] for r in report["round_rows"]] == [0, 1]
+    [row] = report["rows"]
+    assert row["n"] == 4 and len(row["round_p50_ms"]) == 2
+    assert row["p50_ms"] == pytest.approx(float(np.median(row["round_p50_ms"])))
+    assert report["settings"]["rounds"] == 2 and report["ratios"] == []
+
+
 def _pair(torch, name: str, tmp_path):
     """Our policy (as the benchmark builds it, tiny UNet) and a TorchPolicy with the same weights and
     normalizer: random torch weights (non-trivial norm affines) copied into ours by the converter."""
