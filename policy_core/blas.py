@@ -100,7 +100,7 @@ def build_shim(openblas: Path) -> Path | None:
         + ".so"
         for flags in SHIM_FLAGS
     ]
-    for name in names:  # a build that failed here once is not retried at every import
+    for name in names:  # a fallback's cached build is used without retrying the first flags
         if cache is not None and (cache / name).is_file() and (cache / name).stat().st_uid == os.getuid():
             return cache / name
     errors = []

@@ -14,6 +14,7 @@
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -103,8 +104,10 @@ static void *helper_main(void *index_ptr) {
   return NULL;
 }
 
-/* Runs fn(0..jobs-1, arg) at once on the caller and jobs-1 helpers. */
-static void pool_run(int jobs, pool_job fn, void *arg) {
+/* Runs fn(0..jobs-1, arg) at once on the caller and jobs-1 helpers. Where helpers can't be started the
+   rest run here one after another, unless the jobs wait on each other (at_once): then it aborts, since
+   running them in turn would hang for good. */
+static void pool_run(int jobs, pool_job fn, void *arg, int at_once) {
   if (jobs <= 1) {
     fn(0, arg);
     return;
@@ -122,7 +125,12 @@ static void pool_run(int jobs, pool_job fn, void *arg) {
     ++helpers;
   }
   const int together = jobs <= helpers + 1 ? jobs : helpers + 1; /* job 0 here, 1.. on helpers */
-  __atomic_add_fetch(&generation, 1, __ATOMIC_ACQ_REL);             /* odd: fields being written */
+  if (together < jobs && at_once) {
+    fprintf(stderr, "dpmlx BLAS shim: could not start %d threads for OpenBLAS's jobs\n", jobs - 1);
+    abort();
+  }
+  __atomic_add_fetch(&generation, 1, __ATOMIC_RELAXED); /* odd: fields being written */
+  __atomic_thread_fence(__ATOMIC_RELEASE);              /* ... after a reader sees it odd */
   __atomic_store_n(&call_fn, fn, __ATOMIC_RELAXED);
   __atomic_store_n(&call_arg, arg, __ATOMIC_RELAXED);
   __atomic_store_n(&call_jobs, together, __ATOMIC_RELAXED);
@@ -140,11 +148,21 @@ static void pool_run(int jobs, pool_job fn, void *arg) {
   pthread_mutex_unlock(&pool_lock);
 }
 
-/* A forked child has none of the helpers (nor, possibly, a free lock): it starts a fresh pool. */
+/* A fork waits for the pool's call in flight; the child has none of the helpers and starts a fresh pool. */
+static void pool_before_fork(void) {
+  pthread_mutex_lock(&pool_lock);
+  pthread_mutex_lock(&sleep_lock);
+}
+
+static void pool_after_fork_in_parent(void) {
+  pthread_mutex_unlock(&sleep_lock);
+  pthread_mutex_unlock(&pool_lock);
+}
+
 static void pool_after_fork_in_child(void) {
-  pthread_mutex_init(&pool_lock, NULL);
-  pthread_mutex_init(&sleep_lock, NULL);
-  pthread_cond_init(&wake, NULL);
+  pthread_mutex_unlock(&sleep_lock);
+  pthread_mutex_unlock(&pool_lock);
+  pthread_cond_init(&wake, NULL); /* its waiters were the parent's helpers */
   helpers = 0;
   sleeping = 0;
   unfinished = 0;
@@ -168,15 +186,15 @@ static void openblas_on_pool(int sync, openblas_dojob dojob, int jobs, size_t jo
                              int data) {
   (void)sync; /* run to completion either way */
   struct openblas_call call = {dojob, job_data, job_size, data};
-  pool_run(jobs, openblas_job, &call);
+  pool_run(jobs, openblas_job, &call, 1);
 }
 
-static int pool_threads; /* 0: no pool, every product goes to OpenBLAS as it is */
+static int pool_installed; /* 0: every product goes to OpenBLAS as it is, on its own threads */
 
 __attribute__((constructor)) static void pool_install(void) {
   if (!scipy_openblas_set_threads_callback_function64_ || !scipy_openblas_get_num_threads64_) return;
-  pthread_atfork(NULL, NULL, pool_after_fork_in_child);
-  pool_threads = scipy_openblas_get_num_threads64_();
+  pthread_atfork(pool_before_fork, pool_after_fork_in_parent, pool_after_fork_in_child);
+  pool_installed = 1;
   scipy_openblas_set_threads_callback_function64_(openblas_on_pool);
 }
 
@@ -242,7 +260,12 @@ static __thread float *pack_buffer;
 static __thread size_t pack_capacity;
 static pthread_key_t pack_key;
 static pthread_once_t pack_key_once = PTHREAD_ONCE_INIT;
-static void make_pack_key(void) { pthread_key_create(&pack_key, free); }
+static void free_pack(void *buffer) {
+  free(buffer);
+  pack_buffer = NULL; /* a later destructor of the thread's may still multiply */
+  pack_capacity = 0;
+}
+static void make_pack_key(void) { pthread_key_create(&pack_key, free_pack); }
 
 /* Vector j's element kk is small[j * js + kk * ks]. Returns 0 (nothing done) where it can't take the call. */
 static int kernel(const float *big, i64 ldbig, i64 rows, i64 k, const float *small, i64 js, i64 ks,
@@ -261,26 +284,34 @@ static int kernel(const float *big, i64 ldbig, i64 rows, i64 k, const float *sma
   memset(pack_buffer, 0, need * sizeof(float));
   for (i64 j = 0; j < vectors; ++j)
     for (i64 kk = 0; kk < k; ++kk) pack_buffer[j * stride + kk] = small[j * js + kk * ks];
-  const int jobs = rows * k >= PARALLEL_MIN_ELEMENTS ? pool_threads : 1;
+  /* OpenBLAS's thread count as it is now (threadpoolctl or openblas_set_num_threads may lower it). */
+  const int jobs = rows * k >= PARALLEL_MIN_ELEMENTS ? scipy_openblas_get_num_threads64_() : 1;
   const i64 block = padded == 4 ? 4 : 2; /* rows a block takes together */
   const i64 per_job = ((rows + jobs - 1) / jobs + block - 1) / block * block;
   struct kernel_call call = {.big = big, .pack = pack_buffer, .ldbig = ldbig, .rows = rows, .k = k,
                              .stride = stride, .vectors = vectors, .si = si, .sj = sj,
                              .rows_per_job = per_job, .alpha = alpha, .beta = beta, .c = c};
   __atomic_add_fetch(&kernel_calls, 1, __ATOMIC_RELAXED);
-  pool_run(jobs, kernel_job, &call);
+  pool_run(jobs, kernel_job, &call, 0);
   return 1;
 }
 
-int dpmlx_pool_threads(void) { return pool_threads; }
+int dpmlx_pool_threads(void) { return pool_installed ? scipy_openblas_get_num_threads64_() : 0; }
 long dpmlx_pool_calls(void) { return __atomic_load_n(&pool_calls, __ATOMIC_RELAXED); }
 long dpmlx_kernel_calls(void) { return __atomic_load_n(&kernel_calls, __ATOMIC_RELAXED); }
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
+/* Row-major leading dimensions BLAS accepts; OpenBLAS reports the others. */
+static int valid(int ta, int tb, int m, int n, int k, int lda, int ldb, int ldc) {
+  return lda >= (ta == NO_TRANS ? k : m) && ldb >= (tb == NO_TRANS ? n : k) && ldc >= n;
+}
+
 void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
                  const float *b, int ldb, float beta, float *c, int ldc) {
-  if (pool_threads > 0 && order == ROW_MAJOR && m > 0 && n > 0 && k > 0) {
+  /* alpha == 0: BLAS gives beta C without reading A and B (the kernel would make 0 * inf a NaN). */
+  if (pool_installed && order == ROW_MAJOR && m > 0 && n > 0 && k > 0 && alpha != 0.f &&
+      valid(ta, tb, m, n, k, lda, ldb, ldc)) {
     /* A (m x k) times at most 8 columns of B. */
     if (ta == NO_TRANS && n <= KERNEL_MAX_VECTORS && (i64)m * k >= KERNEL_MIN_ELEMENTS &&
         (tb == NO_TRANS ? kernel(a, lda, m, k, b, 1, ldb, n, alpha, beta, c, ldc, 1)

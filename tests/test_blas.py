@@ -1,6 +1,7 @@
 """MLX's CPU products on numpy's OpenBLAS through the shim (policy_core/blas.py, cblas_shim.c): its own
 kernel for a matrix times at most 8 vectors, and one thread pool for that kernel and OpenBLAS."""
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -70,6 +71,75 @@ def test_kernel_for_few_vectors_equals_numpy_in_every_layout(vectors, rows):
     assert blas.shim_calls()[0] - kernel_before == len(cases)  # 9 vectors: OpenBLAS's
 
 
+def _sgemm(
+    trans_a: bool, trans_b: bool, a: np.ndarray, b: np.ndarray, c: np.ndarray, alpha: float, beta: float
+):
+    """The shim's cblas_sgemm on row-major views whose rows may be padded (leading dimension > width)."""
+    shim = blas._shim()
+    f = ctypes.c_float
+    pointer = ctypes.c_void_p
+    shim.cblas_sgemm.argtypes = [ctypes.c_int] * 6 + [f, pointer, ctypes.c_int, pointer, ctypes.c_int, f]
+    shim.cblas_sgemm.argtypes += [pointer, ctypes.c_int]
+    m, n = c.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    ld = [x.strides[0] // 4 for x in (a, b, c)]
+    shim.cblas_sgemm(
+        101, 112 if trans_a else 111, 112 if trans_b else 111, m, n, k, alpha, a.ctypes.data, ld[0],
+        b.ctypes.data, ld[1], beta, c.ctypes.data, ld[2],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_padded_leading_dimensions_beta_zero_and_alpha_zero(trans_a, trans_b):
+    """Rows padded past their width (the padding untouched) and beta = 0 with NaN in C (never read), in
+    the kernel's layouts and OpenBLAS's; alpha = 0 goes to OpenBLAS (BLAS reads neither A nor B then,
+    where the kernel would multiply them by zero)."""
+    _need_pool()
+    rng = np.random.default_rng(7)
+
+    def padded(rows, cols):
+        store = np.full((rows, cols + 5), 99.0, np.float32)
+        store[:, :cols] = rng.standard_normal((rows, cols), dtype=np.float32)
+        return store, store[:, :cols]
+
+    for m, n in ((3, 700), (700, 3)):  # few rows of A, or few columns of B
+        kernel_takes = (not trans_a and n <= 8) or (trans_b and m <= 8)
+        k = 301
+        a_store, a = padded(k, m) if trans_a else padded(m, k)
+        b_store, b = padded(n, k) if trans_b else padded(k, n)
+        c_store, c = padded(m, n)
+        c[:] = np.nan
+        exact = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b).astype(np.float64)
+        kernel_before, _ = blas.shim_calls()
+        _sgemm(trans_a, trans_b, a, b, c, alpha=1.0, beta=0.0)
+        assert blas.shim_calls()[0] == kernel_before + kernel_takes
+        np.testing.assert_allclose(c, exact, rtol=1e-5, atol=1e-4)
+        for store, view in ((a_store, a), (b_store, b), (c_store, c)):
+            assert (store[:, view.shape[1] :] == 99.0).all()
+        _sgemm(trans_a, trans_b, a, b, c, alpha=0.0, beta=2.0)
+        assert blas.shim_calls()[0] == kernel_before + kernel_takes
+        np.testing.assert_allclose(c, 2.0 * exact, rtol=1e-5, atol=1e-4)
+
+
+def test_the_kernel_follows_openblass_thread_count_as_it_is_now():
+    _need_pool(threads=2)
+    shim = blas._shim()
+    before = shim.scipy_openblas_get_num_threads64_()
+    big, few = mx.random.normal((4096, 640)), mx.random.normal((640, 4))
+    try:
+        shim.scipy_openblas_set_num_threads64_(1)
+        assert blas.shim_threads() == 1
+        _, pool_before = blas.shim_calls()
+        mx.eval(big @ few)
+        assert blas.shim_calls()[1] == pool_before  # ran on the calling thread alone
+    finally:
+        shim.scipy_openblas_set_num_threads64_(before)
+    _, pool_before = blas.shim_calls()
+    mx.eval(big @ few)
+    assert blas.shim_calls()[1] == pool_before + 1
+
+
 def test_openblas_runs_its_parallel_products_on_the_shims_pool():
     _need_pool(threads=2)
     rng = np.random.default_rng(0)
@@ -105,7 +175,10 @@ def test_products_from_several_threads_at_once_are_right_and_finish():
             if not np.allclose(np.array(mx.array(big) @ mx.array(few)), few_exact, rtol=1e-4, atol=1e-3):
                 errors.append("MLX product wrong")
 
-    threads = [threading.Thread(target=f) for f in (numpy_products, numpy_products, mlx_products)]
+    # Daemons: a deadlock fails the test instead of hanging pytest at exit.
+    threads = [
+        threading.Thread(target=f, daemon=True) for f in (numpy_products, numpy_products, mlx_products)
+    ]
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 120
