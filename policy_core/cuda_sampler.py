@@ -152,11 +152,11 @@ class _Program:
         self.offsets, self.weight_elems = [], 0
         for shape in self.shapes:
             self.offsets.append(self.weight_elems)
-            self.weight_elems += -(-int(np.prod(shape)) // WEIGHT_ALIGN) * WEIGHT_ALIGN
+            self.weight_elems += round_up(int(np.prod(shape)), WEIGHT_ALIGN)
 
     @property
     def stage_floats(self) -> int:
-        return _round4(self.max_stage)  # keeps the statistics 16-byte aligned
+        return round_up(self.max_stage, 4)  # keeps the statistics 16-byte aligned
 
     @property
     def stats_floats(self) -> int:
@@ -164,7 +164,7 @@ class _Program:
 
     @property
     def param_floats(self) -> int:
-        return _round4(2 * len(self.refs))  # the parameters' 8-byte pointers
+        return round_up(2 * len(self.refs), 4)  # the parameters' 8-byte pointers
 
     @property
     def partial_floats(self) -> int:
@@ -180,11 +180,11 @@ class _Program:
     def _alloc(self, channels: int, length: int, row_stats: bool = False) -> _Plain:
         """Workspace slots start on 16 bytes: the kernel reads and writes them 4 floats at a time."""
         slot = self.ws_size
-        self.ws_size += _round4(self.batch * length * channels)
+        self.ws_size += round_up(self.batch * length * channels, 4)
         if not row_stats:
             return _Plain(slot, channels, length)
         stats = self.ws_size
-        self.ws_size += _round4(self.batch * channels * 2)
+        self.ws_size += round_up(self.batch * channels * 2, 4)
         return _Plain(slot, channels, length, stats)
 
     def _ref(self, module: nn.Module, name: str) -> int:
@@ -297,8 +297,8 @@ class _Program:
         return _Normed(out, second.norm, residual=residual)
 
 
-def _round4(n: int) -> int:
-    return -(-n // 4) * 4
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _input_dim(unet: ConditionalUnet1D) -> int:
@@ -861,16 +861,27 @@ WEIGHT_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "
 
 
 @functools.cache
-def device_attribute(code: int) -> int | None:
-    """A CUDA driver attribute of device 0 (MLX's device), or None where the driver can't say."""
+@functools.cache
+def cuda_driver() -> tuple[ctypes.CDLL, ctypes.c_int] | None:
+    """The CUDA driver library, initialised, and device 0 (MLX's device); None where there is none."""
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
-        device, value = ctypes.c_int(), ctypes.c_int()
-        if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(device), 0):
-            return None
-        if cuda.cuDeviceGetAttribute(ctypes.byref(value), code, device):
-            return None
     except OSError:
+        return None
+    device = ctypes.c_int()
+    if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(device), 0):
+        return None
+    return cuda, device
+
+
+def device_attribute(code: int) -> int | None:
+    """A CUDA driver attribute of device 0 (MLX's device), or None where the driver can't say."""
+    driver = cuda_driver()
+    if driver is None:
+        return None
+    cuda, device = driver
+    value = ctypes.c_int()
+    if cuda.cuDeviceGetAttribute(ctypes.byref(value), code, device):
         return None
     return value.value
 

@@ -48,12 +48,13 @@ class _Driver:
     DEVICE, HOST = _Location(1, 0), _Location(2, 0)  # CUmemLocationType DEVICE / HOST
 
     def __init__(self) -> None:
-        lib = ctypes.CDLL("libcuda.so.1")
+        driver = cuda_sampler.cuda_driver()
+        if driver is None:
+            raise RuntimeError("no CUDA driver or device")
+        lib, device = driver
         self._advise = lib.cuMemAdvise_v2
         self._advise.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, _Location]
-        device, context = ctypes.c_int(), ctypes.c_void_p()
-        self._check(lib.cuInit(0), "cuInit")
-        self._check(lib.cuDeviceGet(ctypes.byref(device), 0), "cuDeviceGet")
+        context = ctypes.c_void_p()
         self._check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), device), "cuDevicePrimaryCtxRetain")
         self._lib, self._context = lib, context
 
@@ -127,7 +128,10 @@ class HostUploads:
         array = None
         try:
             array, view = _page_aligned(host.shape, host.dtype)
-            pointer, nbytes = view.__array_interface__["data"][0], _round_up(view.nbytes, PAGE_BYTES)
+            pointer, nbytes = (
+                view.__array_interface__["data"][0],
+                cuda_sampler.round_up(view.nbytes, PAGE_BYTES),
+            )
             driver = _driver()
             driver.keep_on_host(pointer, nbytes)
         except (OSError, AttributeError, RuntimeError) as error:
@@ -142,16 +146,14 @@ class HostUploads:
         return array
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _page_aligned(shape: tuple[int, ...], dtype: np.dtype) -> tuple[mx.array, np.ndarray]:
     """An MLX array of ``shape`` starting on a page boundary of a buffer made for it, whose whole pages it
     spans lie inside that buffer, and a writable NumPy view of it (the same memory)."""
     size = int(np.prod(shape))
     spare = PAGE_BYTES // dtype.itemsize  # room to move the start onto a page boundary
-    buffer = mx.array(np.zeros(spare + _round_up(size * dtype.itemsize, PAGE_BYTES) // dtype.itemsize, dtype))
+    buffer = mx.array(
+        np.zeros(spare + cuda_sampler.round_up(size * dtype.itemsize, PAGE_BYTES) // dtype.itemsize, dtype)
+    )
     start = (-np.asarray(buffer).__array_interface__["data"][0] % PAGE_BYTES) // dtype.itemsize
     array = buffer[start : start + size].reshape(shape)  # a view of the buffer (MLX slices share it)
     mx.eval(array)

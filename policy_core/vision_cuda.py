@@ -532,7 +532,7 @@ def _tiling(
                     if (span // vec) % ks:
                         continue
                     tile = (1 + (ks if ks > 1 else 0)) * pix * nt
-                    window = -(-max(stage, tile) // 4) * 4
+                    window = cuda_sampler.round_up(max(stage, tile), 4)
                     shared_floats = 4 * ci + SCRATCH_FLOATS + window + -(-weight_bytes // 4)
                     if shared_floats * 4 > shared_bytes:
                         continue
@@ -589,7 +589,7 @@ class _Program:
 
     def _alloc(self, floats_per_image: int) -> int:
         slot = self.ws_size
-        self.ws_size += -(-floats_per_image // 4) * 4  # per image; 16-byte aligned for any batch
+        self.ws_size += cuda_sampler.round_up(floats_per_image, 4)  # per image; 16-byte aligned for any batch
         return slot
 
     def _basic_block(self, source: _Source, block: BasicBlock) -> _Source:
