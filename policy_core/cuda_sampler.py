@@ -861,7 +861,6 @@ WEIGHT_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "
 
 
 @functools.cache
-@functools.cache
 def cuda_driver() -> tuple[ctypes.CDLL, ctypes.c_int] | None:
     """The CUDA driver library, initialised, and device 0 (MLX's device); None where there is none."""
     try:
@@ -874,6 +873,7 @@ def cuda_driver() -> tuple[ctypes.CDLL, ctypes.c_int] | None:
     return cuda, device
 
 
+@functools.cache
 def device_attribute(code: int) -> int | None:
     """A CUDA driver attribute of device 0 (MLX's device), or None where the driver can't say."""
     driver = cuda_driver()

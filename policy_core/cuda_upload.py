@@ -128,10 +128,8 @@ class HostUploads:
         array = None
         try:
             array, view = _page_aligned(host.shape, host.dtype)
-            pointer, nbytes = (
-                view.__array_interface__["data"][0],
-                cuda_sampler.round_up(view.nbytes, PAGE_BYTES),
-            )
+            pointer = view.__array_interface__["data"][0]
+            nbytes = cuda_sampler.round_up(view.nbytes, PAGE_BYTES)
             driver = _driver()
             driver.keep_on_host(pointer, nbytes)
         except (OSError, AttributeError, RuntimeError) as error:
