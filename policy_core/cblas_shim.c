@@ -199,7 +199,7 @@ __attribute__((constructor)) static void pool_install(void) {
 }
 
 /* ---- The kernel: C[i*si + j*sj] = alpha * sum_k big[i*ldbig + k] * pack_j[k] (+ beta C) for the rows i
-   of a large matrix and at most 8 vectors packed below (zero-padded to 8 floats), R rows at a time.
+   of a large matrix and at most 8 vectors packed below (zero vectors up to 4 or 8), R rows at a time.
    The packed vectors are PACK_SKEW floats further apart than their length: vectors 4 KB apart alias
    in L1 (1024 x 5120 by 16 took 7.4 ms instead of 1.8). */
 
@@ -281,9 +281,10 @@ static int kernel(const float *big, i64 ldbig, i64 rows, i64 k, const float *sma
     pthread_once(&pack_key_once, make_pack_key);
     pthread_setspecific(pack_key, grown);
   }
-  memset(pack_buffer, 0, need * sizeof(float));
   for (i64 j = 0; j < vectors; ++j)
     for (i64 kk = 0; kk < k; ++kk) pack_buffer[j * stride + kk] = small[j * js + kk * ks];
+  /* The padding vectors are multiplied too (their sums never written): zeros, not stale values. */
+  memset(pack_buffer + vectors * stride, 0, (size_t)((padded - vectors) * stride) * sizeof(float));
   /* OpenBLAS's thread count as it is now (threadpoolctl or openblas_set_num_threads may lower it). */
   const int jobs = rows * k >= PARALLEL_MIN_ELEMENTS ? scipy_openblas_get_num_threads64_() : 1;
   const i64 block = padded == 4 ? 4 : 2; /* rows a block takes together */
