@@ -14,9 +14,10 @@ counts, so that MLX's launch and completion costs cancel:
   f16 tensor-core products (the input rounded to f16): half the bytes per weight.
 
 Each way is first checked against numpy on the first layer. ``--unroll`` is how many 16-byte loads per
-row half a warp issues before its products (the compiler decides how many stay in flight).
+row half a warp issues before its products (the compiler decides how many stay in flight); a value must
+divide a warp's share of the reduction (40 steps of 32 bf16, 20 of 64 int8), others are skipped.
 
-    python -m benchmarks.products_microbench --ways ffma,mma,mma8 --unroll 8,20 \
+    python -m benchmarks.products_microbench --ways ffma,mma,mma8 --unroll 4,8,10,20 \
         --json benchmarks/results/products_microbench_h100.json
 """
 
@@ -196,13 +197,13 @@ MMA8 = (
     const signed char* base = w + (size_t)layer * ROWS * KT * CIN;
     const signed char* lo = base + (size_t)(r_lo < ROWS ? r_lo : 0) * KT * CIN + 16 * q;
     const signed char* hi = base + (size_t)(r_hi < ROWS ? r_hi : 0) * KT * CIN + 16 * q;
-    constexpr int PER = KT * CIN / 64 / 8, U8 = U / 2;  // 64-wide steps a warp takes
-    for (int k0 = warp * PER; k0 < (warp + 1) * PER; k0 += U8) {
-      uint4 as[U8], bs[U8];
+    constexpr int PER = KT * CIN / 64 / 8;  // 64-wide steps a warp takes
+    for (int k0 = warp * PER; k0 < (warp + 1) * PER; k0 += U) {
+      uint4 as[U], bs[U];
 #pragma unroll
-      for (int u = 0; u < U8; ++u) { as[u] = ld16(lo + (k0 + u) * 64); bs[u] = ld16(hi + (k0 + u) * 64); }
+      for (int u = 0; u < U; ++u) { as[u] = ld16(lo + (k0 + u) * 64); bs[u] = ld16(hi + (k0 + u) * 64); }
 #pragma unroll
-      for (int u = 0; u < U8; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int kb = k0 + u;
         const uint4 a = as[u], b = r_hi < ROWS ? bs[u] : make_uint4(0, 0, 0, 0);
         const unsigned int aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {b.x, b.y, b.z, b.w};
@@ -234,7 +235,7 @@ WAYS = {"ffma": FFMA, "mma": MMA, "mma8": MMA8}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ways", default="ffma,mma,mma8", help=f"comma list of {sorted(WAYS)}")
     parser.add_argument(
-        "--unroll", default="8", help="comma list of loads per row half before the products (mma ways)"
+        "--unroll", default="4,8", help="comma list of loads per row half before the products (mma ways)"
     )
     parser.add_argument(
         "--runs", type=int, default=7, help="timed launches per repeat count (first 2 dropped)"
@@ -285,7 +286,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     }
     rows = []
     for way in args.ways.split(","):
+        steps = {"ffma": 8, "mma": REDUCTION // 32 // 8, "mma8": REDUCTION // 64 // 8}[way]
         for unroll in [8] if way == "ffma" else [int(u) for u in args.unroll.split(",")]:
+            if steps % unroll:
+                print(f"{way}: unroll {unroll} does not divide a warp's {steps} steps; skipped")
+                continue
             w, expected = inputs[way]
 
             def kernel(repeats: int, way=way, unroll=unroll):
