@@ -28,15 +28,13 @@ import json
 import time
 from pathlib import Path
 
-CIN, ROWS, LAYERS, BLOCKS_PER_SM, THREADS, LENGTH, TAPS = 2048, 2048, 9, 1, 256, 4, 5
+CIN, ROWS, LAYERS, THREADS, LENGTH, TAPS, PADDING = 2048, 2048, 9, 256, 4, 5, 2
 REDUCTION = TAPS * CIN
 
-HEADER = r"""
-#define CIN 2048
-#define ROWS 2048
-#define L 4
-#define KT 5
-#define P 2
+HEADER = (
+    f"#define CIN {CIN}\n#define ROWS {ROWS}\n#define L {LENGTH}\n#define KT {TAPS}\n#define P {PADDING}\n"
+)
+HEADER += r"""
 __device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
   unsigned int r; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
 }
@@ -155,23 +153,30 @@ MMA_STEP = r"""
                        : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
                        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 """
-MMA = (
-    TILE_HEAD
-    + r"""
-    const __nv_bfloat16* base = w + (size_t)layer * ROWS * KT * CIN;
-    const __nv_bfloat16* lo = base + (size_t)(r_lo < ROWS ? r_lo : 0) * KT * CIN + 8 * q;
-    const __nv_bfloat16* hi = base + (size_t)(r_hi < ROWS ? r_hi : 0) * KT * CIN + 8 * q;
-    constexpr int PER = KT * CIN / 32 / 8;  // 32-wide steps a warp takes
+# A warp's share of the tile's reduction in steps of WIDTH weights (16 bytes a lane and row), U steps'
+# loads issued before their products; rows past the end read row 0 and count as zeros.
+TILE_LOADS = r"""
+    const WT* base = w + (size_t)layer * ROWS * KT * CIN;
+    const WT* lo = base + (size_t)(r_lo < ROWS ? r_lo : 0) * KT * CIN + WIDTH / 4 * q;
+    const WT* hi = base + (size_t)(r_hi < ROWS ? r_hi : 0) * KT * CIN + WIDTH / 4 * q;
+    constexpr int PER = KT * CIN / WIDTH / 8;
     for (int k0 = warp * PER; k0 < (warp + 1) * PER; k0 += U) {
       uint4 as[U], bs[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) { as[u] = ld16(lo + (k0 + u) * 32); bs[u] = ld16(hi + (k0 + u) * 32); }
+      for (int u = 0; u < U; ++u) {
+        as[u] = ld16(lo + (k0 + u) * WIDTH);
+        bs[u] = ld16(hi + (k0 + u) * WIDTH);
+      }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int kb = k0 + u;
         const uint4 a = as[u], b = r_hi < ROWS ? bs[u] : make_uint4(0, 0, 0, 0);
-        const int j = (kb * 32) / CIN, c = (kb * 32) % CIN, m = g + j - P;  // output position g
-#pragma unroll
+        const int j = (kb * WIDTH) / CIN, c = (kb * WIDTH) % CIN, m = g + j - P;  // output position g
+"""
+MMA = (
+    TILE_HEAD
+    + TILE_LOADS.replace("WT", "__nv_bfloat16").replace("WIDTH", "32")
+    + r"""#pragma unroll
         for (int s = 0; s < 2; ++s) {
           unsigned int b0 = 0, b1 = 0;
           if (m >= 0 && m < L) {
@@ -193,21 +198,9 @@ MMA = (
 )
 MMA8 = (
     TILE_HEAD
+    + TILE_LOADS.replace("WT", "signed char").replace("WIDTH", "64")
     + r"""
-    const signed char* base = w + (size_t)layer * ROWS * KT * CIN;
-    const signed char* lo = base + (size_t)(r_lo < ROWS ? r_lo : 0) * KT * CIN + 16 * q;
-    const signed char* hi = base + (size_t)(r_hi < ROWS ? r_hi : 0) * KT * CIN + 16 * q;
-    constexpr int PER = KT * CIN / 64 / 8;  // 64-wide steps a warp takes
-    for (int k0 = warp * PER; k0 < (warp + 1) * PER; k0 += U) {
-      uint4 as[U], bs[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) { as[u] = ld16(lo + (k0 + u) * 64); bs[u] = ld16(hi + (k0 + u) * 64); }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int kb = k0 + u;
-        const uint4 a = as[u], b = r_hi < ROWS ? bs[u] : make_uint4(0, 0, 0, 0);
         const unsigned int aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {b.x, b.y, b.z, b.w};
-        const int j = (kb * 64) / CIN, c = (kb * 64) % CIN, m = g + j - P;
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
           unsigned int b0 = 0, b1 = 0;
@@ -244,15 +237,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _reference(weights, x):
-    """Layer 0's out[r, t] = sum_j sum_c W[r, j, c] x[t + j - 2, c], in float64."""
+    """Layer 0's out[r, t] = sum_j sum_c W[r, j, c] x[t + j - PADDING, c], in float64."""
     import numpy as np
 
     rows = weights.reshape(ROWS, TAPS, CIN).astype(np.float64)
     out = np.zeros((ROWS, LENGTH))
     for t in range(LENGTH):
         for j in range(TAPS):
-            if 0 <= t + j - 2 < LENGTH:
-                out[:, t] += rows[:, j] @ x[t + j - 2].astype(np.float64)
+            if 0 <= t + j - PADDING < LENGTH:
+                out[:, t] += rows[:, j] @ x[t + j - PADDING].astype(np.float64)
     return out
 
 
@@ -274,24 +267,25 @@ def run(args: argparse.Namespace) -> list[dict]:
     w8 = mx.clip(mx.round(weights * 3000), -127, 127).astype(mx.int8)
     mx.eval(w16, w8)
     first = ROWS * REDUCTION
+    # Each way's weights, and the numpy view of layer 0 with the input as that way rounds it.
     inputs = {
-        "ffma": (w16, _reference(np.array(w16[:first].astype(mx.float32)), x_np)),
-        "mma": (
+        "ffma": lambda: (w16, np.array(w16[:first].astype(mx.float32)), x_np),
+        "mma": lambda: (
             w16,
-            _reference(
-                np.array(w16[:first].astype(mx.float32)), np.array(x.astype(mx.bfloat16).astype(mx.float32))
-            ),
+            np.array(w16[:first].astype(mx.float32)),
+            np.array(x.astype(mx.bfloat16).astype(mx.float32)),
         ),
-        "mma8": (w8, _reference(np.array(w8[:first]).astype(np.float32), x_np.astype(np.float16))),
+        "mma8": lambda: (w8, np.array(w8[:first]).astype(np.float32), x_np.astype(np.float16)),
     }
     rows = []
     for way in args.ways.split(","):
+        w, layer0, x_rounded = inputs[way]()
+        expected = _reference(layer0, x_rounded)
         steps = {"ffma": 8, "mma": REDUCTION // 32 // 8, "mma8": REDUCTION // 64 // 8}[way]
         for unroll in [8] if way == "ffma" else [int(u) for u in args.unroll.split(",")]:
             if steps % unroll:
                 print(f"{way}: unroll {unroll} does not divide a warp's {steps} steps; skipped")
                 continue
-            w, expected = inputs[way]
 
             def kernel(repeats: int, way=way, unroll=unroll):
                 return mx.fast.cuda_kernel(
@@ -306,7 +300,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             def launch(k, w=w):
                 return k(
                     inputs=[w, x],
-                    grid=(blocks * BLOCKS_PER_SM * THREADS, 1, 1),
+                    grid=(blocks * THREADS, 1, 1),  # one block an SM, as the sampler
                     threadgroup=(THREADS, 1, 1),
                     output_shapes=[(ROWS * 8,)],
                     output_dtypes=[mx.float32],
