@@ -206,7 +206,8 @@ def blas_in_use() -> str:
         shim.scipy_openblas_get_config64_.restype = ctypes.c_char_p
         config = shim.scipy_openblas_get_config64_().decode()
         threads = shim.dpmlx_pool_threads()
-        pool = f"; own kernel for at most 8 vectors, one pool of {threads} threads" if threads else ""
+        vectors = shim.dpmlx_kernel_max_vectors()
+        pool = f"; own kernel for at most {vectors} vectors, one pool of {threads} threads" if threads else ""
         return f"{config} (numpy's, through {loaded_blas}{pool})"
     try:
         maps = Path("/proc/self/maps").read_text()

@@ -300,6 +300,7 @@ static int kernel(const float *big, i64 ldbig, i64 rows, i64 k, const float *sma
 int dpmlx_pool_threads(void) { return pool_installed ? scipy_openblas_get_num_threads64_() : 0; }
 long dpmlx_pool_calls(void) { return __atomic_load_n(&pool_calls, __ATOMIC_RELAXED); }
 long dpmlx_kernel_calls(void) { return __atomic_load_n(&kernel_calls, __ATOMIC_RELAXED); }
+int dpmlx_kernel_max_vectors(void) { return KERNEL_MAX_VECTORS; }
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
