@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import copy
 import gc
-import importlib
 import json
 import os
 import platform
@@ -51,7 +50,7 @@ import yaml
 # (torch's TF32 is turned off in its worker). Set before anything imports MLX.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
-from benchmarks import policy_latency  # noqa: E402
+from benchmarks import mlx_core, policy_latency  # noqa: E402
 from benchmarks.policy_latency import CONFIGS, SAMPLERS  # noqa: E402
 from policy_core import unet_cuda  # noqa: E402
 
@@ -143,15 +142,8 @@ def _registered(name: str, path: Path) -> Iterator[None]:
 # ---- the two sides ---------------------------------------------------------------------------------------
 
 
-def _mlx():
-    """``mlx.core``, imported after policy_core, which binds MLX to the optimised BLAS first."""
-    import policy_core  # noqa: F401
-
-    return importlib.import_module("mlx.core")
-
-
 def mlx_environment() -> dict[str, Any]:
-    mx = _mlx()
+    mx = mlx_core()
     from policy_core.info import environment_report
 
     env: dict[str, Any] = {"mlx": mx.__version__, "cpu_model": cpu_model(), "report": environment_report()}
@@ -184,7 +176,7 @@ def _time_policy(policy, name: str, dtype: str, samplers: list[str], args: argpa
 
 def time_mlx(name: str, path: Path, dtype: str, samplers: list[str], args: argparse.Namespace) -> list[dict]:
     """Our policy, built as benchmarks/policy_latency.py builds it, from the config at ``path``."""
-    mx = _mlx()
+    mx = mlx_core()
     with _registered(name, path):
         policy = policy_latency._policy(name, dtype)
     rows = _time_policy(policy, name, dtype, samplers, args)

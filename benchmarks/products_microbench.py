@@ -24,7 +24,6 @@ divide a warp's share of the reduction (40 steps of 32 bf16, 20 of 64 int8), oth
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 from pathlib import Path
@@ -253,10 +252,11 @@ def _reference(weights, x):
 def run(args: argparse.Namespace) -> list[dict]:
     import numpy as np
 
+    from benchmarks import mlx_core
     from policy_core import cuda_sampler
     from policy_core.info import environment_report
 
-    mx = importlib.import_module("mlx.core")  # after policy_core, which binds MLX to the optimised BLAS
+    mx = mlx_core()
 
     blocks = cuda_sampler.sm_count()
     if not blocks:
