@@ -55,6 +55,7 @@ THREADS = 256
 MAX_ACCUMULATORS = 64  # batch * horizon: each lane keeps one float per output column
 MAX_BATCH = 32  # a row's statistics are written by one lane per sample
 TIMEOUT_S = 2.0
+FLAG_WORDS = 32  # the grid barrier's words a block: each block's count on its own 128-byte line
 MAX_GROUP_ROWS = 256  # channels per GroupNorm group: each lane combines up to 8 rows' statistics
 WEIGHT_ALIGN = 8  # elements
 
@@ -297,6 +298,12 @@ class _Program:
         return _Normed(out, second.norm, residual=residual)
 
 
+def sync_words(blocks: int) -> int:
+    """Size of a persistent kernel's ``sync`` array: a first line (word 2: the abort flag), then one line
+    per block for ``grid_barrier``'s counts."""
+    return FLAG_WORDS * (blocks + 1)
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -323,34 +330,33 @@ __device__ __forceinline__ unsigned long long global_ns() {
   return t;
 }
 
-// Grid-wide barrier. Arrivals count on sync[0] (monotonic); the last block of a round bumps the
-// generation sync[1], on which the others wait: spinning on the counter itself starves the arrivals
-// (~3 us per block measured). Each block counts its own barriers (`generation`), so it knows the value
-// to wait for without reading it first. A wait past TIMEOUT_NS (a block that never became resident)
-// sets sync[2], and every block returns false from then on.
-__device__ bool grid_barrier(unsigned int* sync, int* ok, unsigned int& generation) {
+__device__ __forceinline__ void store_release(unsigned int* p, unsigned int v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Grid-wide barrier. Each block counts its barriers (`generation`) and publishes the count in its own
+// 128-byte line of `sync` (line b + 1 for block b) by a release store once its threads are past their
+// writes; then threads poll one block's line each until every count has reached its own. The last
+// arrival's store is seen about one L2 round trip later: an arrival counter whose last block then bumped a
+// generation word took three dependent round trips (1.55-1.66 against 1.13-1.28 us on an H100,
+// benchmarks/NOTES.md). A wait past TIMEOUT_NS (a block that never became resident) sets sync[2], and
+// every block returns false from then on.
+__device__ bool grid_barrier(unsigned int* sync, unsigned int& generation) {
   ++generation;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const unsigned int arrived = atomicAdd(sync, 1u) + 1;
-    int good = 1;
-    if (arrived == generation * gridDim.x) {
-      __threadfence();
-      atomicAdd(sync + 1, 1u);
-    } else {
-      const unsigned long long start = global_ns();
-      for (int spins = 0; load_acquire(sync + 1) < generation; ++spins) {
-        if ((spins & 63) == 63) {
-          if (load_acquire(sync + 2) != 0u) { good = 0; break; }
-          if (global_ns() - start > TIMEOUT_NS) { atomicExch(sync + 2, 1u); good = 0; break; }
-        }
+  if (threadIdx.x == 0) store_release(sync + FLAG_WORDS * (1 + blockIdx.x), generation);
+  int good = 1;
+  for (int b = threadIdx.x; b < gridDim.x && good; b += blockDim.x) {
+    const unsigned int* flag = sync + FLAG_WORDS * (1 + b);
+    const unsigned long long start = global_ns();
+    for (int spins = 0; load_acquire(flag) < generation; ++spins) {
+      if ((spins & 63) == 63) {
+        if (load_acquire(sync + 2) != 0u) { good = 0; break; }
+        if (global_ns() - start > TIMEOUT_NS) { atomicExch(sync + 2, 1u); good = 0; break; }
       }
     }
-    *ok = good;
   }
-  __syncthreads();
-  return *ok != 0;
+  return __syncthreads_and(good) != 0;
 }
 
 template <int VEC>
@@ -775,7 +781,6 @@ __device__ void stage(const int* rec, const Ctx& cx, float* xs, float* stats) {
 
 _BODY = r"""
   extern __shared__ float smem[];
-  __shared__ int ok;
   // The parameters' pointers in shared memory: a per-thread array would live in local memory, a
   // dependent L2 round trip before each row's weights.
   const WT** params = reinterpret_cast<const WT**>(smem);
@@ -800,7 +805,7 @@ PARAMS_TO_SHARED
   prefetch_phase(records, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
   Slice wv[KMAX];  // this warp's first slice of its next row's weights, loaded ahead
   first_slice(records, cx, warp, wv);
-  if (!grid_barrier(sync, &ok, generation)) return;
+  if (!grid_barrier(sync, generation)) return;
   const int steps = coeffs_shape[0];
   for (int step = 0; step < steps; ++step) {
     cx.step = step;
@@ -843,7 +848,7 @@ PARAMS_TO_SHARED
         prefetch_phase(records + next * REC, cx, blockIdx.x * WARPS + warp, gridDim.x * WARPS);
         first_slice(records + next * REC, cx, warp, wv);
       }
-      if (!grid_barrier(sync, &ok, generation)) return;
+      if (!grid_barrier(sync, generation)) return;
     }
   }
   if (blockIdx.x == 0)
@@ -933,6 +938,7 @@ def _header(
         "CLIP_RANGE": f"{cfg.clip_sample_range!r}f",
         "ADD_NOISE": int(isinstance(scheduler, DDPMScheduler) or cfg.eta > 0),
         "TIMEOUT_NS": f"{int(TIMEOUT_S * 1e9)}ull",
+        "FLAG_WORDS": FLAG_WORDS,
         "PREFETCH_MAX_BYTES": f"{l2_bytes() // 6}ll",
     }
     defines |= {f"F_{name}": i for i, name in enumerate(HEADER_FIELDS)}
@@ -1123,7 +1129,7 @@ class CudaSampler:
                 inputs=[table, _float32(x), films, _float32(step_noise), coeffs, weights],
                 grid=(blocks * THREADS, 1, 1),
                 threadgroup=(THREADS, 1, 1),
-                output_shapes=[(program.ws_size,), (3,), tuple(x.shape)],
+                output_shapes=[(program.ws_size,), (sync_words(blocks),), tuple(x.shape)],
                 output_dtypes=[mx.float32, mx.uint32, mx.float32],
                 init_value=0,
             )

@@ -417,7 +417,6 @@ __device__ void final_phase(const Src& src, AT* out, float* smem, int nimg) {
 
 _BODY = r"""
   extern __shared__ __align__(16) float smem[];  // float4, uint4 and cp.async accesses
-  __shared__ int ok;
   unsigned int generation = 0;
   const int nimg = x_shape[0];  // the workspace's tensors are laid out per image: slot * nimg
   // out stays NaN unless every phase ran: a kernel that gave up at a barrier can't pass for features.
@@ -648,7 +647,7 @@ class _Program:
         return raws
 
     def body(self) -> str:
-        barrier = "\n  if (!grid_barrier(sync, &ok, generation)) return;\n  "
+        barrier = "\n  if (!grid_barrier(sync, generation)) return;\n  "
         return _BODY + "  " + barrier.join(self.phases) + "\n"
 
     def header(self, dtype: mx.Dtype) -> str:
@@ -660,6 +659,7 @@ class _Program:
             "SCRATCH_FLOATS": SCRATCH_FLOATS,
             "OUT_PER_IMAGE": self.out_per_image[0] * self.out_per_image[1] * self.out_per_image[2],
             "TIMEOUT_NS": f"{int(cuda_sampler.TIMEOUT_S * 1e9)}ull",
+            "FLAG_WORDS": cuda_sampler.FLAG_WORDS,
         }
         text = "".join(f"#define {name} {value}\n" for name, value in defines.items())
         return text + cuda_sampler.DEVICE_COMMON + _SOURCE
@@ -743,7 +743,11 @@ def trunk(module: ResNet18Trunk, x: mx.array) -> mx.array:
         inputs=[x, *_inputs(module, x.dtype)],
         grid=(blocks * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
-        output_shapes=[(program.ws_size * x.shape[0],), (3,), (x.shape[0], *program.out_per_image)],
+        output_shapes=[
+            (program.ws_size * x.shape[0],),
+            (cuda_sampler.sync_words(blocks),),
+            (x.shape[0], *program.out_per_image),
+        ],
         output_dtypes=[mx.float32, mx.uint32, x.dtype],
         init_value=0,
     )
