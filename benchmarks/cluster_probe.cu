@@ -161,9 +161,11 @@ __global__ void cluster_barriers(int n, unsigned long long* ns) {
 }
 
 // (3): N grid barriers where each block publishes its count in its own line (stride words) and waits
-// until every block's count has reached its own (threads poll one block each). WRITE floats of data
-// written by every block before each barrier (so the release waits for real writes).
-__global__ void flag_barriers(int n, unsigned* flags, int stride, float* data, int write, unsigned long long* ns) {
+// until every block's count has reached its own. WRITE floats of data written by every block before each
+// barrier (so the release waits for real writes). Polling, by mode: 0, a thread a block, acquire loads;
+// 1, a thread a block, relaxed loads and one acquire fence after; 2, one warp, each lane its (up to 5) blocks'
+// relaxed loads issued together, then one acquire fence.
+__global__ void flag_barriers(int n, unsigned* flags, int stride, float* data, int write, int mode, unsigned long long* ns) {
   unsigned long long t0, t1;
   __syncthreads();
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
@@ -171,10 +173,35 @@ __global__ void flag_barriers(int n, unsigned* flags, int stride, float* data, i
     for (int i = threadIdx.x; i < write; i += blockDim.x) data[blockIdx.x * write + i] = gen;
     __syncthreads();
     if (threadIdx.x == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(flags + blockIdx.x * stride), "r"(gen) : "memory");
-    for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
-      unsigned v;
-      do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(flags + b * stride) : "memory");
-      while (v < gen);
+    if (mode == 0) {
+      for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+        unsigned v;
+        do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(flags + b * stride) : "memory");
+        while (v < gen);
+      }
+    } else if (mode == 1) {
+      for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+        unsigned v;
+        do asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(flags + b * stride) : "memory");
+        while (v < gen);
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");
+      }
+    } else if (threadIdx.x < 32) {
+      bool done = false;
+      while (!done) {
+        unsigned v[5];
+#pragma unroll
+        for (int k = 0; k < 5; ++k) {
+          const int b = threadIdx.x + 32 * k;
+          v[k] = gen;
+          if (b < gridDim.x) asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v[k]) : "l"(flags + b * stride) : "memory");
+        }
+        bool mine = true;
+#pragma unroll
+        for (int k = 0; k < 5; ++k) mine = mine && v[k] >= gen;
+        done = __all_sync(0xffffffffu, mine);
+      }
+      asm volatile("fence.acq_rel.gpu;" ::: "memory");
     }
     __syncthreads();
   }
@@ -306,11 +333,13 @@ int main() {
       counter_barriers_w<<<sms, 256, one_per_sm>>>(n, flags, flags + 32, data, write, ns); CK(cudaDeviceSynchronize());
       CK(cudaMemcpy(&t, ns, 8, cudaMemcpyDeviceToHost));
       printf("counter barrier, %d blocks, %4d floats written a block before: %.3f us\n", sms, write, t / 1e3 / n);
+      for (int mode : {0, 1, 2})
       for (int stride : {1, 8, 32, 64}) {
+        if (mode > 0 && stride != 32) continue;
         CK(cudaMemset(flags, 0, 132 * 64 * 4));
-        flag_barriers<<<sms, 256, one_per_sm>>>(n, flags, stride, data, write, ns); CK(cudaDeviceSynchronize());
+        flag_barriers<<<sms, 256, one_per_sm>>>(n, flags, stride, data, write, mode, ns); CK(cudaDeviceSynchronize());
         CK(cudaMemcpy(&t, ns, 8, cudaMemcpyDeviceToHost));
-        printf("flag barrier, stride %2d words,  %d blocks, %4d floats written a block before: %.3f us\n", stride, sms, write, t / 1e3 / n);
+        printf("flag barrier, poll mode %d, stride %2d words, %d blocks, %4d floats written a block before: %.3f us\n", mode, stride, sms, write, t / 1e3 / n);
       }
     }
     fflush(stdout);
