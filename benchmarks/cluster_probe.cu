@@ -26,23 +26,36 @@ __device__ __forceinline__ void bar_wait(unsigned long long* b, unsigned parity)
                  : "=r"(done) : "r"(sa(b)), "r"(parity) : "memory");
 }
 
+// This block's contiguous share [lo, hi) of n items.
+__device__ __forceinline__ void block_share(size_t n, size_t& lo, size_t& hi) {
+  const size_t per = (n + gridDim.x - 1) / gridDim.x;
+  lo = blockIdx.x * per;
+  hi = lo + per < n ? lo + per : n;
+}
+
+// A thread's U 16-byte loads of one round, blockDim.x apart from item i (zeros past hi), all in flight.
+template <int U>
+__device__ __forceinline__ void load_group(const uint4* __restrict__ w, size_t i, size_t hi, uint4 (&v)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const size_t j = i + (size_t)u * blockDim.x;
+    v[u] = j < hi ? __ldg(w + j) : make_uint4(0, 0, 0, 0);
+  }
+}
+
 // (1)/(2): plain loads, U 16-byte loads a thread in flight; L > 0 does L FMAs per weight element.
 template <int U, int L>
 __global__ void stream_plain(const uint4* __restrict__ w, size_t n16, float* out) {
   extern __shared__ float act[];  // L activations per input element group (broadcast reads)
-  const size_t per = (n16 + gridDim.x - 1) / gridDim.x;
-  const size_t lo = blockIdx.x * per, hi = lo + per < n16 ? lo + per : n16;
+  size_t lo, hi;
+  block_share(n16, lo, hi);
   float acc[L > 0 ? L : 1] = {};
   float s = 0.f;
   if (L > 0) for (int i = threadIdx.x; i < 8 * L; i += blockDim.x) act[i] = 0.001f * i;
   __syncthreads();
   for (size_t i = lo + threadIdx.x; i < hi; i += (size_t)blockDim.x * U) {
     uint4 v[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      size_t j = i + (size_t)u * blockDim.x;
-      v[u] = j < hi ? __ldg(w + j) : make_uint4(0, 0, 0, 0);
-    }
+    load_group<U>(w, i, hi, v);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (L == 0) {
@@ -74,17 +87,13 @@ __global__ void stream_mma(const uint4* __restrict__ w, size_t n16, float* out) 
   const int lane = threadIdx.x & 31;
   for (int i = threadIdx.x; i < 64 * NT * 64; i += blockDim.x) act2[i] = 0x3c003c00u ^ i;
   __syncthreads();
-  const size_t per = (n16 + gridDim.x - 1) / gridDim.x;
-  const size_t lo = blockIdx.x * per, hi = lo + per < n16 ? lo + per : n16;
+  size_t lo, hi;
+  block_share(n16, lo, hi);
   float acc[2][NT][4] = {};
   int kslice = 0;
   for (size_t i = lo + threadIdx.x; i < hi; i += (size_t)blockDim.x * U) {
     uint4 v[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      size_t j = i + (size_t)u * blockDim.x;
-      v[u] = j < hi ? __ldg(w + j) : make_uint4(0, 0, 0, 0);
-    }
+    load_group<U>(w, i, hi, v);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       kslice = (kslice + 1) & 63;
@@ -121,9 +130,8 @@ __global__ void stream_bulk(const unsigned char* __restrict__ w, size_t bytes, f
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  const size_t chunks_total = bytes / CH;
-  const size_t per = (chunks_total + gridDim.x - 1) / gridDim.x;
-  const size_t lo = blockIdx.x * per, hi = lo + per < chunks_total ? lo + per : chunks_total;
+  size_t lo, hi;
+  block_share(bytes / CH, lo, hi);
   float s = 0.f;
   if (warp == CW) {
     if (lane == 0)
@@ -160,19 +168,34 @@ __global__ void cluster_barriers(int n, unsigned long long* ns) {
   if (blockIdx.x == 0 && threadIdx.x == 0) *ns = t1 - t0;
 }
 
-// (3): N grid barriers where each block publishes its count in its own line (stride words) and waits
-// until every block's count has reached its own. WRITE floats of data written by every block before each
-// barrier (so the release waits for real writes). Polling, by mode: 0, a thread a block, acquire loads;
-// 1, a thread a block, relaxed loads and one acquire fence after; 2, one warp, each lane its (up to 5) blocks'
-// relaxed loads issued together, then one acquire fence.
-__global__ void flag_barriers(int n, unsigned* flags, int stride, float* data, int write, int mode, unsigned long long* ns) {
+// (3): N grid barriers, WRITE floats of data written by every block before each (so a release waits for
+// real writes). Modes 0-2: each block publishes its count in its own line of `flags` (stride words) and
+// waits until every block's count has reached its own, polled 0, by a thread a block with acquire loads;
+// 1, the same with relaxed loads and one acquire fence after; 2, by one warp, each lane its (up to 5)
+// blocks' relaxed loads issued together, then one acquire fence. Mode 3: an arrival counter (flags[0])
+// whose last block bumps a generation word (flags[32]), the others polling that.
+__global__ void grid_barriers(int n, unsigned* flags, int stride, float* data, int write, int mode, unsigned long long* ns) {
   unsigned long long t0, t1;
   __syncthreads();
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
   for (unsigned gen = 1; gen <= (unsigned)n; ++gen) {
     for (int i = threadIdx.x; i < write; i += blockDim.x) data[blockIdx.x * write + i] = gen;
     __syncthreads();
-    if (threadIdx.x == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(flags + blockIdx.x * stride), "r"(gen) : "memory");
+    if (mode == 3) {
+      if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(flags, 1u) + 1 == gen * gridDim.x) {
+          __threadfence();
+          atomicAdd(flags + 32, 1u);
+        } else {
+          unsigned v;
+          do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(flags + 32) : "memory");
+          while (v < gen);
+        }
+      }
+    } else if (threadIdx.x == 0) {
+      asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(flags + blockIdx.x * stride), "r"(gen) : "memory");
+    }
     if (mode == 0) {
       for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
         unsigned v;
@@ -186,7 +209,7 @@ __global__ void flag_barriers(int n, unsigned* flags, int stride, float* data, i
         while (v < gen);
         asm volatile("fence.acq_rel.gpu;" ::: "memory");
       }
-    } else if (threadIdx.x < 32) {
+    } else if (mode == 2 && threadIdx.x < 32) {
       bool done = false;
       while (!done) {
         unsigned v[5];
@@ -202,26 +225,6 @@ __global__ void flag_barriers(int n, unsigned* flags, int stride, float* data, i
         done = __all_sync(0xffffffffu, mine);
       }
       asm volatile("fence.acq_rel.gpu;" ::: "memory");
-    }
-    __syncthreads();
-  }
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
-  if (blockIdx.x == 0 && threadIdx.x == 0) *ns = t1 - t0;
-}
-
-// (3): N barriers by an arrival counter whose last block bumps a generation word, WRITE floats written before each.
-__global__ void counter_barriers_w(int n, unsigned* counter, volatile unsigned* generation, float* data, int write, unsigned long long* ns) {
-  unsigned long long t0, t1;
-  __syncthreads();
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  for (unsigned gen = 1; gen <= (unsigned)n; ++gen) {
-    for (int i = threadIdx.x; i < write; i += blockDim.x) data[blockIdx.x * write + i] = gen;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();
-      const unsigned arrived = atomicAdd(counter, 1u) + 1;
-      if (arrived == gen * gridDim.x) { __threadfence(); atomicAdd((unsigned*)generation, 1u); }
-      else { unsigned v; do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(generation) : "memory"); while (v < gen); }
     }
     __syncthreads();
   }
@@ -323,21 +326,20 @@ int main() {
   {
     float* data; CK(cudaMalloc(&data, (size_t)132 * 4096 * 4));
     unsigned* flags; CK(cudaMalloc(&flags, 132 * 64 * 4));
-    CK(cudaFuncSetAttribute(flag_barriers, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)one_per_sm));
-    CK(cudaFuncSetAttribute(counter_barriers_w, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)one_per_sm));
+    CK(cudaFuncSetAttribute(grid_barriers, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)one_per_sm));
     const int n = 4000;
     for (int round = 0; round < 2; ++round)
     for (int write : {0, 1024}) {
       unsigned long long t;
       CK(cudaMemset(flags, 0, 132 * 64 * 4));
-      counter_barriers_w<<<sms, 256, one_per_sm>>>(n, flags, flags + 32, data, write, ns); CK(cudaDeviceSynchronize());
+      grid_barriers<<<sms, 256, one_per_sm>>>(n, flags, 0, data, write, 3, ns); CK(cudaDeviceSynchronize());
       CK(cudaMemcpy(&t, ns, 8, cudaMemcpyDeviceToHost));
       printf("counter barrier, %d blocks, %4d floats written a block before: %.3f us\n", sms, write, t / 1e3 / n);
       for (int mode : {0, 1, 2})
       for (int stride : {1, 8, 32, 64}) {
         if (mode > 0 && stride != 32) continue;
         CK(cudaMemset(flags, 0, 132 * 64 * 4));
-        flag_barriers<<<sms, 256, one_per_sm>>>(n, flags, stride, data, write, mode, ns); CK(cudaDeviceSynchronize());
+        grid_barriers<<<sms, 256, one_per_sm>>>(n, flags, stride, data, write, mode, ns); CK(cudaDeviceSynchronize());
         CK(cudaMemcpy(&t, ns, 8, cudaMemcpyDeviceToHost));
         printf("flag barrier, poll mode %d, stride %2d words, %d blocks, %4d floats written a block before: %.3f us\n", mode, stride, sms, write, t / 1e3 / n);
       }
