@@ -304,6 +304,10 @@ def sync_words(blocks: int) -> int:
     return FLAG_WORDS * (blocks + 1)
 
 
+# What DEVICE_COMMON's grid barrier needs #defined by every kernel's header that includes it.
+COMMON_DEFINES = {"TIMEOUT_NS": f"{int(TIMEOUT_S * 1e9)}ull", "FLAG_WORDS": FLAG_WORDS}
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -312,7 +316,8 @@ def _input_dim(unet: ConditionalUnet1D) -> int:
     return unet.final_conv[1].weight.shape[0]
 
 
-# Shared with vision_cuda's persistent kernel: conversions, loads, sums, the grid barrier (TIMEOUT_NS).
+# Shared with vision_cuda's persistent kernel: conversions, loads, sums, the grid barrier (which reads
+# COMMON_DEFINES from its kernel's header).
 DEVICE_COMMON = r"""
 __device__ __forceinline__ float as_float(float v) { return v; }
 __device__ __forceinline__ float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -937,8 +942,7 @@ def _header(
         "CLIP": int(cfg.clip_sample),
         "CLIP_RANGE": f"{cfg.clip_sample_range!r}f",
         "ADD_NOISE": int(isinstance(scheduler, DDPMScheduler) or cfg.eta > 0),
-        "TIMEOUT_NS": f"{int(TIMEOUT_S * 1e9)}ull",
-        "FLAG_WORDS": FLAG_WORDS,
+        **COMMON_DEFINES,
         "PREFETCH_MAX_BYTES": f"{l2_bytes() // 6}ll",
     }
     defines |= {f"F_{name}": i for i, name in enumerate(HEADER_FIELDS)}

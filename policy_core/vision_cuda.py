@@ -658,8 +658,7 @@ class _Program:
             "MAX_GROUPS": MAX_GROUPS,
             "SCRATCH_FLOATS": SCRATCH_FLOATS,
             "OUT_PER_IMAGE": self.out_per_image[0] * self.out_per_image[1] * self.out_per_image[2],
-            "TIMEOUT_NS": f"{int(cuda_sampler.TIMEOUT_S * 1e9)}ull",
-            "FLAG_WORDS": cuda_sampler.FLAG_WORDS,
+            **cuda_sampler.COMMON_DEFINES,
         }
         text = "".join(f"#define {name} {value}\n" for name, value in defines.items())
         return text + cuda_sampler.DEVICE_COMMON + _SOURCE
