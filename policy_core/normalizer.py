@@ -14,12 +14,6 @@ import numpy as np
 STAT_NAMES = ("scale", "offset", "min", "max", "mean", "std")
 
 
-@mx.compile
-def _inverse_affine(y: mx.array, scale: mx.array, offset: mx.array) -> mx.array:
-    # Compiled: one fused kernel per request instead of two (each ~10-15 us of MLX's host time on CUDA).
-    return (y - offset) / scale
-
-
 @dataclass
 class FeatureNorm:
     """Affine parameters of one feature plus the statistics they were fitted from, all float32 (D,)."""
@@ -121,8 +115,10 @@ class LinearNormalizer:
         scale, offset = affine if affine is not None else self.affine(key)
         return x * scale + offset
 
-    def unnormalize(self, key: str, y: mx.array) -> mx.array:
-        return _inverse_affine(y, *self.affine(key))
+    def unnormalize(self, key: str, y: np.ndarray) -> np.ndarray:
+        """On the host, float32: the policy's outputs are host arrays (a GPU kernel writes them there)."""
+        f = self.features[key]
+        return (np.asarray(y, np.float32) - f.offset) / f.scale
 
     def to_tensors(self, prefix: str = "normalizer.") -> dict[str, np.ndarray]:
         return {

@@ -11,7 +11,8 @@ On CUDA the whole denoising loop is then one persistent kernel (``cuda_sampler``
 batches whose trajectory fits it); elsewhere the UNet runs in a form built for batch 1 (``unet_inference``
 on CPU and Metal, ``unet_cuda`` on CUDA beyond the kernel's batch sizes) in ``mx.compile``d chunks of up
 to ten denoising steps (MLX re-specialises them per batch size and dtype). A request costs one
-``mx.eval`` (and two more when a schedule's FiLM rows are first built).
+evaluation (two more when a schedule's FiLM rows are first built); the kernel's is a wait for the
+trajectory it writes into host memory. The actions are unnormalized on the host and returned as NumPy.
 """
 
 from __future__ import annotations
@@ -286,10 +287,9 @@ class DiffusionUnetPolicy(nn.Module):
         obs: dict[str, mx.array],
         x: mx.array,
         step_noise: mx.array,
-        finish: Callable[[mx.array], list[mx.array]],
-    ) -> list[mx.array]:
-        """Raw observations -> ``finish`` of the normalized action trajectory, evaluated (one evaluation
-        for the sampler and the caller's post-processing).
+    ) -> np.ndarray:
+        """Raw observations -> the normalized action trajectory (B, horizon, action_dim), float32 on the
+        host.
 
         The conditioning is one compiled call. On CUDA, where the shape fits, the whole denoising loop is
         then one persistent kernel (``cuda_sampler``). Elsewhere it runs in compiled chunks of up to
@@ -303,17 +303,16 @@ class DiffusionUnetPolicy(nn.Module):
         coeffs = scheduler.coefficient_table()
         if self._cuda_sampler.supports(x.shape[0], x.shape[1]):
             try:
-                return self._cuda_sampler(scheduler, x, films, step_noise, coeffs, finish)
+                return self._cuda_sampler(scheduler, x, films, step_noise, coeffs)
             except KernelAborted as error:
                 warnings.warn(f"{error}; this and later requests run on the chunked sampler", stacklevel=2)
         for start in range(0, num_steps, STEPS_PER_CALL):
             chunk = slice(start, min(start + STEPS_PER_CALL, num_steps))
             x = self._compiled[kind](x, films[chunk], step_noise[chunk], coeffs[chunk])
-        outputs = finish(x)
         # On CUDA the conditioning may hold vision_cuda's persistent kernel: one such kernel at a time.
         with cuda_sampler.LAUNCH_LOCK if unet_cuda.available() else contextlib.nullcontext():
-            mx.eval(*outputs)
-        return outputs
+            mx.eval(x)
+        return np.array(x)
 
     def sample_noise(self, batch: int, num_steps: int, seed: int | None = None) -> tuple[mx.array, mx.array]:
         """The initial trajectory x_T (B, horizon, action_dim) and the per-step sampler noise
@@ -332,16 +331,16 @@ class DiffusionUnetPolicy(nn.Module):
         seed: int | None = None,
         noise: Any = None,
         step_noise: Any = None,
-    ) -> dict[str, mx.array]:
+    ) -> dict[str, np.ndarray]:
         """Sample an action chunk. obs: {key: (B, n_obs_steps, ...)}, images channel-last.
 
         Returns ``action`` (B, n_action_steps, action_dim) and ``action_pred`` (B, horizon, action_dim),
-        float32 and evaluated. ``seed`` makes the initial and per-step noise reproducible; ``noise`` is
-        an explicit x_T (B, horizon, action_dim) and ``step_noise`` explicit per-step noise
-        (steps, B, horizon, action_dim), both overriding what the seed would give (a server batching
-        several requests passes each request's own). ``scheduler`` ("ddim" | "ddpm") switches the
-        sampler without reloading weights. One call at a time per policy: on CUDA the observations are
-        written into arrays the policy keeps (``cuda_upload``).
+        float32 NumPy arrays (``action`` a view of ``action_pred``). ``seed`` makes the initial and
+        per-step noise reproducible; ``noise`` is an explicit x_T (B, horizon, action_dim) and
+        ``step_noise`` explicit per-step noise (steps, B, horizon, action_dim), both overriding what the
+        seed would give (a server batching several requests passes each request's own). ``scheduler``
+        ("ddim" | "ddpm") switches the sampler without reloading weights. One call at a time per policy:
+        on CUDA the observations are written into arrays the policy keeps (``cuda_upload``).
         """
         cfg = self.config
         batch = self.validate_obs(obs)
@@ -361,18 +360,14 @@ class DiffusionUnetPolicy(nn.Module):
         ):
             if tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
-        start = cfg.n_obs_steps - 1
-
-        def unnormalize(naction: mx.array) -> list[mx.array]:
-            action_pred = self.normalizer.unnormalize("action", naction)
-            return [action_pred[:, start : start + cfg.n_action_steps], action_pred]
-
         # On CUDA host observations are written into arrays the policy keeps in host memory, which the GPU
         # reads there; elsewhere they become MLX arrays as they are (cuda_upload): one request at a time per
         # policy (the server's worker per model).
         obs = {k: self._uploads(k, obs[k]) for k in cfg.obs}
-        action, action_pred = self._sample(kind, steps, obs, x_init, noise_per_step, unnormalize)
-        return {"action": action, "action_pred": action_pred}
+        naction = self._sample(kind, steps, obs, x_init, noise_per_step)
+        action_pred = self.normalizer.unnormalize("action", naction)
+        start = cfg.n_obs_steps - 1
+        return {"action": action_pred[:, start : start + cfg.n_action_steps], "action_pred": action_pred}
 
     # ---- training -------------------------------------------------------------------------------
 

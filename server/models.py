@@ -179,7 +179,7 @@ class ModelWorker(threading.Thread):
         schema = self.info.obs_schema
         for rows in self.batching.buckets():
             obs = {k: np.zeros((rows, *spec["shape"]), dtype=spec["dtype"]) for k, spec in schema.items()}
-            if not np.isfinite(np.array(policy.predict_action(obs, seed=0)["action_pred"])).all():
+            if not np.isfinite(policy.predict_action(obs, seed=0)["action_pred"]).all():
                 raise NonFiniteActions("the policy's actions for zero observations are not finite")
         self.policy = policy
 
@@ -249,7 +249,7 @@ class ModelWorker(threading.Thread):
             out = policy.predict_action(
                 obs, scheduler=kind, num_inference_steps=steps, noise=x_init, step_noise=step_noise
             )
-            action_pred = np.array(out["action_pred"])[:rows]
+            action_pred = out["action_pred"][:rows]
             if not np.isfinite(action_pred).all():
                 raise NonFiniteActions("the policy produced non-finite actions")
             self._note_batch(batch)

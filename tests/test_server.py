@@ -59,7 +59,7 @@ def one_obs(policy, seed: int = 0) -> dict[str, np.ndarray]:
 
 def expected_action(policy, obs: dict[str, np.ndarray], seed: int, **options) -> np.ndarray:
     out = policy.predict_action({k: v[None] for k, v in obs.items()}, seed=seed, **options)
-    return np.array(out["action"][0])
+    return out["action"][0]
 
 
 @pytest.mark.parametrize("kind, delimiter", [(zmq.REQ, False), (zmq.DEALER, False), (zmq.DEALER, True)])
@@ -112,7 +112,7 @@ def test_batched_request(server, reference):
     assert client_call(server, {"type": "infer", "id": 10, "obs": big})["error"]["code"] == "too_large"
     x_init, step_noise = reference[1].sample_noise(3, 5, seed=1)  # a batched request draws for all rows
     want = reference[1].predict_action(obs, noise=x_init, step_noise=step_noise)["action"]
-    np.testing.assert_allclose(reply["action"], np.array(want), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(reply["action"], want, rtol=1e-4, atol=1e-3)
 
 
 def test_concurrent_clients_get_their_own_answers_in_batches(server, reference):

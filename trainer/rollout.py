@@ -27,7 +27,7 @@ def rollout_score(policy: DiffusionUnetPolicy, seeds: list[int], max_steps: int 
         while not done:
             stacked = {k: v[None] for k, v in history.stacked().items()}
             # A fresh, reproducible noise draw for every chunk of every episode.
-            chunk = np.array(policy.predict_action(stacked, seed=seed * 10_000 + chunk_index)["action"][0])
+            chunk = policy.predict_action(stacked, seed=seed * 10_000 + chunk_index)["action"][0]
             chunk_index += 1
             for action in chunk:
                 obs, reward, terminated, truncated, _ = env.step(action.astype(np.float64))
