@@ -2,11 +2,12 @@
 (config, sampler, dtype) and framework, a ratio table, JSON and a grouped bar chart (PNG).
 
 Frameworks: ``mlx`` (our policy, built and fed exactly as benchmarks/policy_latency.py does, timed
-after the ``mx.eval`` inside ``predict_action``), ``torch-eager`` and ``torch-compile`` (the PyTorch
+until ``predict_action`` returns its NumPy actions), ``torch-eager`` and ``torch-compile`` (the PyTorch
 baseline of benchmarks/torch_baseline.py; ``torch.compile(mode="reduce-overhead")`` of the per-step
 denoiser on CUDA; on a CPU only with ``--torch-compile``, which tries the default mode and reports a
-failure as skipped). Weights are random (timing only); the observations have the same shapes and
-dtypes on both sides (uint8 images). Each PyTorch variant runs in its own subprocess with all CPU cores
+failure as skipped; their actions are timed on the device, synchronised, not copied to the host).
+Weights are random (timing only); the observations have the same shapes and dtypes on both sides (uint8
+images). Each PyTorch variant runs in its own subprocess with all CPU cores
 as torch threads, never at the same time as MLX work: on a CPU the two thread pools fight (a 300x
 slowdown was seen with both in one process). MLX uses its default device (the GPU on a CUDA build),
 torch uses CUDA when available, with TF32 off so float32 is float32 on both.
@@ -159,7 +160,7 @@ def _time_policy(policy, name: str, dtype: str, samplers: list[str], args: argpa
         kind, steps = SAMPLERS[sampler_name]
 
         def call(i: int, kind=kind, steps=steps) -> None:
-            policy.predict_action(obs, scheduler=kind, num_inference_steps=steps, seed=i)  # ends in mx.eval
+            policy.predict_action(obs, scheduler=kind, num_inference_steps=steps, seed=i)  # NumPy: evaluated
 
         row = {
             "config": name,

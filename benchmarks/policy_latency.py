@@ -1,7 +1,8 @@
 """In-process ``predict_action`` latency of untrained PushT policies: p50 / p99 after warm-up.
 
 Each call is one request end to end: observation normalisation, vision encoder (image config), the whole
-denoising loop and unnormalisation, timed after ``mx.eval``. Prints a table and writes JSON.
+denoising loop and unnormalisation, timed until the NumPy actions are returned. Prints a table and
+writes JSON.
 
     dpmlx bench policy --configs lowdim,image --samplers ddim10,ddim16,ddpm100 --dtypes float32,bfloat16
 """

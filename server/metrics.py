@@ -116,7 +116,7 @@ class Metrics:
             )
             lines += self.server_ms.prometheus("dpmlx_server_latency_ms", "Receipt to reply, per request.")
             lines += self.infer_ms.prometheus(
-                "dpmlx_infer_latency_ms", "Model time per batch, after mx.eval."
+                "dpmlx_infer_latency_ms", "Model time per batch, until its actions are on the host."
             )
             lines += self.batch_size.prometheus("dpmlx_batch_size", "Requests' rows per executed batch.")
             return "\n".join(lines) + "\n"
