@@ -14,7 +14,9 @@ persistent kernel, say) would put that one in host memory too. The arrays are wr
 so a returned array is only valid until the next write of its (key, shape, dtype) slot: one request at a
 time per ``HostUploads`` (the policy evaluates a request before it returns). Where MLX does not use managed
 memory (no concurrent managed access: WSL, some Jetsons) or the advice fails, observations go through
-``mx.array`` as before. MLX's CUDA device is assumed to be device 0, as elsewhere in policy_core.
+``mx.array`` as before. The sampler kernel's result is such an array too, written the other way: by the
+GPU, then read by the host (``cuda_sampler``). MLX's CUDA device is assumed to be device 0, as elsewhere in
+policy_core.
 """
 
 from __future__ import annotations
