@@ -1148,7 +1148,9 @@ class CudaSampler:
         host = np.asarray(result)  # the same memory
         # One kernel in flight per process: two persistent grids sharing the SMs (a model warming up
         # during a hot swap while another serves) could each hold blocks the other's barrier waits for.
-        # Once the word is written the grid is past its last barrier.
+        # A word that says done comes after the grid's last barrier; otherwise the grid must end before
+        # the lock goes (blocks never resident until others gave up still run; an interrupted wait left
+        # all of it running), and MLX's wait for it raises a CUDA error the kernel met.
         with LAUNCH_LOCK:
             _, sync = kernel(
                 inputs=[table, _float32(x), films, _float32(step_noise), coeffs, weights, result],
@@ -1159,7 +1161,14 @@ class CudaSampler:
                 init_value=0,
             )
             mx.async_eval(sync)
-            word = _wait_for_word(host, size, sync)
+            try:
+                word = _wait_for_word(host, size)
+            except BaseException:
+                mx.eval(sync)
+                raise
+            if word != RESULT_DONE:
+                mx.eval(sync)
+                word = float(host[size])
         if word == RESULT_ABORTED:
             self.disabled = True
             raise KernelAborted(
@@ -1171,10 +1180,10 @@ class CudaSampler:
         return host[:size].reshape(x.shape).copy()
 
 
-def _wait_for_word(host: np.ndarray, size: int, sync: mx.array) -> float:
-    """The kernel's completion word at ``host[size]``, polled until set. Past ``TIMEOUT_S`` (a kernel that
-    failed never sets it; an aborting one sets it within that) MLX's wait takes over, which raises a CUDA
-    error the kernel met."""
+def _wait_for_word(host: np.ndarray, size: int) -> float:
+    """The kernel's completion word at ``host[size]``, polled until it is set or ``TIMEOUT_S`` has passed
+    (then 0: a kernel that failed never sets it, and one that gives up does so only after a barrier waited
+    that long)."""
     deadline = time.perf_counter() + TIMEOUT_S
     while True:
         word = float(host[size])
@@ -1182,8 +1191,4 @@ def _wait_for_word(host: np.ndarray, size: int, sync: mx.array) -> float:
         # trajectory's loads after this one on weakly ordered hosts.
         time.sleep(0)
         if word or time.perf_counter() > deadline:
-            break
-    if not word:
-        mx.eval(sync)
-        word = float(host[size])
-    return word
+            return word

@@ -12,11 +12,11 @@ for two 96x96 RGB frames). Advice applies to whole pages, so each array lies on 
 own (``_page_aligned``): advising a page shared with another small allocation (the barrier counters of a
 persistent kernel, say) would put that one in host memory too. The arrays are written behind MLX's back,
 so a returned array is only valid until the next write of its (key, shape, dtype) slot: one request at a
-time per ``HostUploads`` (the policy evaluates a request before it returns). Where MLX does not use managed
-memory (no concurrent managed access: WSL, some Jetsons) or the advice fails, observations go through
-``mx.array`` as before. The sampler kernel's result is such an array too, written the other way: by the
-GPU, then read by the host (``cuda_sampler``). MLX's CUDA device is assumed to be device 0, as elsewhere in
-policy_core.
+time per ``HostUploads`` (a request's kernels have read its observations before the policy returns).
+Where MLX does not use managed memory (no concurrent managed access: WSL, some Jetsons) or the advice
+fails, observations go through ``mx.array`` as before. The sampler kernel's result is such an array too,
+written the other way: by the GPU, then read by the host (``cuda_sampler``). MLX's CUDA device is assumed
+to be device 0, as elsewhere in policy_core.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ class HostUploads:
             driver.keep_on_host(pointer, nbytes)
         except (OSError, AttributeError, RuntimeError) as error:
             HostUploads.failed.append(array)
-            warnings.warn(f"observations go through mx.array from now on: {error}", stacklevel=2)
+            message = f"host arrays ({key!r} first) go through mx.array from now on: {error}"
+            warnings.warn(message, stacklevel=2)
             return mx.array(host)
         # The memory goes back to MLX's cache when the array dies (evicted, or the policy with it): the
         # advice must not follow it to other arrays. At exit the driver may be gone; so is the memory.
