@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,13 +45,15 @@ class BatchingConfig:
     max_queue: int = 64  # queued requests per model before `overloaded`
     dtype: str | None = None  # weight dtype override for loaded checkpoints
 
-    def buckets(self) -> list[int]:
-        """Batch sizes are padded up to powers of two, so only these few graphs are compiled."""
-        sizes, b = [], 1
+    def buckets(self, exact: Iterable[int] = ()) -> list[int]:
+        """The sizes a batch is padded up to, so that only these few are compiled: powers of two, the
+        largest ``max_batch``, and the sizes in ``exact`` (those a model runs as one CUDA kernel, whose
+        time grows with every padded row: ``DiffusionUnetPolicy.kernel_batch_sizes``)."""
+        sizes, b = {self.max_batch, *(e for e in exact if 1 <= e <= self.max_batch)}, 1
         while b < self.max_batch:
-            sizes.append(b)
+            sizes.add(b)
             b *= 2
-        return [*sizes, self.max_batch]
+        return sorted(sizes)
 
 
 @dataclass
@@ -122,6 +124,7 @@ class ModelWorker(threading.Thread):
         self._closed = False
         # (batch key, requests) the last batch saw: see BatchingConfig.max_wait_ms.
         self._company: tuple[tuple, int] = ((), 1)
+        self.buckets = batching.buckets()  # with the model's own sizes once it is loaded
         self.policy = None
 
     # ---- called from other threads ----
@@ -176,8 +179,9 @@ class ModelWorker(threading.Thread):
         name = ckpt.metadata.get("provenance", {}).get("name") or self.path.stem
         self.info = ModelInfo(name, self.version, ckpt.sha256, str(self.path), ckpt.metadata)
         # Warm-up: compile the default sampler for every batch bucket, so the first request is fast.
+        self.buckets = self.batching.buckets(policy.kernel_batch_sizes(self.batching.max_batch))
         schema = self.info.obs_schema
-        for rows in self.batching.buckets():
+        for rows in self.buckets:
             obs = {k: np.zeros((rows, *spec["shape"]), dtype=spec["dtype"]) for k, spec in schema.items()}
             if not np.isfinite(policy.predict_action(obs, seed=0)["action_pred"]).all():
                 raise NonFiniteActions("the policy's actions for zero observations are not finite")
@@ -230,7 +234,7 @@ class ModelWorker(threading.Thread):
             kind = opts.scheduler or cfg.sampler
             steps = opts.num_inference_steps or cfg.default_inference_steps
             rows = sum(p.rows for p in batch)
-            padded = next(b for b in self.batching.buckets() if b >= rows)  # rows <= max_batch (front end)
+            padded = next(b for b in self.buckets if b >= rows)  # rows <= max_batch (front end)
             obs = {k: np.concatenate([p.obs[k] for p in batch]) for k in batch[0].obs}
             # Each request's noise comes from its own seed, so results do not depend on batching.
             noises = [policy.sample_noise(p.rows, steps, p.request.options.seed) for p in batch]

@@ -11,6 +11,7 @@ from helpers import observation, tiny_policy, training_batch
 from mlx.utils import tree_flatten, tree_map
 
 from policy_core import ConfigError, ObservationError, build_policy, unet_cuda
+from policy_core.cuda_sampler import CudaSampler
 from policy_core.policy import FILM_SCHEDULES_CACHED
 from policy_core.vision import RgbEncoder
 
@@ -363,3 +364,14 @@ def test_inference_conditioning_runs_image_trunks_in_their_cuda_form_where_suppo
     obs = {k: mx.array(v) for k, v in observation(policy, batch=2).items()}
     policy._conditioning(obs, policy._obs_affines(), *policy._film_tables("ddim", 2))
     assert calls
+
+
+def test_kernel_batch_sizes_are_the_batches_the_sampler_kernel_takes(monkeypatch):
+    policy = tiny_policy(image=False)
+    if not unet_cuda.available():
+        assert policy.kernel_batch_sizes(8) == []
+        h100_shared_bytes = 227 * 1024  # a block's most, as a device would report it
+        monkeypatch.setattr(CudaSampler, "supports", lambda self, b, h: self.fits(b, h, h100_shared_bytes))
+    sizes = policy.kernel_batch_sizes(8)
+    assert len(sizes) > 2 and sizes == list(range(1, len(sizes) + 1))  # from 1, no gaps
+    assert policy.kernel_batch_sizes(2) == [1, 2]

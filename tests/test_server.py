@@ -12,6 +12,7 @@ from helpers import observation, tiny_policy
 from server_helpers import RawClient, http, running_server, wait_for
 
 from policy_core import load_policy, save_policy
+from policy_core.policy import DiffusionUnetPolicy
 from proto.codec import pack
 from proto.messages import PROTOCOL_VERSION, InferOptions, Request
 from server import app, cli
@@ -329,6 +330,39 @@ def test_worker_counts_its_company_before_replying():
     assert worker._company[1] == 1
     worker._execute([pending(2), pending(3)])  # two requests, and request 1 waiting
     assert worker._company[1] == 3
+
+
+def test_batch_buckets_add_the_sizes_a_model_runs_unpadded():
+    assert BatchingConfig(max_batch=8).buckets() == [1, 2, 4, 8]
+    assert BatchingConfig(max_batch=8).buckets([1, 2, 3]) == [1, 2, 3, 4, 8]
+    assert BatchingConfig(max_batch=6).buckets(range(1, 9)) == [1, 2, 3, 4, 5, 6]
+    assert BatchingConfig(max_batch=1).buckets([1]) == [1]
+
+
+def test_worker_runs_the_sizes_of_the_models_kernel_unpadded(tmp_path, monkeypatch):
+    # As on a CUDA device whose sampler kernel takes batches up to 3: a padded row would cost its full time.
+    policy = tiny_policy(image=False)
+    save_policy(policy, tmp_path / "lowdim.safetensors")
+    monkeypatch.setattr(DiffusionUnetPolicy, "kernel_batch_sizes", lambda self, max_batch: [1, 2, 3])
+    rows_run = []
+    predict_action = DiffusionUnetPolicy.predict_action
+
+    def recording(self, obs, **options):
+        rows_run.append(next(iter(obs.values())).shape[0])
+        return predict_action(self, obs, **options)
+
+    monkeypatch.setattr(DiffusionUnetPolicy, "predict_action", recording)
+    worker = ModelWorker(tmp_path / "lowdim.safetensors", 1, BatchingConfig(), Metrics(), print, print)
+    worker._load()
+    assert rows_run == [1, 2, 3, 4, 8]  # the warm-up
+    replies = []
+    for rows in (3, 5):
+        rows_run.clear()
+        obs = observation(policy, batch=rows)
+        request = Request("infer", rows, options=InferOptions(seed=rows))
+        worker._execute([PendingInfer(request, obs, True, time.perf_counter(), replies.append)])
+        assert rows_run == [rows if rows == 3 else 8]
+        assert replies[-1]["ok"] and replies[-1]["action"].shape[0] == rows
 
 
 def test_overloaded_queue_answers_instead_of_growing(models):
