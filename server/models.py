@@ -49,7 +49,8 @@ class BatchingConfig:
         """The sizes a batch is padded up to, so that only these few are compiled: powers of two, the
         largest ``max_batch``, and the sizes in ``exact`` (those a model runs as one CUDA kernel, whose
         time grows with every padded row: ``DiffusionUnetPolicy.kernel_batch_sizes``)."""
-        sizes, b = {self.max_batch, *(e for e in exact if 1 <= e <= self.max_batch)}, 1
+        sizes = {self.max_batch, *(e for e in exact if 1 <= e <= self.max_batch)}
+        b = 1
         while b < self.max_batch:
             sizes.add(b)
             b *= 2
