@@ -72,11 +72,11 @@ def _demo(args: argparse.Namespace) -> int:
     """Serve the shipped policy in-process, run PushT episodes through the ZeroMQ client, shut down."""
     import policy_core  # noqa: F401  (first: binds MLX to the optimised BLAS)
     from clients.sim.eval_pusht import main as eval_main
-    from policy_core import unet_cuda
+    from policy_core.backends import cuda
     from server.app import ServeConfig, Server
     from server.models import SHIPPED_CHECKPOINT
 
-    unet_cuda.use_direct_launches()  # an inference-only process, like dpmlx serve
+    cuda.use_direct_launches()  # an inference-only process, like dpmlx serve
     server = Server(
         ServeConfig(checkpoint=SHIPPED_CHECKPOINT, zmq="tcp://127.0.0.1:*", http_port=0,
                     model_root=SHIPPED_CHECKPOINT.parent)

@@ -53,7 +53,7 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 from benchmarks import mlx_core, policy_latency  # noqa: E402
 from benchmarks.policy_latency import CONFIGS, SAMPLERS  # noqa: E402
-from policy_core import unet_cuda  # noqa: E402
+from policy_core.backends import cuda  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMEWORKS = ("mlx", "torch-eager", "torch-compile")
@@ -361,7 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if unknown:
             raise SystemExit(f"unknown {what}(s) {unknown}; choose from {sorted(known)}")
     overrides = [parse_override(item) for item in args.set]
-    unet_cuda.use_direct_launches()  # as the server does
+    cuda.use_direct_launches()  # as the server does
     round_rows: list[dict] = []
     torch_env: dict[str, Any] = {}
     mlx_env = mlx_environment() if "mlx" in frameworks else {}

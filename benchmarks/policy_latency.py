@@ -72,10 +72,10 @@ def _observation(policy, batch: int):
 def run(args: argparse.Namespace) -> list[dict]:
     import numpy as np
 
-    from policy_core import unet_cuda
+    from policy_core.backends import cuda
     from policy_core.info import environment_report
 
-    unet_cuda.use_direct_launches()  # as the server does
+    cuda.use_direct_launches()  # as the server does
     rows = []
     for config_name in args.configs.split(","):
         for dtype in args.dtypes.split(","):

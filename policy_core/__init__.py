@@ -1,11 +1,11 @@
 """MLX Diffusion Policy: model, schedulers, normalizer, and the checkpoint format.
 
-The optimised-BLAS preload must run before anything imports ``mlx.core`` (see ``blas.py``).
+The optimised-BLAS preload must run before anything imports ``mlx.core`` (see ``backends/cpu_blas.py``).
 """
 
-from policy_core import blas
+from policy_core.backends import cpu_blas
 
-blas.preload()
+cpu_blas.preload()
 
 from policy_core.checkpoint import (  # noqa: E402
     Checkpoint,

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from policy_core.nets.vision import NORMS
 from policy_core.schedulers import SchedulerConfig
-from policy_core.vision import NORMS
 
 DTYPES = ("float32", "bfloat16", "float16")
 SAMPLERS = ("ddpm", "ddim")

@@ -8,7 +8,7 @@ import sys
 
 import mlx.core as mx
 
-from policy_core.blas import blas_in_use
+from policy_core.backends.cpu_blas import blas_in_use
 
 
 def backend_name() -> str:

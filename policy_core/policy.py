@@ -4,44 +4,34 @@ One class serves low-dimensional (state/keypoint) and image (+ state) observatio
 goes through a ResNet18-GN encoder, every ``low_dim`` key is used as is, and the per-step features are
 concatenated in ``shape_meta.obs`` order and flattened over the ``n_obs_steps`` axis, as upstream.
 
-Inference is built for latency: the FiLM conditioning's step part is computed once per schedule and its
-observation part once per request, in one product for all blocks (on CUDA with the image trunks as
-``vision_cuda``'s one persistent kernel).
-On CUDA the whole denoising loop is then one persistent kernel (``cuda_sampler``, for
-batches whose trajectory fits it); elsewhere the UNet runs in a form built for batch 1 (``unet_inference``
-on CPU and Metal, ``unet_cuda`` on CUDA beyond the kernel's batch sizes) in ``mx.compile``d chunks of up
-to ten denoising steps (MLX re-specialises them per batch size and dtype). A request costs one
-evaluation (two more when a schedule's FiLM rows are first built); the kernel's is a wait for the
-trajectory it writes into host memory. The actions are unnormalized on the host and returned as NumPy.
+A request flows observations -> conditioning -> a sampler -> actions. The conditioning is one compiled
+call: the observations are normalized and encoded, and the UNet blocks' FiLM rows of every denoising step
+are computed at once (their step part once per schedule, their observation part once per request). The
+denoising loop then runs on the first of the policy's backends that takes the request
+(``policy_core.backends``); the actions are unnormalized on the host and returned as NumPy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import warnings
 from collections.abc import Callable
-from functools import partial
-from itertools import accumulate
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from policy_core import cuda_sampler, unet_cuda, unet_inference, vision_cuda
+from policy_core import backends
+from policy_core.backends.base import Backend, BackendUnavailable
 from policy_core.config import PolicyConfig
-from policy_core.cuda_sampler import CudaSampler, KernelAborted
-from policy_core.cuda_upload import HostUploads
+from policy_core.nets.unet import ConditionalUnet1D, mish
+from policy_core.nets.vision import RgbEncoder
 from policy_core.normalizer import LinearNormalizer
-from policy_core.schedulers import make_scheduler
+from policy_core.schedulers import Scheduler, make_scheduler
 from policy_core.seen_arrays import SeenArrays
-from policy_core.unet import ConditionalUnet1D, mish
-from policy_core.vision import RgbEncoder
 
 MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-STEPS_PER_CALL = 10
-"""Denoising steps per compiled call: longer chunks trace longer, shorter ones pay more host overhead."""
 FILM_SCHEDULES_CACHED = 8
 """Schedules (sampler, steps) whose FiLM step rows are kept (up to ~0.1 MB a step for the image UNet)."""
 
@@ -60,10 +50,10 @@ def _as_float32(value: Any) -> mx.array:
     return value if value.dtype == mx.float32 else value.astype(mx.float32)
 
 
-# ``mx.random.normal(shape, key=key)`` compiled: the same values from the random bits and one fused transform
-# instead of ~6 operations, each ~10-15 us of MLX's host time on CUDA (benchmarks/NOTES.md). One function for
-# every shape (its ints are compile constants): MLX keys traces by the function's address in a cache per
-# thread, so functions made and dropped per shape could, from another thread, find a dead one's trace.
+# ``mx.random.normal(shape, key=key)`` compiled: the same values from one fused transform instead of ~6
+# operations, each costing MLX's host time (benchmarks/NOTES.md). One function for every shape (its ints
+# are compile constants): MLX keys traces by the function's address in a cache per thread, so functions
+# made and dropped per shape could, from another thread, find a dead one's trace.
 _normal_draw = mx.compile(lambda key, *shape: mx.random.normal(shape, key=key))
 
 
@@ -96,23 +86,17 @@ class DiffusionUnetPolicy(nn.Module):
             self.set_dtype(MX_DTYPES[config.dtype])
         # The training-time forward process (add_noise) is the same for either sampler.
         self.noise_scheduler = make_scheduler("ddpm", config.noise_scheduler)
-        # Set past Module.__setattr__ so these stay out of the module's state tree (a compile input).
-        # The arrays a compiled function reads are its inputs, so a weight update (EMA copy, hot load)
-        # is seen. The conditioning's are the image encoders' only (its FiLM tables are arguments):
-        # flattening the whole state on every call cost a request ~0.1 ms of host time. It holds the
-        # ``rgb_encoders`` dict itself, so it is compiled for the dict in place when called and again
-        # after a new dict is assigned (``_compiled_conditioning``).
-        compiled = {
-            kind: mx.compile(partial(self._denoising_steps, kind), inputs=[self.state])
-            for kind in ("ddim", "ddpm")
-        }
-        object.__setattr__(self, "_compiled", compiled)
+        # Set past Module.__setattr__ so these stay out of the module's state tree. The compiled
+        # conditioning reads the image encoders' arrays as inputs (its FiLM tables are arguments), so a
+        # weight update (EMA copy, hot load) is seen without flattening the whole state on every call. It
+        # holds the ``rgb_encoders`` dict itself, so it is compiled for the dict in place when called and
+        # again after a new dict is assigned (``_compiled_conditioning``).
+        object.__setattr__(self, "_compiled_conditioning_fn", None)
         object.__setattr__(self, "_compiled_encoders", None)
-        object.__setattr__(self, "_cuda_sampler", CudaSampler(self.unet))
+        object.__setattr__(self, "_backends", backends.for_unet(self.unet))
         object.__setattr__(self, "_schedulers", {})
         object.__setattr__(self, "_film_cache", (None, {}))
         object.__setattr__(self, "_film_arrays", SeenArrays())
-        object.__setattr__(self, "_uploads", HostUploads())
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -173,15 +157,14 @@ class DiffusionUnetPolicy(nn.Module):
     ) -> mx.array:
         """Normalized (B, T, ...) observations -> global conditioning (B, T * feature_dim).
 
-        ``inference`` runs the image trunks in their inference form where the device has one (CUDA:
-        ``vision_cuda``, the same results without gradients)."""
+        ``inference`` runs the image trunks in the form the preferred backend offers (the same results,
+        no gradients), where it offers one."""
         features = []
         for (key, feat), x in zip(self.config.obs.items(), nobs, strict=True):
             batch, steps = x.shape[:2]
             if feat.is_image:
                 encoder = self._encoder_for(key)
-                fast = inference and vision_cuda.supports(encoder.trunk)
-                trunk = partial(vision_cuda.trunk, encoder.trunk) if fast else None
+                trunk = self._backends[0].image_trunk(encoder.trunk) if inference else None
                 y = encoder(x.reshape(batch * steps, *x.shape[2:]), random_crop, trunk)
                 x = y.reshape(batch, steps, -1)
             features.append(x)
@@ -189,7 +172,7 @@ class DiffusionUnetPolicy(nn.Module):
 
     # ---- sampling -------------------------------------------------------------------------------
 
-    def _scheduler(self, kind: str, num_steps: int):
+    def _scheduler(self, kind: str, num_steps: int) -> Scheduler:
         key = (kind, num_steps)
         if key not in self._schedulers:
             scheduler = make_scheduler(kind, self.config.noise_scheduler)
@@ -252,33 +235,10 @@ class DiffusionUnetPolicy(nn.Module):
         attribute is another dict than the one it was built for: the old function would keep reading
         the old dict's encoders (an identity check, not a flattening of the state, on every request)."""
         if self._compiled_encoders is not self.rgb_encoders:
-            self._compiled["conditioning"] = mx.compile(self._conditioning, inputs=[self.rgb_encoders])
+            compiled = mx.compile(self._conditioning, inputs=[self.rgb_encoders])
+            object.__setattr__(self, "_compiled_conditioning_fn", compiled)
             object.__setattr__(self, "_compiled_encoders", self.rgb_encoders)
-        return self._compiled["conditioning"]
-
-    def _denoising_steps(
-        self,
-        kind: str,
-        x: mx.array,
-        films: mx.array,
-        step_noise: mx.array,
-        coeffs: mx.array,
-    ) -> mx.array:
-        """``len(coeffs)`` consecutive denoising steps: films (S, B, sum m) the blocks' FiLM rows,
-        step_noise (S, ...), coeffs (S, 5) the scheduler's per-step coefficients. Compiled once per
-        (kind, S, batch, dtype)."""
-        # The trunk for the device: fused kernels on CUDA, matrix products elsewhere (NOTES.md).
-        trunk = unet_cuda.denoise if unet_cuda.available() else unet_inference.denoise
-        widths = [blk.cond_encoder.weight.shape[0] for blk in self.unet.residual_blocks()]
-        films = [f.astype(self.dtype) for f in mx.split(films, list(accumulate(widths[:-1])), axis=-1)]
-        scheduler = self._scheduler(kind, 1)  # update() depends on the kind and config only
-        for j in range(coeffs.shape[0]):
-            model_output = trunk(self.unet, x.astype(self.dtype), [f[j] for f in films])
-            step_coeffs = tuple(coeffs[j, c] for c in range(coeffs.shape[1]))
-            # Noise is passed to every step: the table's std is 0 where a step adds none (DDPM's last),
-            # and deterministic DDIM ignores it (so it is never computed).
-            x = scheduler.update(model_output.astype(mx.float32), x, step_coeffs, step_noise[j])
-        return x
+        return self._compiled_conditioning_fn
 
     def _sample(
         self,
@@ -289,38 +249,35 @@ class DiffusionUnetPolicy(nn.Module):
         step_noise: mx.array,
     ) -> np.ndarray:
         """Raw observations -> the normalized action trajectory (B, horizon, action_dim), float32 on the
-        host.
-
-        The conditioning is one compiled call. On CUDA, where the shape fits, the whole denoising loop is
-        then one persistent kernel (``cuda_sampler``). Elsewhere it runs in compiled chunks of up to
-        ``STEPS_PER_CALL`` steps that take the scheduler's coefficients as inputs, so one trace serves
-        every step count and position in the schedule (DDIM-10 is one call, DDPM-100 ten), and the
-        scheduler's update is compiled with the trunk. Request time measured the same as one compiled
-        call per step on CPU; an unrolled 100-step trace took over a minute (benchmarks/NOTES.md).
-        """
+        host: the conditioning as one compiled call, then the denoising loop on the first backend that
+        takes the request. A backend that gives up on a request it took (``BackendUnavailable``) declines
+        later ones; the request reruns on the next."""
         scheduler = self._scheduler(kind, num_steps)
         films = self._compiled_conditioning()(obs, self._obs_affines(), *self._film_tables(kind, num_steps))
-        coeffs = scheduler.coefficient_table()
-        if self._cuda_sampler.supports(x.shape[0], x.shape[1]):
+        batch, horizon = x.shape[:2]
+        failed = None
+        for backend in self._backends:
+            if not backend.supports(batch, horizon, scheduler):
+                continue
+            if failed is not None:
+                warnings.warn(f"{failed}; this and later requests run on the {backend.name}", stacklevel=2)
             try:
-                return self._cuda_sampler(scheduler, x, films, step_noise, coeffs)
-            except KernelAborted as error:
-                warnings.warn(f"{error}; this and later requests run on the chunked sampler", stacklevel=2)
-        for start in range(0, num_steps, STEPS_PER_CALL):
-            chunk = slice(start, min(start + STEPS_PER_CALL, num_steps))
-            x = self._compiled[kind](x, films[chunk], step_noise[chunk], coeffs[chunk])
-        # On CUDA the conditioning may hold vision_cuda's persistent kernel: one such kernel at a time.
-        with cuda_sampler.LAUNCH_LOCK if unet_cuda.available() else contextlib.nullcontext():
-            mx.eval(x)
-        return np.array(x)
+                return backend.sample(scheduler, x, films, step_noise)
+            except BackendUnavailable as error:
+                failed = error
+        raise AssertionError("the generic backend takes every request")
 
-    def kernel_batch_sizes(self, max_batch: int) -> list[int]:
-        """The batch sizes up to ``max_batch`` whose denoising loop runs as the one CUDA kernel here (none
-        elsewhere). The kernel's time grows with every row, padding rows included (H100, image bf16
-        DDIM-10: 5.4-5.7 ms at batch 1, 8.3-8.4 at 2, 11.2-11.5 at 3), and a batch past its sizes goes to
-        the chunked sampler (15.1-16.0 ms at 4): a server batching requests should run these sizes as
-        they are rather than pad them (benchmarks/NOTES.md)."""
-        return [b for b in range(1, max_batch + 1) if self._cuda_sampler.supports(b, self.config.horizon)]
+    def _backend_for(self, batch: int, horizon: int, scheduler: Scheduler) -> Backend:
+        return next(b for b in self._backends if b.supports(batch, horizon, scheduler))
+
+    def unpadded_batch_sizes(self, max_batch: int) -> list[int]:
+        """The batch sizes up to ``max_batch`` that the default sampler runs on a backend whose time grows
+        with every row, padding rows included (on CUDA the sampler kernel; none elsewhere): a server
+        batching requests should run these sizes as they are rather than pad them."""
+        cfg = self.config
+        scheduler = self._scheduler(cfg.sampler, cfg.default_inference_steps)
+        sizes = range(1, max_batch + 1)
+        return [b for b in sizes if self._backend_for(b, cfg.horizon, scheduler).unpadded]
 
     def sample_noise(self, batch: int, num_steps: int, seed: int | None = None) -> tuple[mx.array, mx.array]:
         """The initial trajectory x_T (B, horizon, action_dim) and the per-step sampler noise
@@ -348,7 +305,7 @@ class DiffusionUnetPolicy(nn.Module):
         ``step_noise`` explicit per-step noise (steps, B, horizon, action_dim), both overriding what the
         seed would give (a server batching several requests passes each request's own). ``scheduler``
         ("ddim" | "ddpm") switches the sampler without reloading weights. One call at a time per policy:
-        on CUDA the observations are written into arrays the policy keeps (``cuda_upload``).
+        a backend may write the observations into arrays it keeps.
         """
         cfg = self.config
         batch = self.validate_obs(obs)
@@ -368,10 +325,9 @@ class DiffusionUnetPolicy(nn.Module):
         ):
             if tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
-        # On CUDA host observations are written into arrays the policy keeps in host memory, which the GPU
-        # reads there; elsewhere they become MLX arrays as they are (cuda_upload): one request at a time per
-        # policy (the server's worker per model).
-        obs = {k: self._uploads(k, obs[k]) for k in cfg.obs}
+        # The preferred backend may write them into arrays it keeps (on CUDA, host memory the GPU reads):
+        # one request at a time per policy (the server's worker per model).
+        obs = {k: self._backends[0].host_array(k, obs[k]) for k in cfg.obs}
         naction = self._sample(kind, steps, obs, x_init, noise_per_step)
         action_pred = self.normalizer.unnormalize("action", naction)
         start = cfg.n_obs_steps - 1

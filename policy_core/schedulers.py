@@ -115,7 +115,7 @@ def _betas(cfg: SchedulerConfig) -> np.ndarray:
     return np.asarray(betas, dtype=_F32)
 
 
-class _Scheduler(ABC):
+class Scheduler(ABC):
     """Shared schedule tables, timestep spacing and the forward (noising) process."""
 
     def __init__(self, config: SchedulerConfig | None = None, **overrides) -> None:
@@ -234,7 +234,7 @@ class _Scheduler(ABC):
         """Python-float coefficients that step() needs at timestep t."""
 
 
-class DDPMScheduler(_Scheduler):
+class DDPMScheduler(Scheduler):
     """Ancestral DDPM sampling (Ho et al. 2020) over a possibly strided timestep subset."""
 
     def _previous_timesteps(self, timesteps: list[int], ratio: int) -> list[int]:
@@ -275,7 +275,7 @@ class DDPMScheduler(_Scheduler):
         return prev
 
 
-class DDIMScheduler(_Scheduler):
+class DDIMScheduler(Scheduler):
     """DDIM sampling (Song et al. 2021); `config.eta` runs from deterministic (0) to DDPM-like (1)."""
 
     def _previous_timesteps(self, timesteps: list[int], ratio: int) -> list[int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import zmq
 
-from policy_core import unet_cuda
+from policy_core.backends import cuda
 from server.frontend import ZmqFrontend
 from server.http_api import create_app
 from server.metrics import Metrics
@@ -183,7 +183,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 def serve_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    unet_cuda.use_direct_launches()
+    cuda.use_direct_launches()
     server = Server(config_from_args(args))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -48,7 +48,7 @@ class BatchingConfig:
     def buckets(self, exact: Iterable[int] = ()) -> list[int]:
         """The sizes a batch is padded up to, so that only these few are compiled: powers of two, the
         largest ``max_batch``, and the sizes in ``exact`` (those a model runs as one CUDA kernel, whose
-        time grows with every padded row: ``DiffusionUnetPolicy.kernel_batch_sizes``)."""
+        time grows with every padded row: ``DiffusionUnetPolicy.unpadded_batch_sizes``)."""
         sizes = {self.max_batch, *(e for e in exact if 1 <= e <= self.max_batch)}
         b = 1
         while b < self.max_batch:
@@ -180,7 +180,7 @@ class ModelWorker(threading.Thread):
         name = ckpt.metadata.get("provenance", {}).get("name") or self.path.stem
         self.info = ModelInfo(name, self.version, ckpt.sha256, str(self.path), ckpt.metadata)
         # Warm-up: compile the default sampler for every batch bucket, so the first request is fast.
-        self.buckets = self.batching.buckets(policy.kernel_batch_sizes(self.batching.max_batch))
+        self.buckets = self.batching.buckets(policy.unpadded_batch_sizes(self.batching.max_batch))
         schema = self.info.obs_schema
         for rows in self.buckets:
             obs = {k: np.zeros((rows, *spec["shape"]), dtype=spec["dtype"]) for k, spec in schema.items()}

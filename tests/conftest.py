@@ -6,13 +6,13 @@ import pytest
 # fp32 with fp32. Read by MLX at its first GPU op, so set before anything runs.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
-# policy_core must be imported before mlx so MLX binds to the optimised BLAS (policy_core/blas.py).
+# policy_core must be imported before mlx so MLX binds to the optimised BLAS (backends/cpu_blas.py).
 import policy_core  # noqa: E402, F401
 
 
 @pytest.fixture(autouse=True)
 def _restore_mlx_use_cuda_graphs():
-    """Code under test may set MLX_USE_CUDA_GRAPHS for the process (unet_cuda.use_direct_launches); later
+    """Code under test may set MLX_USE_CUDA_GRAPHS for the process (cuda.use_direct_launches); later
     tests' subprocesses, the trainer's among them, must not inherit it."""
     before = os.environ.get("MLX_USE_CUDA_GRAPHS")
     yield

@@ -1,5 +1,6 @@
-"""MLX's CPU products on numpy's OpenBLAS through the shim (policy_core/blas.py, cblas_shim.c): its own
-kernel for a matrix times at most 8 vectors, and one thread pool for that kernel and OpenBLAS."""
+"""MLX's CPU products on numpy's OpenBLAS through the shim (policy_core/backends/cpu_blas.py,
+cblas_shim.c): its own kernel for a matrix times at most 8 vectors, and one thread pool for that kernel
+and OpenBLAS."""
 
 import ctypes
 import os
@@ -13,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from policy_core import blas
+from policy_core.backends import cpu_blas as blas
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS preload is Linux-only")
 
@@ -196,7 +197,7 @@ def test_a_forked_child_gets_a_fresh_pool():
 import os, sys
 import numpy as np
 import policy_core
-from policy_core import blas
+from policy_core.backends import cpu_blas as blas
 a = np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)
 exact = a.astype(np.float64) @ a.astype(np.float64)
 assert np.allclose(a @ a, exact, rtol=1e-4, atol=1e-3)

@@ -15,10 +15,20 @@ import pytest
 from helpers import observation, tiny_policy
 from mlx.utils import tree_flatten, tree_map
 
-from policy_core import cuda_sampler, unet_cuda
-from policy_core.cuda_sampler import HEADER_FIELDS, ROWSET_FIELDS, RS0, SOURCE_FIELDS, SRC0, _params, _Program
+from policy_core.backends import cuda
+from policy_core.backends.cuda import device
+from policy_core.backends.cuda import sampler as cuda_sampler
+from policy_core.backends.cuda.sampler import (
+    HEADER_FIELDS,
+    ROWSET_FIELDS,
+    RS0,
+    SOURCE_FIELDS,
+    SRC0,
+    _params,
+    _Program,
+)
+from policy_core.nets.unet import ConditionalUnet1D
 from policy_core.schedulers import SchedulerConfig, make_scheduler
-from policy_core.unet import ConditionalUnet1D
 
 
 def _mish(v: np.ndarray) -> np.ndarray:
@@ -149,8 +159,8 @@ def test_which_shapes_the_kernel_takes():
     assert not image.fits(4, 16, h100)  # 64 KB of staged input per sample
     assert image.fits(1, 16, l4) and not image.fits(2, 16, l4)
     assert lowdim.fits(4, 16, h100) and not lowdim.fits(5, 16, h100)  # one accumulator per column and lane
-    if not unet_cuda.available():
-        assert not image.supports(1, 16)
+    if not cuda.available():
+        assert not image.supports(1, 16, make_scheduler("ddim", SchedulerConfig()))
 
 
 def test_the_kernel_takes_one_weight_dtype_and_sees_weights_replaced():
@@ -213,7 +223,7 @@ def test_packed_weights_are_views_of_one_array():
 def _predict(policy, obs, kind, steps, persistent: bool) -> np.ndarray:
     original = cuda_sampler.CudaSampler.supports
     if not persistent:
-        cuda_sampler.CudaSampler.supports = lambda self, batch, horizon: False
+        cuda_sampler.CudaSampler.supports = lambda self, batch, horizon, scheduler: False
     try:
         with warnings.catch_warnings():
             # An aborted kernel falls back to the chunked sampler with a warning: fail instead.
@@ -225,13 +235,13 @@ def _predict(policy, obs, kind, steps, persistent: bool) -> np.ndarray:
         cuda_sampler.CudaSampler.supports = original
 
 
-@pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
+@pytest.mark.skipif(not cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
 @pytest.mark.parametrize("kind, steps", [("ddim", 10), ("ddpm", 13)])
 def test_persistent_kernel_equals_chunked_sampler(kind, steps):
     mx.random.seed(0)  # the weights: not whatever state earlier tests left MLX's generator in
     policy = tiny_policy(image=True)
     obs = observation(policy, batch=2)
-    assert policy._cuda_sampler.supports(2, policy.config.horizon)
+    assert policy._backends[0].supports(2, policy.config.horizon, policy._scheduler(kind, steps))
     out = _predict(policy, obs, kind, steps, persistent=True)
     ref = _predict(policy, obs, kind, steps, persistent=False)
     # Pixels, actions span 0..512: float32 rounding reached 1.6e-3 px in one of 16 weight draws (H200),
@@ -239,7 +249,7 @@ def test_persistent_kernel_equals_chunked_sampler(kind, steps):
     assert np.abs(out - ref).max() < 2e-3
 
 
-@pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
+@pytest.mark.skipif(not cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
 def test_persistent_kernel_in_bfloat16_is_no_less_accurate_than_the_chunked_sampler():
     # Against the same (bfloat16-valued) weights in float32: the kernel keeps float32 activations. The
     # weights are drawn from a fixed seed, not whatever state earlier tests left MLX's generator in, and
@@ -257,25 +267,25 @@ def test_persistent_kernel_in_bfloat16_is_no_less_accurate_than_the_chunked_samp
     assert kernel_error.max() < 16.0  # pixels
 
 
-@pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
+@pytest.mark.skipif(not cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
 def test_an_aborted_kernel_is_detected_and_leaves_no_trajectory(monkeypatch):
     # More threads than any SM holds (2048), so not every block is resident: the first barrier times out.
     policy = tiny_policy(image=False)
     obs = observation(policy, batch=1)
     expected = _predict(policy, obs, "ddim", 10, persistent=False)
-    blocks = 9 * cuda_sampler.sm_count()
-    monkeypatch.setattr(cuda_sampler, "sm_count", lambda: blocks)
+    blocks = 9 * device.sm_count()
+    monkeypatch.setattr(device, "sm_count", lambda: blocks)
     with pytest.warns(UserWarning, match="chunked sampler"):
         out = policy.predict_action(obs, scheduler="ddim", num_inference_steps=10, seed=1)["action_pred"]
     # The kernel's completion word in host memory says it gave up, and it wrote no trajectory there.
-    ((result, _),) = policy._cuda_sampler._results._arrays.values()
+    ((result, _),) = policy._backends[0]._results._arrays.values()
     written = np.asarray(result)
     assert written[-1] == cuda_sampler.RESULT_ABORTED and not written[:-1].any()
-    assert policy._cuda_sampler.disabled
+    assert policy._backends[0].disabled
     assert np.array_equal(out, expected)
 
 
-@pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
+@pytest.mark.skipif(not cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
 def test_nan_weights_give_nan_actions_through_the_kernel(kind):
     # clip_sample clamps x0: a clamp that dropped NaN (fminf/fmaxf) pinned NaN weights' DDPM actions to
@@ -285,5 +295,5 @@ def test_nan_weights_give_nan_actions_through_the_kernel(kind):
     weight.flat[0] = np.nan
     policy.unet.final_conv[1].weight = mx.array(weight)
     assert policy.config.noise_scheduler.clip_sample
-    assert policy._cuda_sampler.supports(1, policy.config.horizon)
+    assert policy._backends[0].supports(1, policy.config.horizon, policy._scheduler(kind, 10))
     assert np.isnan(_predict(policy, observation(policy, batch=1), kind, 10, persistent=True)).all()

@@ -1,4 +1,5 @@
-"""HostUploads: observations written into arrays kept per key, shape and dtype (policy_core/cuda_upload.py).
+"""HostUploads: observations written into arrays kept per key, shape and dtype
+(policy_core/backends/cuda/host_arrays.py).
 
 The bookkeeping and the writes run anywhere (on the CPU an MLX array's memory is the host's); the
 driver's memory advice runs on a GPU only."""
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 from helpers import observation, tiny_policy
 
-from policy_core import cuda_upload, unet_cuda
+from policy_core.backends import cuda
+from policy_core.backends.cuda import host_arrays as cuda_upload
 
 
 class _AdviceLog:
@@ -35,7 +37,7 @@ def _advised(monkeypatch) -> _AdviceLog:
 
 
 def test_uploads_refill_one_kept_array_per_key_shape_and_dtype(monkeypatch):
-    if unet_cuda.available():
+    if cuda.available():
         pytest.skip("the CPU form of the writes")
     advice = _advised(monkeypatch)
     uploads = cuda_upload.HostUploads()
@@ -70,7 +72,7 @@ def test_uploads_refill_one_kept_array_per_key_shape_and_dtype(monkeypatch):
 
 
 def test_uploads_keep_a_bounded_number_of_arrays(monkeypatch):
-    if unet_cuda.available():
+    if cuda.available():
         pytest.skip("the CPU form of the writes")
     advice = _advised(monkeypatch)
     uploads = cuda_upload.HostUploads()
@@ -91,7 +93,7 @@ class _FailingAdvice(_AdviceLog):
 
 
 def test_uploads_fall_back_to_mx_array_where_the_advice_fails_or_memory_is_not_managed(monkeypatch):
-    if unet_cuda.available():
+    if cuda.available():
         pytest.skip("the CPU form of the writes")
     _advised(monkeypatch)
     monkeypatch.setattr(cuda_upload, "_driver", lambda: _FailingAdvice())
@@ -109,7 +111,7 @@ def test_uploads_fall_back_to_mx_array_where_the_advice_fails_or_memory_is_not_m
     assert not uploads._arrays and not advice.kept
 
 
-@pytest.mark.skipif(not unet_cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
+@pytest.mark.skipif(not cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
 def test_uploaded_observations_give_the_same_actions_as_fresh_arrays():
     # Alternating observations through the kept arrays: each request sees its own, as with mx.array.
     policy = tiny_policy(image=True)
@@ -119,4 +121,4 @@ def test_uploaded_observations_give_the_same_actions_as_fresh_arrays():
         expected = policy.predict_action(fresh, scheduler="ddim", num_inference_steps=4, seed=7)
         uploaded = policy.predict_action(obs, scheduler="ddim", num_inference_steps=4, seed=7)
         assert np.array_equal(uploaded["action_pred"], expected["action_pred"])
-    assert len(policy._uploads._arrays) == len(observations[0])
+    assert len(policy._backends[0]._uploads._arrays) == len(observations[0])

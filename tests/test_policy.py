@@ -1,4 +1,5 @@
 import threading
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,10 +11,11 @@ import yaml
 from helpers import observation, tiny_policy, training_batch
 from mlx.utils import tree_flatten, tree_map
 
-from policy_core import ConfigError, ObservationError, build_policy, unet_cuda
-from policy_core.cuda_sampler import CudaSampler
+from policy_core import ConfigError, ObservationError, build_policy
+from policy_core.backends import cuda
+from policy_core.backends.cuda.sampler import CudaSampler
+from policy_core.nets.vision import RgbEncoder
 from policy_core.policy import FILM_SCHEDULES_CACHED
-from policy_core.vision import RgbEncoder
 
 
 def n_params(module) -> int:
@@ -107,7 +109,7 @@ def _reference_sample(policy, obs, kind, steps, x_init, step_noise):
 # Pixels, actions span 0..512: float32 rounding over 10-13 steps reaches 1.2e-3 px on some weight draws on
 # the CPU and 3.0e-3 px (50 ulps at 512) through the CUDA kernel on an H100 (DDIM-12 with eta 0.5, these
 # seeded weights, before and after the packed weights); a wrong sampler is off by pixels.
-REFERENCE_TOLERANCE_PX = 5e-3 if unet_cuda.available() else 2e-3
+REFERENCE_TOLERANCE_PX = 5e-3 if cuda.available() else 2e-3
 
 
 def _error_to_reference(policy, obs, action_pred, kind="ddim", steps=None, seed=0) -> float:
@@ -341,9 +343,7 @@ def test_config_errors_name_the_field(change, match):
         build_policy(tiny_config(image=True, **change))
 
 
-def test_inference_conditioning_runs_image_trunks_in_their_cuda_form_where_supported(monkeypatch):
-    from policy_core import vision_cuda
-
+def test_inference_conditioning_runs_image_trunks_in_the_preferred_backends_form(monkeypatch):
     policy = tiny_policy(image=True)
     nobs = policy.normalize_obs(observation(policy, batch=2))
     calls = []
@@ -352,8 +352,8 @@ def test_inference_conditioning_runs_image_trunks_in_their_cuda_form_where_suppo
         calls.append(images.shape)
         return module(images)
 
-    monkeypatch.setattr(vision_cuda, "supports", lambda trunk: True)  # as on a CUDA device
-    monkeypatch.setattr(vision_cuda, "trunk", cuda_trunk)
+    # As the CUDA backend offers its trunk kernel.
+    monkeypatch.setattr(policy._backends[0], "image_trunk", lambda module: partial(cuda_trunk, module))
     training = policy.encode_obs(nobs)
     assert calls == []  # training and the default path keep the modules (gradients)
     inference = policy.encode_obs(nobs, inference=True)
@@ -366,12 +366,13 @@ def test_inference_conditioning_runs_image_trunks_in_their_cuda_form_where_suppo
     assert calls
 
 
-def test_kernel_batch_sizes_are_the_batches_the_sampler_kernel_takes(monkeypatch):
+def test_unpadded_batch_sizes_are_the_batches_the_sampler_kernel_takes(monkeypatch):
     policy = tiny_policy(image=False)
-    if not unet_cuda.available():
-        assert policy.kernel_batch_sizes(8) == []
+    if not cuda.available():
+        assert policy.unpadded_batch_sizes(8) == []
         h100_shared_bytes = 227 * 1024  # a block's most, as a device would report it
-        monkeypatch.setattr(CudaSampler, "supports", lambda self, b, h: self.fits(b, h, h100_shared_bytes))
-    sizes = policy.kernel_batch_sizes(8)
+        monkeypatch.setattr(CudaSampler, "supports", lambda self, b, h, s: self.fits(b, h, h100_shared_bytes))
+        policy._backends.insert(0, CudaSampler(policy.unet))  # as on a CUDA device
+    sizes = policy.unpadded_batch_sizes(8)
     assert len(sizes) > 2 and sizes == list(range(1, len(sizes) + 1))  # from 1, no gaps
-    assert policy.kernel_batch_sizes(2) == [1, 2]
+    assert policy.unpadded_batch_sizes(2) == [1, 2]

@@ -343,7 +343,7 @@ def test_worker_runs_the_sizes_of_the_models_kernel_unpadded(tmp_path, monkeypat
     # As on a CUDA device whose sampler kernel takes batches up to 3: a padded row would cost its full time.
     policy = tiny_policy(image=False)
     save_policy(policy, tmp_path / "lowdim.safetensors")
-    monkeypatch.setattr(DiffusionUnetPolicy, "kernel_batch_sizes", lambda self, max_batch: [1, 2, 3])
+    monkeypatch.setattr(DiffusionUnetPolicy, "unpadded_batch_sizes", lambda self, max_batch: [1, 2, 3])
     rows_run = []
     predict_action = DiffusionUnetPolicy.predict_action
 

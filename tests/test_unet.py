@@ -2,7 +2,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from policy_core.unet import ConditionalUnet1D, sinusoidal_embedding
+from policy_core.nets.unet import ConditionalUnet1D, sinusoidal_embedding
 
 
 def n_params(module) -> int:

@@ -7,9 +7,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from policy_core import unet_cuda
-from policy_core.unet import ConditionalUnet1D, mish
-from policy_core.unet_inference import conv1d, denoise, group_norm_mish, upsample1d
+from policy_core.backends import cuda
+from policy_core.backends.cuda import fused_unet
+from policy_core.backends.matmul_unet import conv1d, denoise, group_norm_mish, upsample1d
+from policy_core.nets.unet import ConditionalUnet1D, mish
 
 
 def channels_first(x: mx.array) -> mx.array:
@@ -60,13 +61,13 @@ def test_group_norm_mish_equals_group_norm_then_mish():
     assert mx.abs(channels_first(ref) - group_norm_mish(channels_first(x), norm)).max().item() < 1e-5
 
 
-TRUNKS = {"matmul": denoise, "cuda": unet_cuda.denoise}
+TRUNKS = {"matmul": denoise, "cuda": fused_unet.denoise}
 
 
 @pytest.mark.parametrize("trunk", sorted(TRUNKS))
 @pytest.mark.parametrize("scale, batch", [(True, 1), (False, 3)])
 def test_fast_trunks_equal_forward_film(trunk, scale, batch):
-    if trunk == "cuda" and not unet_cuda.available():
+    if trunk == "cuda" and not cuda.available():
         pytest.skip("needs MLX's CUDA backend (CI has no GPU)")
     unet = ConditionalUnet1D(3, 12, 32, (16, 32, 64), kernel_size=5, n_groups=4, cond_predict_scale=scale)
     x = mx.random.normal((batch, 16, 3))
@@ -92,8 +93,8 @@ def test_denoise_in_bfloat16_tracks_float32():
 
 def test_direct_launches_are_a_default_an_explicit_setting_overrides(monkeypatch):
     monkeypatch.delenv("MLX_USE_CUDA_GRAPHS", raising=False)
-    unet_cuda.use_direct_launches()
+    cuda.use_direct_launches()
     assert os.environ["MLX_USE_CUDA_GRAPHS"] == "0"
     monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "1")
-    unet_cuda.use_direct_launches()
+    cuda.use_direct_launches()
     assert os.environ["MLX_USE_CUDA_GRAPHS"] == "1"

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from policy_core import vision_cuda
-from policy_core.vision import ResNet18Trunk, RgbEncoder, SpatialSoftmax
+from policy_core.backends.cuda import device
+from policy_core.backends.cuda import trunk as vision_cuda
+from policy_core.nets.vision import ResNet18Trunk, RgbEncoder, SpatialSoftmax
 
 
 def _num_params(module: nn.Module) -> int:
@@ -191,8 +192,8 @@ def test_cuda_trunk_in_bfloat16_tracks_float32():
 
 
 def test_cuda_trunk_serves_groupnorm_trunks_and_leaves_frozen_batchnorm_to_the_modules(monkeypatch):
-    monkeypatch.setattr(vision_cuda.unet_cuda, "available", lambda: True)  # as on a CUDA device
-    monkeypatch.setattr(vision_cuda.cuda_sampler, "sm_count", lambda: 132)
+    monkeypatch.setattr(device, "available", lambda: True)  # as on a CUDA device
+    monkeypatch.setattr(device, "sm_count", lambda: 132)
     assert vision_cuda.supports(ResNet18Trunk(norm="group"))
     assert not vision_cuda.supports(ResNet18Trunk(norm="batch"))
 
@@ -223,8 +224,8 @@ def test_cuda_trunk_leaves_batches_past_its_32_bit_offsets_to_the_modules(monkey
 def test_cuda_trunk_leaves_inputs_too_large_for_its_tiles_to_the_modules(monkeypatch):
     # A 112x112 float32 input has no tiling of the 512-channel layers within an L4-sized block's shared
     # memory: the trunk is then the modules' (planning runs anywhere; the kernel is never built).
-    monkeypatch.setattr(vision_cuda.cuda_sampler, "sm_count", lambda: 58)
-    monkeypatch.setattr(vision_cuda.cuda_sampler, "max_shared_bytes", lambda: 99 * 1024 - 1024)
+    monkeypatch.setattr(device, "sm_count", lambda: 58)
+    monkeypatch.setattr(device, "max_shared_bytes", lambda: 99 * 1024 - 1024)
     monkeypatch.setattr(vision_cuda, "_KERNELS", {})
     trunk = ResNet18Trunk()
     x = mx.random.normal((1, 112, 112, 3))

@@ -40,8 +40,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from policy_core import cuda_sampler, unet_cuda
-from policy_core.vision import BasicBlock, ResNet18Trunk
+from policy_core.backends.cuda import device
+from policy_core.backends.cuda.fused_unet import same_dtype
+from policy_core.nets.vision import BasicBlock, ResNet18Trunk
 
 THREADS = 256
 MAX_GROUPS = 64  # GroupNorm groups per tensor: a block keeps their (mean, rstd) in shared memory
@@ -531,7 +532,7 @@ def _tiling(
                     if (span // vec) % ks:
                         continue
                     tile = (1 + (ks if ks > 1 else 0)) * pix * nt
-                    window = cuda_sampler.round_up(max(stage, tile), 4)
+                    window = device.round_up(max(stage, tile), 4)
                     shared_floats = 4 * ci + SCRATCH_FLOATS + window + -(-weight_bytes // 4)
                     if shared_floats * 4 > shared_bytes:
                         continue
@@ -588,7 +589,7 @@ class _Program:
 
     def _alloc(self, floats_per_image: int) -> int:
         slot = self.ws_size
-        self.ws_size += cuda_sampler.round_up(floats_per_image, 4)  # per image; 16-byte aligned for any batch
+        self.ws_size += device.round_up(floats_per_image, 4)  # per image; 16-byte aligned for any batch
         return slot
 
     def _basic_block(self, source: _Source, block: BasicBlock) -> _Source:
@@ -652,16 +653,16 @@ class _Program:
 
     def header(self, dtype: mx.Dtype) -> str:
         defines = {
-            "AT": cuda_sampler.WEIGHT_TYPES[dtype],
+            "AT": device.WEIGHT_TYPES[dtype],
             "THREADS": THREADS,
             "MAX_PARTIALS": MAX_PARTIALS,
             "MAX_GROUPS": MAX_GROUPS,
             "SCRATCH_FLOATS": SCRATCH_FLOATS,
             "OUT_PER_IMAGE": self.out_per_image[0] * self.out_per_image[1] * self.out_per_image[2],
-            **cuda_sampler.COMMON_DEFINES,
+            **device.COMMON_DEFINES,
         }
         text = "".join(f"#define {name} {value}\n" for name, value in defines.items())
-        return text + cuda_sampler.DEVICE_COMMON + _SOURCE
+        return text + device.DEVICE_COMMON + _SOURCE
 
 
 def _layers(module: ResNet18Trunk) -> list[tuple[nn.Conv2d, nn.Module]]:
@@ -680,13 +681,13 @@ def _inputs(module: ResNet18Trunk, dtype: mx.Dtype) -> list[mx.array]:
     """The kernel's weight inputs of this module: convolutions, then gammas, then betas."""
     convs, norms = zip(*_layers(module), strict=True)
     arrays = [conv.weight for conv in convs] + [n.weight for n in norms] + [n.bias for n in norms]
-    return unet_cuda.same_dtype(dtype, *arrays)
+    return same_dtype(dtype, *arrays)
 
 
 def supports(trunk: ResNet18Trunk) -> bool:
     """Whether this trunk can run here in this form: a CUDA device and GroupNorm (not frozen BatchNorm)
     with torch's channel grouping, at most MAX_GROUPS groups and MAX_CHANNELS channels."""
-    if not (unet_cuda.available() and cuda_sampler.sm_count()):
+    if not (device.available() and device.sm_count()):
         return False
     return all(
         isinstance(norm, nn.GroupNorm)
@@ -708,7 +709,7 @@ def _kernel(module: ResNet18Trunk, shape: tuple[int, ...], dtype: mx.Dtype) -> t
     norms = tuple((norm.num_groups, norm.eps) for _, norm in _layers(module))
     key = (tuple(shape[1:]), dtype, module.conv1.weight.shape, norms)
     if key not in _KERNELS:
-        blocks, shared = cuda_sampler.sm_count(), cuda_sampler.max_shared_bytes()
+        blocks, shared = device.sm_count(), device.max_shared_bytes()
         try:
             program = _Program(module, (PLAN_IMAGES, *shape[1:]), blocks, dtype.size, shared)
         except ValueError:
@@ -737,14 +738,14 @@ def trunk(module: ResNet18Trunk, x: mx.array) -> mx.array:
     if built is None or built[0].ws_size * x.shape[0] >= 2**31:
         return module(x)
     program, kernel = built
-    blocks = cuda_sampler.sm_count()
+    blocks = device.sm_count()
     _, _, out = kernel(
         inputs=[x, *_inputs(module, x.dtype)],
         grid=(blocks * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[
             (program.ws_size * x.shape[0],),
-            (cuda_sampler.sync_words(blocks),),
+            (device.sync_words(blocks),),
             (x.shape[0], *program.out_per_image),
         ],
         output_dtypes=[mx.float32, mx.uint32, x.dtype],

@@ -16,7 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from policy_core.unet import (
+from policy_core.nets.unet import (
     ConditionalResidualBlock1D,
     ConditionalUnet1D,
     Conv1dBlock,

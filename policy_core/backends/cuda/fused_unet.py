@@ -18,12 +18,12 @@ elsewhere the pure-MLX trunks serve.
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 import mlx.nn as nn
 
-from policy_core.unet import (
+from policy_core.backends.cuda.device import LAUNCH_LOCK, available
+from policy_core.backends.generic import GenericBackend
+from policy_core.nets.unet import (
     MODULE_OPS,
     ConditionalResidualBlock1D,
     ConditionalUnet1D,
@@ -32,17 +32,9 @@ from policy_core.unet import (
     conv_output_length,
     stride_padding,
 )
+from policy_core.schedulers import Scheduler
 
 THREADS = 256
-
-
-def use_direct_launches() -> None:
-    """For a process that only serves requests: MLX's CUDA backend then launches kernels directly instead
-    of recording them into CUDA graphs. A request is a few dozen kernels and the persistent sampler; in
-    bf16 it was 6-8% faster without graphs on an H200, a train step 6-11% slower (benchmarks/NOTES.md).
-    MLX reads the setting once, at its first GPU work: call this before. An explicit
-    ``MLX_USE_CUDA_GRAPHS`` wins."""
-    os.environ.setdefault("MLX_USE_CUDA_GRAPHS", "0")
 
 
 BLOCK_SUM = """
@@ -132,11 +124,6 @@ _TAPS_SOURCE = """
 """
 
 _kernels: dict[tuple, object] = {}
-
-
-def available() -> bool:
-    """True where these kernels can run: MLX's CUDA backend is the default device."""
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
 def cached_kernel(name: str, inputs: list[str], source: str, header: str = ""):
@@ -268,3 +255,19 @@ CUDA_OPS = TrunkOps(
 def denoise(unet: ConditionalUnet1D, sample: mx.array, films: list[mx.array]) -> mx.array:
     """``unet.forward_film`` in this form. sample: (B, T, input_dim); films: (B, m) per block."""
     return unet.forward_film(sample, films, CUDA_OPS)
+
+
+class FusedUnetBackend(GenericBackend):
+    """The generic chunked sampler with this module's trunk: on CUDA, the batches and samplers the
+    persistent sampler kernel does not take."""
+
+    def __init__(self, unet: ConditionalUnet1D):
+        super().__init__(unet, denoise)
+
+    def supports(self, batch: int, horizon: int, scheduler: Scheduler) -> bool:
+        return available()
+
+    def evaluate(self, x: mx.array) -> None:
+        # The conditioning evaluated with the trajectory may hold the image trunk's persistent kernel.
+        with LAUNCH_LOCK:
+            mx.eval(x)

@@ -31,7 +31,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from policy_core import cuda_sampler, unet_cuda
+from policy_core.backends.cuda import device
 
 KEPT_ARRAYS = 32  # per HostUploads, over all keys: each observation key's batch buckets
 PAGE_BYTES = max(4096, mmap.PAGESIZE)  # the host's page: the unit of managed-memory advice
@@ -50,14 +50,14 @@ class _Driver:
     DEVICE, HOST = _Location(1, 0), _Location(2, 0)  # CUmemLocationType DEVICE / HOST
 
     def __init__(self) -> None:
-        driver = cuda_sampler.cuda_driver()
+        driver = device.cuda_driver()
         if driver is None:
             raise RuntimeError("no CUDA driver or device")
-        lib, device = driver
+        lib, index = driver
         self._advise = lib.cuMemAdvise_v2
         self._advise.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, _Location]
         context = ctypes.c_void_p()
-        self._check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), device), "cuDevicePrimaryCtxRetain")
+        self._check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), index), "cuDevicePrimaryCtxRetain")
         self._lib, self._context = lib, context
 
     @staticmethod
@@ -93,12 +93,12 @@ def _driver() -> _Driver:
 def _managed_memory() -> bool:
     """Whether MLX's arrays are in managed memory here: its CUDA backend is the default device, and that
     device has concurrent managed access (elsewhere MLX allocates pinned host memory)."""
-    return unet_cuda.available() and _concurrent_managed_access()
+    return device.available() and _concurrent_managed_access()
 
 
 @functools.cache
 def _concurrent_managed_access() -> bool:
-    return cuda_sampler.device_attribute(89) == 1  # CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS
+    return device.device_attribute(89) == 1  # CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS
 
 
 class HostUploads:
@@ -131,7 +131,7 @@ class HostUploads:
         try:
             array, view = _page_aligned(host.shape, host.dtype)
             pointer = view.__array_interface__["data"][0]
-            nbytes = cuda_sampler.round_up(view.nbytes, PAGE_BYTES)
+            nbytes = device.round_up(view.nbytes, PAGE_BYTES)
             driver = _driver()
             driver.keep_on_host(pointer, nbytes)
         except (OSError, AttributeError, RuntimeError) as error:
@@ -153,7 +153,7 @@ def _page_aligned(shape: tuple[int, ...], dtype: np.dtype) -> tuple[mx.array, np
     size = int(np.prod(shape))
     spare = PAGE_BYTES // dtype.itemsize  # room to move the start onto a page boundary
     buffer = mx.array(
-        np.zeros(spare + cuda_sampler.round_up(size * dtype.itemsize, PAGE_BYTES) // dtype.itemsize, dtype)
+        np.zeros(spare + device.round_up(size * dtype.itemsize, PAGE_BYTES) // dtype.itemsize, dtype)
     )
     start = (-np.asarray(buffer).__array_interface__["data"][0] % PAGE_BYTES) // dtype.itemsize
     array = buffer[start : start + size].reshape(shape)  # a view of the buffer (MLX slices share it)

@@ -27,21 +27,31 @@ hanging. Used where ``CudaSampler.supports()``.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from policy_core import unet_cuda
-from policy_core.schedulers import DDIMScheduler, DDPMScheduler
-from policy_core.seen_arrays import SeenArrays
-from policy_core.unet import (
+from policy_core.backends.base import Backend, BackendUnavailable
+from policy_core.backends.cuda import device
+from policy_core.backends.cuda import trunk as trunk_kernel
+from policy_core.backends.cuda.device import (
+    COMMON_DEFINES,
+    DEVICE_COMMON,
+    LAUNCH_LOCK,
+    TIMEOUT_S,
+    WEIGHT_TYPES,
+    round_up,
+    sync_words,
+)
+from policy_core.backends.cuda.host_arrays import HostUploads
+from policy_core.nets.unet import (
     ConditionalResidualBlock1D,
     ConditionalUnet1D,
     Conv1dBlock,
@@ -49,13 +59,14 @@ from policy_core.unet import (
     conv_output_length,
     stride_padding,
 )
+from policy_core.nets.vision import ResNet18Trunk
+from policy_core.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from policy_core.seen_arrays import SeenArrays
 
 THREADS = 256
 MAX_ACCUMULATORS = 64  # batch * horizon: each lane keeps one float per output column
 MAX_BATCH = 32  # a row's statistics are written by one lane per sample
-TIMEOUT_S = 2.0
 RESULT_DONE, RESULT_ABORTED = 1.0, 2.0  # the kernel's completion word (0 while it runs)
-FLAG_WORDS = 32  # the grid barrier's words a block: each block's count on its own 128-byte line
 MAX_GROUP_ROWS = 256  # channels per GroupNorm group: each lane combines up to 8 rows' statistics
 WEIGHT_ALIGN = 8  # elements
 
@@ -298,108 +309,9 @@ class _Program:
         return _Normed(out, second.norm, residual=residual)
 
 
-def sync_words(blocks: int) -> int:
-    """Size of a persistent kernel's ``sync`` array: a first line (word 2: the abort flag), then one line
-    per block for ``grid_barrier``'s counts."""
-    return FLAG_WORDS * (blocks + 1)
-
-
-# What DEVICE_COMMON's grid barrier needs #defined by every kernel's header that includes it.
-COMMON_DEFINES = {"TIMEOUT_NS": f"{int(TIMEOUT_S * 1e9)}ull", "FLAG_WORDS": FLAG_WORDS}
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _input_dim(unet: ConditionalUnet1D) -> int:
     return unet.final_conv[1].weight.shape[0]
 
-
-# Shared with vision_cuda's persistent kernel: conversions, loads, sums, the grid barrier (which reads
-# COMMON_DEFINES from its kernel's header).
-DEVICE_COMMON = r"""
-__device__ __forceinline__ float as_float(float v) { return v; }
-__device__ __forceinline__ float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float as_float(__half v) { return __half2float(v); }
-
-__device__ __forceinline__ unsigned int load_acquire(const unsigned int* p) {
-  unsigned int v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ unsigned long long global_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-__device__ __forceinline__ void store_release(unsigned int* p, unsigned int v) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-// Grid-wide barrier. Each block counts its barriers (`generation`) and publishes the count in its own
-// 128-byte line of `sync` (line b + 1 for block b) by a release store once its threads are past their
-// writes; then threads poll one block's line each until every count has reached its own. The last
-// arrival's store is seen about one L2 round trip later: an arrival counter whose last block then bumped a
-// generation word took three dependent round trips (1.55-1.66 against 1.13-1.28 us on an H100,
-// benchmarks/NOTES.md). A wait past TIMEOUT_NS (a block that never became resident) sets sync[2], and
-// every block returns false from then on.
-__device__ bool grid_barrier(unsigned int* sync, unsigned int& generation) {
-  ++generation;
-  __syncthreads();
-  if (threadIdx.x == 0) store_release(sync + FLAG_WORDS * (1 + blockIdx.x), generation);
-  int good = 1;
-  for (int b = threadIdx.x; b < gridDim.x && good; b += blockDim.x) {
-    const unsigned int* flag = sync + FLAG_WORDS * (1 + b);
-    const unsigned long long start = global_ns();
-    for (int spins = 0; load_acquire(flag) < generation; ++spins) {
-      if ((spins & 63) == 63) {
-        if (load_acquire(sync + 2) != 0u) { good = 0; break; }
-        if (global_ns() - start > TIMEOUT_NS) { atomicExch(sync + 2, 1u); good = 0; break; }
-      }
-    }
-  }
-  return __syncthreads_and(good) != 0;
-}
-
-template <int VEC>
-__device__ __forceinline__ void load_staged(const float* p, float* x) {
-  if constexpr (VEC == 1) {
-    x[0] = p[0];
-  } else {
-    const float4 a = reinterpret_cast<const float4*>(p)[0];
-    const float4 b = reinterpret_cast<const float4*>(p)[1];
-    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
-  }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-template <int W>
-__device__ __forceinline__ void load_cg(const float* p, float* v) {
-  if constexpr (W == 4) {
-    const float4 a = __ldcg(reinterpret_cast<const float4*>(p));
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-  } else {
-    v[0] = __ldcg(p);
-  }
-}
-
-template <int W>
-__device__ __forceinline__ void store(float* p, const float* v) {
-  if constexpr (W == 4) {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-  } else {
-    p[0] = v[0];
-  }
-}
-"""
 
 # Device helpers and one convolution row; WT, BATCH, HORIZON, ADIM, ... are #defined per program.
 _HELPERS = r"""
@@ -868,56 +780,9 @@ PARAMS_TO_SHARED
   }
 """
 
-LAUNCH_LOCK = threading.Lock()
 
-
-class KernelAborted(RuntimeError):
+class KernelAborted(BackendUnavailable):
     """The kernel gave up at a barrier: not every block could be resident. The request can be rerun."""
-
-
-WEIGHT_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
-
-
-@functools.cache
-def cuda_driver() -> tuple[ctypes.CDLL, ctypes.c_int] | None:
-    """The CUDA driver library, initialised, and device 0 (MLX's device); None where there is none."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    device = ctypes.c_int()
-    if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(device), 0):
-        return None
-    return cuda, device
-
-
-@functools.cache
-def device_attribute(code: int) -> int | None:
-    """A CUDA driver attribute of device 0 (MLX's device), or None where the driver can't say."""
-    driver = cuda_driver()
-    if driver is None:
-        return None
-    cuda, device = driver
-    value = ctypes.c_int()
-    if cuda.cuDeviceGetAttribute(ctypes.byref(value), code, device):
-        return None
-    return value.value
-
-
-def sm_count() -> int | None:
-    """Streaming multiprocessors: the grid size, one resident block each."""
-    return device_attribute(16)  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
-
-
-def l2_bytes() -> int:
-    """The L2 cache's size (50 MB on an H100), or 0 where the driver can't say."""
-    return device_attribute(38) or 0  # CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE
-
-
-def max_shared_bytes() -> int:
-    """Dynamic shared memory one block may opt into (227 KB on an H100, 99 KB on an L4)."""
-    optin = device_attribute(97)  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
-    return max(0, (optin or 0) - 1024)  # the kernel's static shared memory
 
 
 def _header(
@@ -953,7 +818,7 @@ def _header(
         **COMMON_DEFINES,
         "RESULT_DONE": f"{RESULT_DONE!r}f",
         "RESULT_ABORTED": f"{RESULT_ABORTED!r}f",
-        "PREFETCH_MAX_BYTES": f"{l2_bytes() // 6}ll",
+        "PREFETCH_MAX_BYTES": f"{device.l2_bytes() // 6}ll",
     }
     defines |= {f"F_{name}": i for i, name in enumerate(HEADER_FIELDS)}
     defines |= {f"S_{name}": i for i, name in enumerate(SOURCE_FIELDS)}
@@ -1020,8 +885,13 @@ def _float32(a: mx.array) -> mx.array:
     return a if a.dtype == mx.float32 else a.astype(mx.float32)
 
 
-class CudaSampler:
-    """The persistent-kernel sampler of one ``ConditionalUnet1D`` (programs are built per batch size)."""
+class CudaSampler(Backend):
+    """The persistent-kernel sampler of one ``ConditionalUnet1D`` (programs are built per batch size). As
+    the first backend on CUDA it also prepares a request's inputs: observations in host memory the GPU
+    reads (``HostUploads``) and image trunks as ``trunk``'s kernel."""
+
+    name = "sampler kernel"
+    unpadded = True  # every row, padding included, adds a sample's rows to every phase
 
     def __init__(self, unet: ConditionalUnet1D):
         self.unet = unet
@@ -1031,9 +901,14 @@ class CudaSampler:
         self._packed_params, self._packed = SeenArrays(), None
         # Set after a kernel gave up at a barrier (the GPU is shared): later requests go chunked at once.
         self.disabled = False
-        from policy_core.cuda_upload import HostUploads  # imported here: cuda_upload imports this module
-
         self._results = HostUploads()
+        self._uploads = HostUploads()
+
+    def host_array(self, key: str, value: Any) -> mx.array:
+        return self._uploads(key, value)
+
+    def image_trunk(self, trunk: ResNet18Trunk) -> Callable[[mx.array], mx.array] | None:
+        return functools.partial(trunk_kernel.trunk, trunk) if trunk_kernel.supports(trunk) else None
 
     def _program(self, batch: int, horizon: int) -> tuple[_Program, mx.array]:
         key = (batch, horizon)
@@ -1116,23 +991,17 @@ class CudaSampler:
             and program.max_group_rows <= MAX_GROUP_ROWS
         )
 
-    def supports(self, batch: int, horizon: int) -> bool:
-        """Whether this device and shape can run the kernel (else the chunked sampler serves)."""
-        if self.disabled or not unet_cuda.available() or not sm_count():
+    def supports(self, batch: int, horizon: int, scheduler: Scheduler) -> bool:
+        """Whether this device, shape and sampler can run the kernel (else the next backend serves)."""
+        if self.disabled or not device.available() or not device.sm_count():
             return False
-        return self.fits(batch, horizon, max_shared_bytes())
+        return isinstance(scheduler, (DDPMScheduler, DDIMScheduler)) and self.fits(
+            batch, horizon, device.max_shared_bytes()
+        )
 
-    def __call__(
-        self,
-        scheduler: DDPMScheduler | DDIMScheduler,
-        x: mx.array,
-        films: mx.array,
-        step_noise: mx.array,
-        coeffs: mx.array,
-    ) -> np.ndarray:
-        """All ``len(coeffs)`` steps from x (B, T, A): films (S, B, sum m) the blocks' float32 FiLM rows,
-        step_noise (S, B, T, A), coeffs (S, 5) from ``scheduler.coefficient_table()``. Returns the float32
-        trajectory (B, T, A) on the host.
+    def sample(self, scheduler: Scheduler, x: mx.array, films: mx.array, step_noise: mx.array) -> np.ndarray:
+        """All steps from x (B, T, A): films (S, B, sum m) the blocks' float32 FiLM rows, step_noise
+        (S, B, T, A). Returns the float32 trajectory (B, T, A) on the host.
 
         The kernel writes the trajectory and then a completion word into host memory (``HostUploads``'
         kept array), and the host spins on that word: MLX's own wait for a kernel, a blocking CUDA event
@@ -1142,7 +1011,8 @@ class CudaSampler:
         program, table = self._program(batch, horizon)
         weights = self._weights(program, _params(program))
         kernel = self._kernel(program, weights.dtype, scheduler, horizon)
-        blocks = sm_count()
+        coeffs = scheduler.coefficient_table()
+        blocks = device.sm_count()
         size = x.size
         result = self._results("result", np.zeros(size + 1, np.float32))  # the word starts at 0
         host = np.asarray(result)  # the same memory

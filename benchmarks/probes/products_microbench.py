@@ -5,8 +5,8 @@ sampler's occupancy (one 256-thread block per SM, rows round-robin over the bloc
 (378 MB of bfloat16, more than the L2 holds), timed inside one kernel by the difference of two repeat
 counts, so that MLX's launch and completion costs cancel:
 
-- ``ffma``: the sampler's scheme (``policy_core/cuda_sampler.py``): a warp per row, 8 bf16 weights a lane,
-  float32 FMAs on the staged float32 input;
+- ``ffma``: the sampler's scheme (``policy_core/backends/cuda/sampler.py``): a warp per row, 8 bf16
+  weights a lane, float32 FMAs on the staged float32 input;
 - ``mma``: a block's 16 rows as one ``mma.m16n8k16`` bf16 tile (the staged input rounded to bf16), its 8
   warps splitting the reduction; each lane loads 16 bytes of a row with the reduction's order permuted so
   that a lane's A fragment is contiguous in memory;
@@ -17,7 +17,7 @@ Each way is first checked against numpy on the first layer. ``--unroll`` is how 
 row half a warp issues before its products (the compiler decides how many stay in flight); a value must
 divide a warp's share of the reduction (40 steps of 32 bf16, 20 of 64 int8), others are skipped.
 
-    python -m benchmarks.products_microbench --ways ffma,mma,mma8 --unroll 4,8,10,20 \
+    python -m benchmarks.probes.products_microbench --ways ffma,mma,mma8 --unroll 4,8,10,20 \
         --json benchmarks/results/products_microbench_h100.json
 """
 
@@ -253,12 +253,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     import numpy as np
 
     from benchmarks import mlx_core
-    from policy_core import cuda_sampler
+    from policy_core.backends.cuda import device
     from policy_core.info import environment_report
 
     mx = mlx_core()
 
-    blocks = cuda_sampler.sm_count()
+    blocks = device.sm_count()
     if not blocks:
         raise SystemExit("needs MLX's CUDA backend")
     rng = np.random.default_rng(0)
