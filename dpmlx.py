@@ -194,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    finally:
+        if "mlx.core" in sys.modules:  # before the interpreter exits: see policy_core/threads.py
+            from policy_core.threads import release_mlx_thread_state
+
+            release_mlx_thread_state()
 
 
 if __name__ == "__main__":

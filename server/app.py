@@ -119,7 +119,12 @@ class Server:
         )
         self.http_port = self._http_socket.getsockname()[1]
         self._uvicorn = uvicorn.Server(
-            uvicorn.Config(create_app(self), log_level="warning", lifespan="off", access_log=False)
+            uvicorn.Config(
+                create_app(self.manager, self.metrics, config.token, config.model_root),
+                log_level="warning",
+                lifespan="off",
+                access_log=False,
+            )
         )
         self._http_thread = threading.Thread(
             target=self._uvicorn.run, kwargs={"sockets": [self._http_socket]}, name="http", daemon=True

@@ -10,14 +10,13 @@ from __future__ import annotations
 import hmac
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
-if TYPE_CHECKING:
-    from server.app import Server
+from server.metrics import Metrics
+from server.models import ModelManager
 
 
 class LoadRequest(BaseModel):
@@ -39,9 +38,10 @@ def resolve_model_path(raw: str, root: Path) -> Path:
     return candidate
 
 
-def create_app(server: Server) -> FastAPI:
+def create_app(manager: ModelManager, metrics: Metrics, token: str | None, model_root: Path) -> FastAPI:
+    """The control plane of ``manager``'s models: mutations need ``token`` where one is set, and loads are
+    confined to ``model_root``."""
     app = FastAPI(title="dpmlx control plane", version="1")
-    token = server.config.token
 
     def require_token(authorization: str | None = Header(default=None)) -> None:
         if token is None:
@@ -56,19 +56,19 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        active = server.manager.active
+        active = manager.active
         if active is None:
             return JSONResponse({"ready": False}, status_code=503)
         return JSONResponse({"ready": True, "model": active.info.wire()})
 
     @app.get("/v1/models")
     def models() -> dict:
-        return server.manager.describe()
+        return manager.describe()
 
     @app.post("/v1/models/load", status_code=202, dependencies=[Depends(require_token)])
     def load(body: LoadRequest) -> dict:
         try:
-            path = resolve_model_path(body.path, server.config.model_root)
+            path = resolve_model_path(body.path, model_root)
         except PermissionError as e:
             raise HTTPException(status_code=403, detail=str(e)) from None
         except FileNotFoundError as e:
@@ -76,7 +76,7 @@ def create_app(server: Server) -> FastAPI:
         except (ValueError, OSError) as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
         try:
-            version = server.manager.load(path)
+            version = manager.load(path)
         except RuntimeError as e:
             raise HTTPException(status_code=409, detail=str(e)) from None
         return {"loading": {"path": os.fspath(path), "version": version}}
@@ -84,18 +84,18 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/models/rollback", dependencies=[Depends(require_token)])
     def rollback() -> dict:
         try:
-            info = server.manager.rollback()
+            info = manager.rollback()
         except RuntimeError as e:
             raise HTTPException(status_code=409, detail=str(e)) from None
         return {"active": info.describe()}
 
     @app.get("/v1/stats")
     def stats() -> dict:
-        return {**server.metrics.stats(), "queue_depth": server.manager.queue_depth()}
+        return {**metrics.stats(), "queue_depth": manager.queue_depth()}
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics() -> str:
-        active = server.manager.active
-        return server.metrics.prometheus(server.manager.queue_depth(), active.version if active else None)
+    def prometheus_metrics() -> str:
+        active = manager.active
+        return metrics.prometheus(manager.queue_depth(), active.version if active else None)
 
     return app

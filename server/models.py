@@ -151,6 +151,15 @@ class ModelWorker(threading.Thread):
     # ---- worker thread ----
 
     def run(self) -> None:
+        from policy_core.threads import release_mlx_thread_state
+
+        try:
+            self._serve()
+        finally:
+            self.policy = None
+            release_mlx_thread_state()
+
+    def _serve(self) -> None:
         try:
             self._load()
         except Exception as e:  # a failed load must never take the server down
@@ -170,7 +179,6 @@ class ModelWorker(threading.Thread):
                     if self.depth() == 0:
                         self._closed = True
                         break
-        self.policy = None
 
     def _load(self) -> None:
         from policy_core.checkpoint import policy_from_checkpoint, read_checkpoint

@@ -20,3 +20,10 @@ def _restore_mlx_use_cuda_graphs():
         os.environ.pop("MLX_USE_CUDA_GRAPHS", None)
     else:
         os.environ["MLX_USE_CUDA_GRAPHS"] = before
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The main thread's MLX state, released before the interpreter exits (policy_core/threads.py)."""
+    from policy_core.threads import release_mlx_thread_state
+
+    release_mlx_thread_state()

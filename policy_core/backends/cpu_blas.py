@@ -1,19 +1,20 @@
 """Use an optimised BLAS for MLX's CPU backend on Linux.
 
-The PyPI ``mlx[cpu]`` wheel links the reference Netlib BLAS (~8 GFLOP/s on a matmul, ~30x slower than
-OpenBLAS). MLX resolves ``cblas_sgemm`` and friends through the dynamic linker, so a CBLAS library loaded
-with ``RTLD_GLOBAL`` *before* ``mlx.core`` is imported takes precedence. This module must therefore be
-imported before anything imports MLX; ``policy_core/__init__.py`` does that.
+The PyPI ``mlx[cpu]`` wheel links the reference Netlib BLAS, many times slower than OpenBLAS. MLX resolves
+``cblas_sgemm`` and friends through the dynamic linker, so a CBLAS library loaded with ``RTLD_GLOBAL``
+*before* ``mlx.core`` is imported takes precedence. This module must therefore be imported before anything
+imports MLX; ``policy_core/__init__.py`` does that.
 
 The first choice is the OpenBLAS that every numpy wheel bundles (0.3.31 with numpy 2.4, runtime CPU
-dispatch): on the sampler's matrix-vector-like products it is ~1.3x faster than Debian's 0.3.21. Its
-symbols are renamed (``scipy_cblas_sgemm64_``, 64-bit integers), so a shim that exports MLX's real-valued
-products, ``cblas_sgemm`` and ``cblas_dgemm`` (``cblas_shim.c``), is compiled once with the C compiler
-(MLX's CPU ``mx.compile`` needs one too) and cached (complex ``cblas_cgemm`` stays on the bundled BLAS).
-Without a compiler or numpy's library, a system OpenBLAS is used; without either, the reference BLAS stays.
+dispatch), faster than Debian's on the sampler's matrix-vector-like products. Its symbols are renamed
+(``scipy_cblas_sgemm64_``, 64-bit integers), so a shim that exports MLX's real-valued products,
+``cblas_sgemm`` and ``cblas_dgemm`` (``cblas_shim.c``), is compiled once with the C compiler (MLX's CPU
+``mx.compile`` needs one too) and cached (complex ``cblas_cgemm`` stays on the bundled BLAS). Without a
+compiler or numpy's library, a system OpenBLAS is used; without either, the reference BLAS stays.
 
-The shim computes a matrix times at most 8 vectors itself, the shape of most layers at batch 1, 2-3x
-faster than OpenBLAS's blocked GEMM; it and OpenBLAS share one thread pool (see ``cblas_shim.c``).
+The shim computes a matrix times at most 8 vectors itself, the shape of most layers at batch 1, faster
+than OpenBLAS's blocked GEMM; it and OpenBLAS share one thread pool (see ``cblas_shim.c``;
+benchmarks/NOTES.md has the measurements).
 
 Override with ``DPMLX_BLAS``: a path to a CBLAS shared library, or ``reference`` to keep the bundled one
 (either way nothing is compiled).

@@ -7,8 +7,8 @@ so parameter counts equal upstream's and PyTorch weights map 1:1.
 
 Besides the reference ``__call__`` used for training, the model exposes the pieces the sampler needs to
 compute the FiLM conditioning of every step once per request (``encode_timesteps``, ``residual_blocks``)
-and to run the trunk on precomputed FiLM vectors (``forward_film``; the sampler runs it through
-``unet_inference.denoise`` or, on CUDA, ``unet_cuda.denoise``).
+and to run the trunk on precomputed FiLM vectors (``forward_film``, which the backends run in their own
+forms, ``policy_core/backends``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import mlx.nn as nn
 def mish(x: mx.array) -> mx.array:
     """x * tanh(softplus(x)) with one exp: tanh(log(1 + e)) = n / (n + 2) for n = e (e + 2), e = exp(x).
 
-    Equal to ``nn.mish`` within 2e-6 and ~3x faster on CPU, where transcendentals dominate small
+    Equal to ``nn.mish`` within 2e-6 and faster on CPU, where transcendentals dominate small
     activations. Computed in float32 (n overflows float16 past x ~ 5.5); clamping x at 20 changes nothing
     in float32, where n / (n + 2) is already 1 there.
     """

@@ -202,7 +202,7 @@ class RgbEncoder(nn.Module):
         ``random_crop`` is explicit rather than read from ``self.training`` so inference can never crop
         randomly by accident; the policy passes True only from its training loss. ``trunk`` replaces
         ``self.trunk`` with another form of it (the policy's inference conditioning passes
-        ``vision_cuda``'s on CUDA).
+        the CUDA backend's kernel).
         """
         features = (trunk or self.trunk)(self.crop(images, random_crop))
         if self.pool == "avg":

@@ -1,8 +1,8 @@
 """The sampler's ConditionalUnet1D trunk on MLX's CUDA backend: two kernels per convolution.
 
 At batch 1 a step is bound by the number and fixed cost of kernels, not by bytes (benchmarks/NOTES.md):
-on an H100 a cuDNN Conv1d of these shapes costs 24-36 us whatever its size, a cuBLAS product 2-3 us, and
-the module path adds ~8 small kernels per Conv1dBlock after the convolution. Here every convolution is
+a cuDNN Conv1d of these shapes costs many times a cuBLAS product whatever its size, and the module path
+adds ~8 small kernels per Conv1dBlock after the convolution. Here every convolution is
 
 1. one cuBLAS product ``x (B*T, in) @ W (out*k, in)^T`` giving every tap's contribution
    ``z[b, s, o, k] = W[o, k, :] . x[b, s, :]`` (MLX's (out, k, in) weight is that matrix as a free view;
@@ -12,8 +12,8 @@ the module path adds ~8 small kernels per Conv1dBlock after the convolution. Her
    + the residual add, one thread block per (sample, group).
 
 Channels-last (B, T, C) like the module path. Same parameters and results as
-``ConditionalUnet1D.forward_film`` (tests/test_unet_inference.py, on a GPU). Used where ``available()``;
-elsewhere the pure-MLX trunks serve.
+``ConditionalUnet1D.forward_film`` (tests/test_unet_inference.py, on a GPU). ``FusedUnetBackend`` runs the
+generic chunked sampler with it.
 """
 
 from __future__ import annotations

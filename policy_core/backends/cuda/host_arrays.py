@@ -1,22 +1,20 @@
 """A request's host observations for MLX's CUDA backend, without managed-memory page migrations.
 
-``mx.array(numpy)`` there writes the bytes into managed memory, often a buffer recycled from the GPU:
-MLX first copies its stale contents back (a synchronous device-to-managed copy), the host's writes then
-migrate its pages to the host, and the first kernel that reads them migrates them back. On an H100 that
-was ~0.27 ms of host time and ~0.19 ms of GPU time for two 96x96 uint8 frames, ~0.06 + 0.07 ms for a
-lowdim observation (benchmarks/NOTES.md). ``HostUploads`` instead keeps one MLX array per observation
-key, shape and dtype, advised to live in host memory and to be read there by the GPU (``cuMemAdvise``:
-preferred location the host, accessed by device 0), and writes each request's values into it through a
-NumPy view: no page moves either way, and the kernel that reads them reads tens of KB over the bus (55 KB
-for two 96x96 RGB frames). Advice applies to whole pages, so each array lies on pages of a buffer of its
-own (``_page_aligned``): advising a page shared with another small allocation (the barrier counters of a
-persistent kernel, say) would put that one in host memory too. The arrays are written behind MLX's back,
-so a returned array is only valid until the next write of its (key, shape, dtype) slot: one request at a
-time per ``HostUploads`` (a request's kernels have read its observations before the policy returns).
-Where MLX does not use managed memory (no concurrent managed access: WSL, some Jetsons) or the advice
-fails, observations go through ``mx.array`` as before. The sampler kernel's result is such an array too,
-written the other way: by the GPU, then read by the host (``cuda_sampler``). MLX's CUDA device is assumed
-to be device 0, as elsewhere in policy_core.
+``mx.array(numpy)`` there writes the bytes into managed memory, often a buffer recycled from the GPU: MLX
+first copies its stale contents back (a synchronous device-to-managed copy), the host's writes then migrate
+its pages to the host, and the first kernel that reads them migrates them back: a tenth of a millisecond or
+more of a request (benchmarks/NOTES.md). ``HostUploads`` instead keeps one MLX array per observation key,
+shape and dtype, advised to live in host memory and to be read there by the GPU (``cuMemAdvise``: preferred
+location the host, accessed by device 0), and writes each request's values into it through a NumPy view: no
+page moves either way, and the kernel that reads them reads tens of KB over the bus. Advice applies to whole
+pages, so each array lies on pages of a buffer of its own (``_page_aligned``): advising a page shared with
+another small allocation (the barrier counters of a persistent kernel, say) would put that one in host memory
+too. The arrays are written behind MLX's back, so a returned array is only valid until the next write of its
+(key, shape, dtype) slot: one request at a time per ``HostUploads`` (a request's kernels have read its
+observations before the policy returns). Where MLX does not use managed memory (no concurrent managed access:
+WSL, some Jetsons) or the advice fails, observations go through ``mx.array`` as before. The sampler kernel's
+result is such an array too, written the other way: by the GPU, then read by the host (``sampler``). MLX's
+CUDA device is assumed to be device 0, as elsewhere in policy_core.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The whole denoising loop on MLX's CUDA backend as one persistent kernel.
 
-At batch 1 the chunked sampler pays MLX's fixed cost per primitive (~65 kernels and ~200 views per step,
-4-10 us each on an H100) far above the time to read the weights (benchmarks/NOTES.md). Here a request's
+At batch 1 the chunked sampler pays MLX's fixed cost per primitive (~65 kernels and ~200 views per step)
+far above the time to read the weights (benchmarks/NOTES.md). Here a request's
 every step is one kernel launch: one thread block per SM stays resident and walks a program of *phases*,
 with a grid-wide barrier between them. A phase
 
@@ -862,7 +862,7 @@ def _body(program: _Program) -> str:
 
 def _params(program: _Program) -> list[mx.array]:
     """The program's parameter arrays, looked up per request (a hot load replaces them). A module is a
-    dict of its parameters: item access is ~15x faster than attribute access, tens of us a request."""
+    dict of its parameters: item access is much faster than attribute access."""
     return [module[name] for module, name in program.refs]
 
 
@@ -924,7 +924,7 @@ class CudaSampler(Backend):
 
     def _dtype(self, params: list[mx.array]) -> mx.Dtype | None:
         """The weights' one dtype, or None where they are mixed or of a type the kernel doesn't read.
-        Kept for the arrays last seen: reading 120 dtypes cost ~40 us on a GPU host, comparing ~10."""
+        Kept for the arrays last seen: comparing the arrays is cheaper than reading their dtypes."""
         if not self._dtype_params.same(params):
             dtypes = {a.dtype for a in params}
             only = dtypes.pop() if len(dtypes) == 1 else None
@@ -933,7 +933,7 @@ class CudaSampler(Backend):
         return self._params_dtype
 
     def _weights(self, program: _Program, params: list[mx.array]) -> mx.array:
-        """The weights as one array: one kernel argument instead of ~120 (MLX's host cost is ~0.6 us an
+        """The weights as one array: one kernel argument instead of ~120 (MLX's host time grows with every
         argument). The modules then hold views of it, so the weights are in memory once where nothing else
         holds the originals. A module's replaced array (``update``, a load, ``set_dtype``, a training
         step: MLX swaps arrays) is seen and packed again on the next call; an array written in place
@@ -1004,9 +1004,9 @@ class CudaSampler(Backend):
         (S, B, T, A). Returns the float32 trajectory (B, T, A) on the host.
 
         The kernel writes the trajectory and then a completion word into host memory (``HostUploads``'
-        kept array), and the host spins on that word: MLX's own wait for a kernel, a blocking CUDA event
-        plus the copy of a device array to the host, took a request 0.2-0.35 ms longer on an H100
-        (benchmarks/NOTES.md). The wait holds a CPU core, yielding the GIL at every check."""
+        kept array), and the host spins on that word, sooner than MLX's own wait for a kernel (a blocking
+        CUDA event) plus the copy of a device array to the host (benchmarks/NOTES.md). The wait holds a
+        CPU core, yielding the GIL at every check."""
         batch, horizon, _ = x.shape
         program, table = self._program(batch, horizon)
         weights = self._weights(program, _params(program))

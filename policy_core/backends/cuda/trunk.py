@@ -1,9 +1,9 @@
 """The image encoder's ResNet18-GN trunk on MLX's CUDA backend, for inference: one persistent kernel.
 
 On CUDA the module trunk is a chain of ~60 small kernels (cuDNN convolutions, GroupNorm's reductions and
-elementwise passes), and a request pays MLX's host cost for each: ~1.5 ms for two 84x84 images on an
-H200, for ~0.3 G multiply-adds an image and 22 MB of bf16 weights (benchmarks/NOTES.md). Here the whole
-trunk is one kernel launch, built like ``cuda_sampler``'s: one thread block per SM walks a program of
+elementwise passes), and a request pays MLX's host cost for each, far more than the trunk's arithmetic
+and weights take (benchmarks/NOTES.md). Here the whole trunk is one kernel launch, built like
+``sampler``'s: one thread block per SM walks a program of
 phases with a grid-wide barrier between them. A phase
 
 1. computes one or two convolutions that read the same input (a BasicBlock's first one and its 1x1
@@ -21,13 +21,13 @@ phases with a grid-wide barrier between them. A phase
    ReLU into the kernel's output.
 
 The tile shapes are chosen per convolution by a rough cost model (``_tiling``, for PLAN_IMAGES images); the
-program is compiled by NVRTC per image shape and dtype, for every batch size (15-20 s on first use; MLX
+program is compiled by NVRTC per image shape and dtype, for every batch size (seconds on first use; MLX
 keeps the result on disk).
 Activations and arithmetic are float32 whatever the weights' dtype. Same parameters and results as
 ``ResNet18Trunk`` (tests/test_vision.py, on a GPU); no gradients, so only the inference conditioning uses
 it. The barrier needs every block resident: one kernel of this kind or the sampler's runs at a time per
-process (a caller evaluates it under ``cuda_sampler.LAUNCH_LOCK``), and a barrier that waits past
-``cuda_sampler.TIMEOUT_S`` ends the kernel with NaN features rather than hanging.
+process (a caller evaluates it under ``device.LAUNCH_LOCK``), and a barrier that waits past
+``device.TIMEOUT_S`` ends the kernel with NaN features rather than hanging.
 """
 
 from __future__ import annotations
@@ -703,8 +703,8 @@ _KERNELS: dict[tuple, tuple[_Program, object] | None] = {}
 
 def _kernel(module: ResNet18Trunk, shape: tuple[int, ...], dtype: mx.Dtype) -> tuple[_Program, object] | None:
     """The trunk's program and kernel for inputs of ``shape``, or None where a convolution has no tiling
-    that fits the device's shared memory (an item spans whole output rows: on an H100 from ~360 px
-    inputs, on a 99 KB device from ~104 px in float32). The program depends on the trunk's shapes and
+    that fits the device's shared memory (an item spans whole output rows, so large images need more
+    than a block has). The program depends on the trunk's shapes and
     GroupNorm settings, not its values."""
     norms = tuple((norm.num_groups, norm.eps) for _, norm in _layers(module))
     key = (tuple(shape[1:]), dtype, module.conv1.weight.shape, norms)
