@@ -287,6 +287,22 @@ def test_bench_latency_against_a_live_server(server, tmp_path):
     assert "round_trip_ms" in result.stdout
 
 
+def test_bench_latency_without_a_server_says_why_and_writes_under_runs(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "dpmlx.py"), "bench", "latency", "--server", f"tcp://127.0.0.1:{port}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"no connection to tcp://127.0.0.1:{port} within 3.00 s" in result.stderr, result.stderr
+    assert time.monotonic() - start < 30  # the connection timeout, not the 60 s request timeout
+    assert json.loads((tmp_path / "runs/latency.json").read_text())["errors"] == 1
+    assert not (tmp_path / "benchmarks").exists()
+
+
 BLOCKER = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
