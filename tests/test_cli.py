@@ -1,5 +1,6 @@
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,27 @@ def test_shipped_policy_matches_its_config():
     add_arguments(parser)
     assert config_from_args(parser.parse_args([])).checkpoint == SHIPPED_CHECKPOINT
     assert config_from_args(parser.parse_args(["--watch", "runs"])).checkpoint is None
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: str = ""):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, f"{prefix} {name}".strip())
+    yield prefix, parser
+
+
+def test_every_flag_has_help_and_serve_shows_its_defaults():
+    import dpmlx
+
+    for command, parser in _commands(dpmlx.build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction | argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip(), (command, action.dest)
+    serve = dict(_commands(dpmlx.build_parser()))["serve"].format_help()
+    flat = " ".join(serve.split())
+    for flag, default in (("--max-batch", "8"), ("--max-queue", "64"), ("--max-message-mb", "16.0"),
+                          ("--max-wait-ms", "2.0"), ("--zmq", "tcp://127.0.0.1:5555")):  # fmt: skip
+        assert re.search(rf"{flag} \S+ [^-]*\(default: {re.escape(default)}\)", flat), (flag, flat)
+    assert "(default: None)" not in flat

@@ -330,6 +330,36 @@ def test_client_imports_without_mlx_fastapi_or_pymunk():
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert cli.returncode == 2 and "diffusion-policy-mlx[server]" in cli.stderr
+    # Training needs more than the server: the hint names the extra that brings all of it.
+    for argv in (["train", "--config", "configs/tiny_smoke.yaml"], ["data", "pusht", "--episodes", "1",
+                 "--out", "x.zarr"]):  # fmt: skip
+        cli = subprocess.run(
+            [sys.executable, "-c", BLOCKER + f"import dpmlx; sys.exit(dpmlx.main({argv!r}))"],
+            cwd=ROOT, capture_output=True, text=True,
+        )  # fmt: skip
+        assert cli.returncode == 2 and "pip install -e '.[train]'" in cli.stderr, (argv, cli.stderr)
+        assert "Traceback" not in cli.stderr
+
+
+# What the client-only wheel leaves out (see pyproject.toml): the full product's packages.
+PRODUCT_BLOCKER = BLOCKER.replace('"yaml"}', '"yaml", "policy_core", "server", "trainer", "benchmarks"}')
+
+
+def test_cli_of_the_client_only_install_lists_and_explains_the_full_products_commands():
+    def dpmlx(*argv: str) -> subprocess.CompletedProcess:
+        code = PRODUCT_BLOCKER + f"import dpmlx; sys.exit(dpmlx.main({list(argv)!r}))"
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+
+    listed = dpmlx("--help")
+    assert listed.returncode == 0 and "serve" in listed.stdout and "client-only" in listed.stdout
+    assert dpmlx("bench", "latency", "--help").returncode == 0
+    for argv, extra in ((["serve", "--checkpoint", "m.safetensors"], "server"), (["info"], "server"),
+                        (["train", "--config", "c.yaml"], "train"), (["demo"], "server,sim"),
+                        (["bench", "policy", "--help"], "server")):  # fmt: skip
+        result = dpmlx(*argv)
+        assert result.returncode == 2, (argv, result.stderr)
+        assert "part of the full product" in result.stderr and f"pip install -e '.[{extra}]'" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_dockerfile_client_install_steps_in_a_fresh_venv(tmp_path):

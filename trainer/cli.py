@@ -28,9 +28,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument(
+        "--config", type=Path, required=True, help="YAML with policy, data and train sections"
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up steps)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field: train.batch_size=64",
+    )
 
 
 def load_config(path: Path, overrides: list[str]) -> dict[str, Any]:
