@@ -31,7 +31,7 @@ def resolve_model_path(raw: str, root: Path) -> Path:
     root = root.resolve()
     candidate = (root / raw).resolve()  # an absolute raw replaces root; resolve() follows symlinks
     if candidate != root and root not in candidate.parents:
-        raise PermissionError(f"{raw!r} is outside the model root")
+        raise PermissionError(f"{raw!r} is outside the model root {root}")
     if candidate.suffix != ".safetensors":
         raise ValueError("checkpoints are .safetensors files")
     if not candidate.is_file():
@@ -70,16 +70,17 @@ def create_app(server: Server) -> FastAPI:
         try:
             path = resolve_model_path(body.path, server.config.model_root)
         except PermissionError as e:
-            raise HTTPException(status_code=403, detail=str(e)) from None
+            hint = "loads are confined to it: start dpmlx serve with --model-root to choose another"
+            raise HTTPException(status_code=403, detail=f"{e} ({hint})") from None
         except FileNotFoundError as e:
             raise HTTPException(status_code=404, detail=str(e)) from None
         except (ValueError, OSError) as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
         try:
-            version = server.manager.load(path)
+            worker = server.manager.load(path)
         except RuntimeError as e:
             raise HTTPException(status_code=409, detail=str(e)) from None
-        return {"loading": {"path": os.fspath(path), "version": version}}
+        return {"loading": {"path": os.fspath(path), "version": worker.version}}
 
     @app.post("/v1/models/rollback", dependencies=[Depends(require_token)])
     def rollback() -> dict:

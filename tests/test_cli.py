@@ -3,6 +3,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +82,48 @@ def test_serve_finishes_in_flight_requests_on_sigterm(tmp_path):
         assert proc.wait(timeout=60) == 0
         sock.close()
     finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_serve_exits_with_one_typed_line_when_its_checkpoint_cannot_be_loaded(tmp_path):
+    import numpy as np
+
+    missing = tmp_path / "missing.safetensors"
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    random_bytes = tmp_path / "random.safetensors"
+    random_bytes.write_bytes(np.random.default_rng(0).bytes(4096))
+    for path, error in ((missing, "CheckpointError"), (truncated, "CheckpointCorruptError"),
+                        (random_bytes, "CheckpointCorruptError")):  # fmt: skip
+        result = run(
+            "serve", "--checkpoint", str(path), "--zmq", f"ipc://{tmp_path}/s.ipc", "--http", "127.0.0.1:0"
+        )
+        assert result.returncode == 1, result.stderr
+        errors = [line for line in result.stderr.splitlines() if " ERROR " in line or "Traceback" in line]
+        assert len(errors) == 1 and f"cannot serve: {error}: {path}" in errors[0], result.stderr
+        assert errors[0].count(str(path)) == 1 and " WARNING " not in result.stderr
+
+
+def test_serve_waits_for_a_checkpoint_in_an_empty_watched_folder_and_says_so(tmp_path):
+    import signal
+
+    proc = subprocess.Popen(
+        [*DPMLX, "serve", "--watch", str(tmp_path), "--zmq", f"ipc://{tmp_path}/s.ipc",
+         "--http", "127.0.0.1:0"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = threading.Timer(120, proc.kill)  # never hang on a server that does not say it
+    deadline.start()
+    try:
+        for line in proc.stderr:
+            if "waiting for a checkpoint in" in line:
+                break
+        assert f"waiting for a checkpoint in {tmp_path}" in line and "/readyz answers 503" in line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        deadline.cancel()
         proc.kill()
         proc.wait()
 
