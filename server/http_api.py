@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
@@ -40,7 +41,9 @@ def resolve_model_path(raw: str, root: Path) -> Path:
 
 
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="dpmlx control plane", version="1")
+    # /docs and /redoc from files the package ships: FastAPI's own pages load them from a CDN, which an
+    # offline robot network cannot reach (a blank page).
+    app = FastAPIOffline(title="dpmlx control plane", version="1")
     token = server.config.token
 
     def require_token(authorization: str | None = Header(default=None)) -> None:

@@ -1,7 +1,9 @@
 import argparse
 import os
+import re
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
@@ -396,6 +398,20 @@ def test_metrics_and_stats(server):
     status, stats = http("GET", server.http_url + "/v1/stats")
     assert status == 200 and stats["requests"]["infer"] > 0
     assert stats["latency_ms"]["server_ms"]["p50"] > 0
+
+
+def test_api_docs_load_nothing_from_outside(server):
+    # Robot networks are often offline: the docs pages must not depend on a CDN.
+    for page in ("/docs", "/redoc"):
+        status, html = http("GET", server.http_url + page)
+        assert status == 200 and isinstance(html, str), page
+        assert not re.findall(r"(?:https?:)?//[\w.-]+\.\w+/", html.replace("http://www.w3.org/", "")), html
+        assets = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", html)
+        assert any(a.endswith(".js") for a in assets), html
+        for asset in assets:
+            with urllib.request.urlopen(server.http_url + asset, timeout=30) as response:
+                assert response.status == 200 and len(response.read()) > 0, asset
+    assert http("GET", server.http_url + "/openapi.json")[1]["info"]["title"] == "dpmlx control plane"
 
 
 def test_control_plane_auth_and_path_confinement(models, tmp_path):
