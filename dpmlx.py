@@ -89,10 +89,12 @@ def _demo(args: argparse.Namespace) -> int:
             model_root=SHIPPED_CHECKPOINT.parent,
         )
     )
+    print(f"loading the shipped PushT policy ({SHIPPED_CHECKPOINT.name}; warm-up compiles it)", flush=True)
     server.start()
     try:
-        if not server.manager.wait_for_load(300) or server.manager.active is None:
-            print(f"could not load {SHIPPED_CHECKPOINT}: {server.manager.last_error}", file=sys.stderr)
+        initial = server.initial_load
+        if not initial.loaded.wait(300) or initial.error is not None:
+            print(f"dpmlx demo: cannot serve: {server.manager.last_error or 'timed out'}", file=sys.stderr)
             return 1
         args.server = server.zmq_endpoint
         return eval_main(args)

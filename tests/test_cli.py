@@ -145,6 +145,14 @@ def test_demo_serves_the_shipped_policy_and_runs_episodes(tmp_path):
     report = json.loads((tmp_path / "d.json").read_text())
     assert report["model"]["name"] == "pusht-keypoint-small" and report["episodes"] == 1
     assert len(list(tmp_path.glob("*.gif"))) == 1
+    assert report["noise_seed"] == 0  # seeded by default: two runs print the same score
+    lines = result.stdout.splitlines()
+    assert (
+        lines[0].startswith("loading the shipped PushT policy")
+        and "episode 1/1  seed 100000" in result.stdout
+    )
+    assert f"GIFs in {tmp_path}/: pusht_seed100000.gif" in lines
+    assert (tmp_path / "latency.png").is_file() and str(tmp_path / "latency.png") in lines[-1]
 
 
 def test_shipped_policy_matches_its_config():

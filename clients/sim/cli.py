@@ -20,8 +20,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser, demo: bool = False) -> N
         "--video",
         type=Path,
         default=Path("runs/demo") if demo else None,
-        help="folder for GIFs of the first --video-episodes episodes",
+        help="folder for GIFs of the first --video-episodes episodes and the latency plot",
     )
     parser.add_argument("--video-episodes", type=int, default=4, help="how many episodes get a GIF")
+    parser.add_argument(
+        "--noise-seed",
+        type=int,
+        default=0,
+        help="seed of the policy's noise: the same arguments give the same episodes and score",
+    )
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s")
