@@ -105,7 +105,13 @@ def _demo(args: argparse.Namespace) -> int:
 # The packages of the full product. The wheel (`pip install .`) is the robot-side client only; these
 # run from the source checkout, installed with `pip install -e` (scripts/setup.sh).
 PRODUCT_PACKAGES = ("policy_core", "server", "trainer", "benchmarks")
-FULL_INSTALL = "pip install -e '.[{extra}]' in the source checkout (scripts/setup.sh installs everything)"
+
+
+def _install_hint(extra: str) -> str:
+    if extra in ("sim", "plot"):  # client-side extras: the wheel takes them
+        return f"pip install '.[{extra}]' in the source checkout"
+    return f"pip install -e '.[{extra}]' in the source checkout (scripts/setup.sh installs everything)"
+
 
 Arguments = Callable[[argparse.ArgumentParser], None]
 
@@ -153,7 +159,7 @@ def _not_installed(args: argparse.Namespace) -> int:
     extra = COMMAND_EXTRA.get(command, "server")
     print(
         f"dpmlx {command} is part of the full product, which this client-only install leaves out: "
-        f"{FULL_INSTALL.format(extra=extra)}",
+        f"{_install_hint(extra)}",
         file=sys.stderr,
     )
     return 2
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = COMMAND_EXTRA.get(command, extra)
         print(
             f"dpmlx {command} needs {e.name}, which this install leaves out: "
-            f"diffusion-policy-mlx[{extra}]: {FULL_INSTALL.format(extra=extra)}",
+            f"diffusion-policy-mlx[{extra}]: {_install_hint(extra)}",
             file=sys.stderr,
         )
         return 2

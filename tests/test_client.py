@@ -363,18 +363,42 @@ def test_cli_of_the_client_only_install_lists_and_explains_the_full_products_com
 
 
 def test_dockerfile_client_install_steps_in_a_fresh_venv(tmp_path):
-    """The Dockerfile's steps (copy the tree minus .dockerignore, pip install '.[plot,sim]') in a new venv."""
+    """The Dockerfile's steps (its COPY lines, within .dockerignore; pip install '.[plot,sim]') in a new
+    venv: only the client is copied and installed."""
     dockerfile = (ROOT / "Dockerfile.client").read_text()
     assert "pip install --no-cache-dir '.[plot,sim]'" in dockerfile
-    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()]
+    assert re.search(r"^USER (?!root)\w+", dockerfile, re.M), "the client must not run as root"
+    # .dockerignore is an allowlist: "*", then "!name" for what the build context may hold.
+    allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*ignored, "*.egg-info", "__pycache__"))
+    src.mkdir()
+    copies = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    for name in (name for sources in copies for name in sources):
+        assert name in allowed, f"{name} is copied but .dockerignore keeps it out of the context"
+        if (ROOT / name).is_dir():
+            shutil.copytree(
+                ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
+        else:
+            shutil.copy(ROOT / name, src / name)
+    assert not {"server", "policy_core", "trainer", "data", "runs"} & {p.name for p in src.iterdir()}
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-cache-dir", ".[plot,sim]"]
     subprocess.run(
         pip, cwd=src, check=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}, timeout=900
     )
+    # What the project itself installs: the client's modules, tens of kB (17 MB with the server's weights).
+    (record,) = venv.glob("lib/python*/site-packages/diffusion_policy_mlx-*.dist-info/RECORD")
+    ours = [line.split(",")[0] for line in record.read_text().splitlines()]
+    assert {p.split("/")[0] for p in ours if not p.startswith(("diffusion_policy_mlx-", "../"))} == {
+        "clients", "proto", "dpmlx.py", "__pycache__"
+    }  # fmt: skip
+    size = sum(
+        (record.parent.parent / p).stat().st_size for p in ours if (record.parent.parent / p).is_file()
+    )
+    assert size < 500_000, size
+    assert not list(venv.rglob("*.safetensors"))
     freeze = subprocess.run([str(venv / "bin/python"), "-m", "pip", "freeze"], capture_output=True, text=True)
     installed = {line.split("==")[0].lower() for line in freeze.stdout.splitlines()}
     assert {"numpy", "pyzmq", "msgpack", "matplotlib", "pymunk", "gymnasium"} <= installed
