@@ -33,7 +33,8 @@ def test_the_editable_install_is_the_full_product_from_any_directory(tmp_path):
     # The wheel carries the client only; scripts/setup.sh's `pip install -e` puts the whole checkout on
     # sys.path, so the server, model, trainer and benchmarks work from any directory.
     code = (
-        "import benchmarks.policy_latency, policy_core.config, server.cli, trainer.cli, clients, proto, dpmlx\n"
+        "import benchmarks.policy_latency, policy_core.config, server.cli, trainer.cli\n"
+        "import clients, dpmlx, proto\n"
         "from server.models import SHIPPED_CHECKPOINT\n"
         "print(SHIPPED_CHECKPOINT.is_file(), server.cli.__file__)\n"
     )
