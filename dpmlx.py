@@ -6,7 +6,11 @@ Subcommand modules are imported lazily so that, e.g., ``dpmlx info`` does not lo
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -78,13 +82,19 @@ def _demo(args: argparse.Namespace) -> int:
 
     cuda.use_direct_launches()  # an inference-only process, like dpmlx serve
     server = Server(
-        ServeConfig(checkpoint=SHIPPED_CHECKPOINT, zmq="tcp://127.0.0.1:*", http_port=0,
-                    model_root=SHIPPED_CHECKPOINT.parent)
-    )  # fmt: skip
+        ServeConfig(
+            checkpoint=SHIPPED_CHECKPOINT,
+            zmq="tcp://127.0.0.1:*",
+            http_port=0,
+            model_root=SHIPPED_CHECKPOINT.parent,
+        )
+    )
+    print(f"loading the shipped PushT policy ({SHIPPED_CHECKPOINT.name}; warm-up compiles it)", flush=True)
     server.start()
     try:
-        if not server.manager.wait_for_load(300) or server.manager.active is None:
-            print(f"could not load {SHIPPED_CHECKPOINT}: {server.manager.last_error}", file=sys.stderr)
+        initial = server.initial_load
+        if not initial.loaded.wait(300) or initial.error is not None:
+            print(f"dpmlx demo: cannot serve: {server.manager.last_error or 'timed out'}", file=sys.stderr)
             return 1
         args.server = server.zmq_endpoint
         return eval_main(args)
@@ -92,105 +102,206 @@ def _demo(args: argparse.Namespace) -> int:
         server.shutdown()
 
 
+# The packages of the full product. The wheel (`pip install .`) is the robot-side client only; these
+# run from the source checkout, installed with `pip install -e` (scripts/setup.sh).
+PRODUCT_PACKAGES = ("policy_core", "server", "trainer", "benchmarks")
+
+
+def _install_hint(extra: str) -> str:
+    if extra in ("sim", "plot"):  # client-side extras: the wheel takes them
+        return f"pip install '.[{extra}]' in the source checkout"
+    return f"pip install -e '.[{extra}]' in the source checkout (scripts/setup.sh installs everything)"
+
+
+Arguments = Callable[[argparse.ArgumentParser], None]
+
+
+def _arguments(module: str, function: str) -> Arguments | None:
+    """A subcommand's argument builder, or None where a client-only install leaves its package out."""
+    try:
+        return getattr(importlib.import_module(module), function)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in PRODUCT_PACKAGES:
+            raise
+        return None
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every help text that has a default worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _add_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    arguments: Arguments | None,
+    func: Callable[[argparse.Namespace], int],
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
+    """``arguments`` None: the command's package is not installed; it is listed and explains itself."""
+    if arguments is None:
+        parser = sub.add_parser(name, help=f"{help} [not in this client-only install]", add_help=False)
+        parser.set_defaults(func=_not_installed)
+        return parser
+    parser = sub.add_parser(name, help=help, formatter_class=_HelpFormatter, **kwargs)
+    arguments(parser)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _not_installed(args: argparse.Namespace) -> int:
+    command = _command_name(args)
+    extra = COMMAND_EXTRA.get(command, "server")
+    print(
+        f"dpmlx {command} is part of the full product, which this client-only install leaves out: "
+        f"{_install_hint(extra)}",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="LeRobot pretrained_model/ folder (or its parent) or a .ckpt file")
+    parser.add_argument("--out", required=True, help="output .safetensors checkpoint")
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--use-ema", dest="use_ema", action="store_true", help=".ckpt: EMA weights (default)")
+    ema.add_argument("--no-ema", dest="use_ema", action="store_false", help=".ckpt: the raw model weights")
+    parser.add_argument("--control-hz", type=float, help="control rate stored in the metadata (default 10)")
+    parser.set_defaults(use_ema=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpmlx", description="Diffusion Policy on MLX")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("info", help="MLX version, backend, device, memory and BLAS (for bug reports)")
-    info.set_defaults(func=_info)
+    def no_arguments(parser: argparse.ArgumentParser) -> None:
+        pass
 
-    serve = sub.add_parser("serve", help="serve a policy over ZeroMQ with an HTTP control plane")
-    from server.cli import add_arguments as add_serve_arguments
-
-    add_serve_arguments(serve)
-    serve.set_defaults(func=_serve)
-
-    convert = sub.add_parser(
+    _add_command(
+        sub, "info", "MLX version, backend, device, memory and BLAS (for bug reports)", no_arguments, _info
+    )
+    _add_command(
+        sub,
+        "serve",
+        "serve a policy over ZeroMQ with an HTTP control plane",
+        _arguments("server.cli", "add_arguments"),
+        _serve,
+    )
+    _add_command(
+        sub,
         "convert",
-        help="convert a LeRobot diffusion policy or a Diffusion Policy .ckpt to our checkpoint format",
+        "convert a LeRobot diffusion policy or a Diffusion Policy .ckpt to our checkpoint format",
+        _convert_arguments,
+        _convert,
         description="Convert a LeRobot diffusion pretrained_model/ folder (no PyTorch needed) or a "
         "real-stanford/diffusion_policy workspace .ckpt (needs torch, dill, omegaconf) into a .safetensors "
         "checkpoint that `dpmlx serve` loads. A .ckpt is a pickle that can run arbitrary code when read: "
         "convert only files you trust, never files received over the network.",
     )
-    convert.add_argument("src", help="LeRobot pretrained_model/ folder (or its parent) or a .ckpt file")
-    convert.add_argument("--out", required=True, help="output .safetensors checkpoint")
-    ema = convert.add_mutually_exclusive_group()
-    ema.add_argument("--use-ema", dest="use_ema", action="store_true", help=".ckpt: EMA weights (default)")
-    ema.add_argument("--no-ema", dest="use_ema", action="store_false", help=".ckpt: the raw model weights")
-    convert.add_argument("--control-hz", type=float, help="control rate stored in the metadata (default 10)")
-    convert.set_defaults(func=_convert, use_ema=None)
-
-    from trainer.cli import add_bench_arguments, add_train_arguments
-
-    train = sub.add_parser(
-        "train", help="train a policy from demonstrations (writes hot-loadable checkpoints)"
+    _add_command(
+        sub,
+        "train",
+        "train a policy from demonstrations (writes hot-loadable checkpoints)",
+        _arguments("trainer.cli", "add_train_arguments"),
+        _train,
     )
-    add_train_arguments(train)
-    train.set_defaults(func=_train)
 
-    data = sub.add_parser("data", help="generate demonstration data").add_subparsers(
-        dest="task", required=True
-    )
-    from trainer.pusht_cli import add_data_arguments
-
-    pusht_data = data.add_parser("pusht", help="PushT demonstrations from the planning expert (zarr)")
-    add_data_arguments(pusht_data)
-    pusht_data.set_defaults(func=_data_pusht)
+    data_arguments = _arguments("trainer.pusht_cli", "add_data_arguments")
+    if data_arguments is None:
+        _add_command(sub, "data", "generate demonstration data", None, _data_pusht)
+    else:
+        data = sub.add_parser("data", help="generate demonstration data")
+        _add_command(
+            data.add_subparsers(dest="task", required=True),
+            "pusht",
+            "PushT demonstrations from the planning expert (zarr)",
+            data_arguments,
+            _data_pusht,
+        )
 
     from clients.sim.cli import add_eval_arguments
 
-    demo = sub.add_parser("demo", help="serve the shipped PushT policy and run episodes through the client")
-    add_eval_arguments(demo, demo=True)
-    demo.set_defaults(func=_demo)
-
+    _add_command(
+        sub,
+        "demo",
+        "serve the shipped PushT policy and run episodes through the client",
+        partial(add_eval_arguments, demo=True),
+        _demo,
+    )
     evaluate = sub.add_parser("eval", help="closed-loop evaluation through the server")
-    eval_sub = evaluate.add_subparsers(dest="task", required=True)
+    _add_command(
+        evaluate.add_subparsers(dest="task", required=True),
+        "pusht",
+        "PushT episodes via PolicyClient / ActionChunkRunner",
+        add_eval_arguments,
+        _eval_pusht,
+    )
 
-    pusht_eval = eval_sub.add_parser("pusht", help="PushT episodes via PolicyClient / ActionChunkRunner")
-    add_eval_arguments(pusht_eval)
-    pusht_eval.set_defaults(func=_eval_pusht)
-
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from benchmarks.policy_latency import add_arguments
-
-    policy = bench_sub.add_parser("policy", help="in-process predict_action latency (untrained policies)")
-    add_arguments(policy)
-    policy.set_defaults(func=_bench_policy)
-
-    from clients.bench import add_arguments as add_latency_arguments
-
-    latency = bench_sub.add_parser("latency", help="request latency against a running server (client side)")
-    add_latency_arguments(latency)
-    latency.set_defaults(func=_bench_latency)
-
-    bench_train = bench_sub.add_parser("train", help="training throughput: steps/s and samples/s")
-    add_bench_arguments(bench_train)
-    bench_train.set_defaults(func=_bench_train)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    _add_command(
+        bench,
+        "policy",
+        "in-process predict_action latency (untrained policies)",
+        _arguments("benchmarks.policy_latency", "add_arguments"),
+        _bench_policy,
+    )
+    _add_command(
+        bench,
+        "latency",
+        "request latency against a running server (client side)",
+        _arguments("clients.bench", "add_arguments"),
+        _bench_latency,
+    )
+    _add_command(
+        bench,
+        "train",
+        "training throughput: steps/s and samples/s",
+        _arguments("trainer.cli", "add_bench_arguments"),
+        _bench_train,
+    )
     return parser
 
 
 # Which extra brings each optional top-level module.
 EXTRA_OF_MODULE = {
-    **dict.fromkeys(("mlx", "fastapi", "uvicorn", "yaml"), "server"),
+    **dict.fromkeys(("mlx", "fastapi", "fastapi_offline", "uvicorn", "yaml"), "server"),
     **dict.fromkeys(("pymunk", "gymnasium", "PIL"), "sim"),
     **dict.fromkeys(("zarr", "numcodecs", "tqdm"), "train"),
 }
+# The extra a command needs as a whole: `dpmlx train` missing mlx needs [train], not just [server].
+COMMAND_EXTRA = {"train": "train", "data": "train", "bench train": "train", "demo": "server,sim"}
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    sub = getattr(args, "bench_command", None) if args.command == "bench" else None
+    return f"bench {sub}" if sub else args.command
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.func is not _not_installed:  # a missing command takes any arguments
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except ModuleNotFoundError as e:
         # A client-only install has numpy, pyzmq and msgpack: say what to install instead of a traceback.
-        extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
+        top = (e.name or "").split(".")[0]
+        command = _command_name(args)
+        if top in PRODUCT_PACKAGES:
+            return _not_installed(args)
+        extra = EXTRA_OF_MODULE.get(top)
         if extra is None:
             raise
+        extra = COMMAND_EXTRA.get(command, extra)
         print(
-            f"dpmlx {args.command} needs {e.name}, which this install leaves out: "
-            f"pip install 'diffusion-policy-mlx[{extra}]'",
+            f"dpmlx {command} needs {e.name}, which this install leaves out: "
+            f"diffusion-policy-mlx[{extra}]: {_install_hint(extra)}",
             file=sys.stderr,
         )
         return 2

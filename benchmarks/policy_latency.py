@@ -25,8 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=20, help="timed calls per row")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per row (compilation)")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="cap on timed seconds per row")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/policy_latency.json"))
+    parser.add_argument("--batch", type=int, default=1, help="observations per call")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=Path("benchmarks/results/policy_latency.json"),
+        help="write the rows here",
+    )
 
 
 def _policy(config_name: str, dtype: str):

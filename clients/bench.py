@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,7 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="num_inference_steps (default: the model's)")
     parser.add_argument("--scheduler", choices=["ddim", "ddpm"], help="sampler (default: the model's)")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/latency.json"))
+    parser.add_argument(
+        "--connect-timeout", type=float, default=3.0, help="how long to wait for the server's hello, s"
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=Path("runs/latency.json"),
+        help="write the report here (and the PNG beside)",
+    )
     parser.add_argument("--png", type=Path, help="CDF plot (default: next to --json)")
 
 
@@ -61,9 +70,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def client_loop(index: int) -> None:
         try:
-            client = PolicyClient(args.server, timeout_s=args.timeout)
+            client = PolicyClient(args.server, timeout_s=args.timeout, connect_timeout_s=args.connect_timeout)
         except ClientError as e:
-            errors.append(f"client {index}: {e}")
+            with lock:
+                errors.append(f"client {index}: {e}")
             barrier.abort()
             return
         with client:
@@ -73,7 +83,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for _ in range(args.warmup):
                     client.infer(**options)
             except ClientError as e:
-                errors.append(f"client {index} warm-up: {e}")
+                with lock:
+                    errors.append(f"client {index} warm-up: {e}")
                 barrier.abort()  # the others must not wait for this client forever
                 return
             try:
@@ -164,7 +175,12 @@ def plot_cdf(samples: dict[str, list[float]], path: Path) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     report = run(args)
-    print_report(report)
+    if report["requests"]:
+        print_report(report)
+    for error in report["error_examples"]:  # the reasons, not only counted in the JSON
+        print(f"dpmlx bench latency: {error}", file=sys.stderr)
+    if report["errors"] > len(report["error_examples"]):
+        print(f"dpmlx bench latency: {report['errors']} errors in all", file=sys.stderr)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")

@@ -88,7 +88,10 @@ class PolicyClient:
         timeout_s: float = 5.0,
         expected_schema: dict[str, dict[str, Any]] | None = None,
         context: zmq.Context | None = None,
+        connect_timeout_s: float | None = None,
     ):
+        """``connect_timeout_s``: how long the first ``hello`` may take (default ``timeout_s``), so that
+        a missing server is reported quickly while requests keep the longer timeout."""
         self.address = address
         self.timeout_s = timeout_s
         self.expected_schema = expected_schema
@@ -99,7 +102,7 @@ class PolicyClient:
         self._history_lock = threading.Lock()
         self.server_info: dict[str, Any] | None = None
         self.history: ObservationHistory | None = None
-        self.hello()
+        self.hello(connect_timeout_s)
 
     # ---- transport ----
 

@@ -9,7 +9,9 @@ default ``w = 0.7``). The next chunk is requested in the background as soon as t
 fewer than ``min_queue`` actions remain, so inference latency stays hidden from the loop. In real time the
 runner asks for the whole predicted trajectory (``horizon - n_obs_steps + 1`` actions): its tail is used
 only where no newer chunk has arrived yet, which bridges latencies longer than half a chunk. A tick
-with no action at all is *starved*: the previous action is held and the tick counted.
+with no action at all is *starved*: the previous action is held and the tick counted. With
+``noise_seed``, request ``k`` of the episode reset with seed ``s`` draws its noise from the seed
+``(noise_seed, s, k)``, so a synchronous episode is reproducible.
 
 Works with any environment that follows the gymnasium step API (``reset(seed=) -> (obs, info)``,
 ``step(action) -> (obs, reward, terminated, truncated, info)``); gymnasium itself is not imported.
@@ -61,6 +63,7 @@ class ActionChunkRunner:
         reach: bool = True,
         infer_options: dict[str, Any] | None = None,
         on_step: Callable[[int, Any, float, dict], None] | None = None,
+        noise_seed: int | None = None,
     ):
         if merge not in ("latest", "weighted"):
             raise ValueError("merge must be 'latest' or 'weighted'")
@@ -80,6 +83,7 @@ class ActionChunkRunner:
                 "n_action_steps", info["action"]["horizon"] - info["n_obs_steps"] + 1
             )
         self.on_step = on_step
+        self.noise_seed = noise_seed
         self._latency_s: float | None = None  # running estimate of request latency
         self._primary_until = -1  # last tick covered by a chunk's own n_action_steps
 
@@ -120,21 +124,28 @@ class ActionChunkRunner:
         self._primary_until = -1
         pending: dict[str, Any] = {}  # {"thread", "tick", "result" | "error"}
         dt = 1.0 / self.control_hz
+        requests = 0
 
-        def request(stacked: dict[str, np.ndarray]) -> None:
+        def request(stacked: dict[str, np.ndarray], options: dict[str, Any]) -> None:
             start = time.perf_counter()
             try:
-                pending["result"] = self.client.infer_stacked(stacked, **self.infer_options)
+                pending["result"] = self.client.infer_stacked(stacked, **options)
             except Exception as e:  # counted as a failed request; the loop goes on with what it has
                 pending["error"] = e
             pending["seconds"] = time.perf_counter() - start
 
         def launch(tick: int) -> None:
+            nonlocal requests
             pending.clear()
             pending["tick"] = tick
             # The history is taken now, on the control thread: it ends with the observation of `tick`.
             stacked = self.client.stacked_history()
-            pending["thread"] = threading.Thread(target=request, args=(stacked,), daemon=True)
+            options = dict(self.infer_options)
+            if self.noise_seed is not None:
+                key = [self.noise_seed, seed or 0, requests]
+                options["seed"] = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)
+            requests += 1
+            pending["thread"] = threading.Thread(target=request, args=(stacked, options), daemon=True)
             pending["thread"].start()
 
         def collect(now_tick: int, wait: bool) -> None:

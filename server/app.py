@@ -19,7 +19,7 @@ from policy_core.backends import cuda
 from server.frontend import ZmqFrontend
 from server.http_api import create_app
 from server.metrics import Metrics
-from server.models import SHIPPED_CHECKPOINT, BatchingConfig, ModelManager
+from server.models import SHIPPED_CHECKPOINT, BatchingConfig, ModelManager, ModelWorker, load_error_message
 
 log = logging.getLogger("dpmlx.server")
 
@@ -134,6 +134,7 @@ class Server:
             if config.watch
             else None
         )
+        self.initial_load: ModelWorker | None = None  # the load of config.checkpoint
 
     @property
     def zmq_endpoint(self) -> str:
@@ -145,10 +146,12 @@ class Server:
         return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}"
 
     def start(self) -> None:
+        """Start serving; the configured checkpoint loads in the background (``initial_load``), and a
+        failure to load it is the caller's to report (``serve_main`` exits)."""
         self.frontend.start()
         self._http_thread.start()
         if self.config.checkpoint is not None:
-            self.manager.load(self.config.checkpoint)
+            self.initial_load = self.manager.load(self.config.checkpoint, log_failure=False)
         if self.watch is not None:
             self.watch.start()
 
@@ -172,7 +175,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     checkpoint = (
         args.checkpoint.resolve() if args.checkpoint else (None if args.watch else SHIPPED_CHECKPOINT)
     )
-    root = args.model_root or args.watch or (checkpoint.parent if checkpoint else Path.cwd())
+    # HTTP loads may name any checkpoint under the directory the server was started in (the user's runs
+    # are there, not beside the shipped policy); --model-root narrows or moves that.
+    root = args.model_root or Path.cwd()
     return ServeConfig(
         checkpoint=checkpoint,
         zmq=args.zmq,
@@ -195,13 +200,28 @@ def serve_main(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     server.start()
     log.info("ZeroMQ on %s, control plane on %s", server.zmq_endpoint, server.http_url)
+    if server.initial_load is not None:
+        log.info("loading %s (validation and warm-up compilation)", server.config.checkpoint)
+    elif server.watch is not None and server.watch.newest() is None:
+        log.info(
+            "waiting for a checkpoint in %s%s: /readyz answers 503 until one is loaded",
+            server.config.watch,
+            "" if server.config.watch.is_dir() else " (no such folder yet)",
+        )
+    log.info("model root for HTTP loads: %s (--model-root)", server.config.model_root)
     if not is_loopback(server.config.http_host):
         log.warning("control plane exposed on %s (token required for mutations)", server.config.http_host)
     zmq_host = server.zmq_endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
     if server.zmq_endpoint.startswith("tcp://") and not is_loopback(zmq_host):
         log.warning("ZeroMQ bound to %s: any host that reaches it can request actions", server.zmq_endpoint)
+    initial = server.initial_load
     while not stop.wait(0.2):
-        pass
+        if initial is not None and initial.loaded.is_set():
+            if initial.error is not None:  # the named checkpoint: fail, don't serve nothing forever
+                log.error("cannot serve: %s", load_error_message(initial.path, initial.error))
+                server.shutdown()
+                return 1
+            initial = None
     log.info("shutting down: finishing in-flight requests")
     started = time.perf_counter()
     server.shutdown()

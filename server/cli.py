@@ -10,18 +10,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
         type=Path,
-        help="policy checkpoint to serve at start-up (default: the shipped PushT policy, unless --watch)",
+        help="policy checkpoint to serve at start-up; the process exits if it cannot be loaded (default: "
+        "the shipped PushT policy, unless --watch)",
     )
     parser.add_argument(
         "--zmq", default="tcp://127.0.0.1:5555", help="ZeroMQ bind address (tcp:// or ipc://)"
     )
-    parser.add_argument("--http", default="127.0.0.1:8000", help="control plane HOST:PORT")
-    parser.add_argument("--watch", type=Path, help="hot-load each new checkpoint written to this folder")
+    parser.add_argument("--http", default="127.0.0.1:8000", help="control plane HOST:PORT (port 0: any free)")
+    parser.add_argument(
+        "--watch",
+        type=Path,
+        help="hot-load each new checkpoint written to this folder (waits while it has none)",
+    )
     parser.add_argument(
         "--token", help="bearer token for mutating control-plane endpoints (or the DPMLX_TOKEN variable)"
     )
-    parser.add_argument("--model-root", type=Path, help="folder checkpoint loads are confined to")
-    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument(
+        "--model-root",
+        type=Path,
+        help="folder that POST /v1/models/load may load from; paths and links leading out of it are "
+        "refused (default: the current directory)",
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=8, help="most rows one batch computes (and one request may carry)"
+    )
     parser.add_argument(
         "--max-wait-ms",
         type=float,
@@ -29,6 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long a batch's first request may wait for as many requests as the last batch of the "
         "same options saw (a lone client never waits; 0: batch only what queued meanwhile)",
     )
-    parser.add_argument("--max-queue", type=int, default=64)
-    parser.add_argument("--max-message-mb", type=float, default=16.0)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype override")
+    parser.add_argument(
+        "--max-queue", type=int, default=64, help="requests queued per model before answering `overloaded`"
+    )
+    parser.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=16.0,
+        help="largest request accepted, in MiB (larger ones are answered `too_large`)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="weight dtype of every loaded model (default: each checkpoint's own)",
+    )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
 from server.metrics import Metrics
@@ -30,7 +31,7 @@ def resolve_model_path(raw: str, root: Path) -> Path:
     root = root.resolve()
     candidate = (root / raw).resolve()  # an absolute raw replaces root; resolve() follows symlinks
     if candidate != root and root not in candidate.parents:
-        raise PermissionError(f"{raw!r} is outside the model root")
+        raise PermissionError(f"{raw!r} is outside the model root {root}")
     if candidate.suffix != ".safetensors":
         raise ValueError("checkpoints are .safetensors files")
     if not candidate.is_file():
@@ -41,7 +42,9 @@ def resolve_model_path(raw: str, root: Path) -> Path:
 def create_app(manager: ModelManager, metrics: Metrics, token: str | None, model_root: Path) -> FastAPI:
     """The control plane of ``manager``'s models: mutations need ``token`` where one is set, and loads are
     confined to ``model_root``."""
-    app = FastAPI(title="dpmlx control plane", version="1")
+    # /docs and /redoc from files the package ships: FastAPI's own pages load them from a CDN, which an
+    # offline robot network cannot reach (a blank page).
+    app = FastAPIOffline(title="dpmlx control plane", version="1")
 
     def require_token(authorization: str | None = Header(default=None)) -> None:
         if token is None:
@@ -70,16 +73,17 @@ def create_app(manager: ModelManager, metrics: Metrics, token: str | None, model
         try:
             path = resolve_model_path(body.path, model_root)
         except PermissionError as e:
-            raise HTTPException(status_code=403, detail=str(e)) from None
+            hint = "loads are confined to it: start dpmlx serve with --model-root to choose another"
+            raise HTTPException(status_code=403, detail=f"{e} ({hint})") from None
         except FileNotFoundError as e:
             raise HTTPException(status_code=404, detail=str(e)) from None
         except (ValueError, OSError) as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
         try:
-            version = manager.load(path)
+            worker = manager.load(path)
         except RuntimeError as e:
             raise HTTPException(status_code=409, detail=str(e)) from None
-        return {"loading": {"path": os.fspath(path), "version": version}}
+        return {"loading": {"path": os.fspath(path), "version": worker.version}}
 
     @app.post("/v1/models/rollback", dependencies=[Depends(require_token)])
     def rollback() -> dict:

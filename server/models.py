@@ -9,7 +9,6 @@ old model finish there and nothing is dropped. The previous model stays resident
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
@@ -97,6 +96,14 @@ class PendingInfer:
         return next(iter(self.obs.values())).shape[0]
 
 
+def load_error_message(path: Path, error: Exception) -> str:
+    """One line naming the error's type and the checkpoint (once: checkpoint errors name it already)."""
+    message = " ".join(str(error).split())
+    if str(path) not in message:
+        message = f"{path}: {message}"
+    return f"{type(error).__name__}: {message}"
+
+
 class ModelWorker(threading.Thread):
     """Loads one checkpoint, warms it up, then serves batches from its queue until retired."""
 
@@ -108,6 +115,7 @@ class ModelWorker(threading.Thread):
         metrics: Metrics,
         on_ready: Callable[[ModelWorker], None],
         on_failed: Callable[[ModelWorker, Exception], None],
+        log_failure: bool = True,
     ):
         super().__init__(name=f"model-worker-v{version}", daemon=True)
         self.path = path
@@ -115,6 +123,9 @@ class ModelWorker(threading.Thread):
         self.batching = batching
         self.metrics = metrics
         self.info: ModelInfo | None = None
+        self.log_failure = log_failure  # else whoever started the load reports its failure
+        self.error: Exception | None = None  # why the load failed
+        self.loaded = threading.Event()  # set once the load has succeeded or failed
         self.queue: queue.Queue[PendingInfer] = queue.Queue(maxsize=batching.max_queue)
         self._deferred: deque[PendingInfer] = deque()
         self._on_ready = on_ready
@@ -163,10 +174,12 @@ class ModelWorker(threading.Thread):
         try:
             self._load()
         except Exception as e:  # a failed load must never take the server down
-            log.warning("load of %s failed: %s", self.path, e)
+            self.error = e
             self._on_failed(self, e)
+            self.loaded.set()
             return
         self._on_ready(self)
+        self.loaded.set()
         while True:
             batch = self._next_batch()
             if batch:
@@ -313,7 +326,9 @@ class ModelManager:
         self.batching = batching
         self.metrics = metrics
         self._lock = threading.Lock()
-        self._versions = itertools.count(1)
+        # Loads run one at a time and a failed one gives its number to the next: versions count the
+        # models that were served.
+        self._next_version = 1
         self.active: ModelWorker | None = None
         self.previous: ModelWorker | None = None
         self.loading: ModelWorker | None = None
@@ -321,17 +336,18 @@ class ModelManager:
         self.last_error: str | None = None
         self._load_done = threading.Condition(self._lock)
 
-    def load(self, path: Path) -> int:
-        """Start loading ``path`` in the background; return its version. Raises RuntimeError if busy."""
+    def load(self, path: Path, log_failure: bool = True) -> ModelWorker:
+        """Start loading ``path`` in the background; its worker tells the version and, once ``loaded``
+        is set, the ``error`` if it failed. Raises RuntimeError if busy."""
         with self._lock:
             if self.loading is not None:
                 raise RuntimeError(f"already loading {self.loading.path}")
             worker = ModelWorker(
-                path, next(self._versions), self.batching, self.metrics, self._ready, self._failed
+                path, self._next_version, self.batching, self.metrics, self._ready, self._failed, log_failure
             )
             self.loading, self.loading_since = worker, time.time()
         worker.start()
-        return worker.version
+        return worker
 
     def wait_for_load(self, timeout: float | None = None) -> bool:
         """Block until no load is in progress; True if it finished in time."""
@@ -343,6 +359,7 @@ class ModelManager:
             retired = self.previous
             replaced = self.active
             self.previous, self.active = self.active, worker
+            self._next_version = worker.version + 1
             self.loading = self.loading_since = None
             self._load_done.notify_all()
         if retired is not None:
@@ -352,11 +369,14 @@ class ModelManager:
         log.info("serving %s v%d (%s)", worker.info.name, worker.version, worker.path)
 
     def _failed(self, worker: ModelWorker, error: Exception) -> None:
+        message = load_error_message(worker.path, error)
         with self._lock:
-            self.last_error = f"{worker.path}: {error}"
+            self.last_error = message
             self.loading = self.loading_since = None
             self._load_done.notify_all()
         self.metrics.load_failed()
+        if worker.log_failure:
+            log.warning("load failed: %s", message)
 
     def rollback(self) -> ModelInfo:
         with self._lock:

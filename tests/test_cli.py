@@ -1,7 +1,9 @@
 import argparse
 import json
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +86,48 @@ def test_serve_finishes_in_flight_requests_on_sigterm(tmp_path):
         proc.wait()
 
 
+def test_serve_exits_with_one_typed_line_when_its_checkpoint_cannot_be_loaded(tmp_path):
+    import numpy as np
+
+    missing = tmp_path / "missing.safetensors"
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    random_bytes = tmp_path / "random.safetensors"
+    random_bytes.write_bytes(np.random.default_rng(0).bytes(4096))
+    for path, error in ((missing, "CheckpointError"), (truncated, "CheckpointCorruptError"),
+                        (random_bytes, "CheckpointCorruptError")):  # fmt: skip
+        result = run(
+            "serve", "--checkpoint", str(path), "--zmq", f"ipc://{tmp_path}/s.ipc", "--http", "127.0.0.1:0"
+        )
+        assert result.returncode == 1, result.stderr
+        errors = [line for line in result.stderr.splitlines() if " ERROR " in line or "Traceback" in line]
+        assert len(errors) == 1 and f"cannot serve: {error}: {path}" in errors[0], result.stderr
+        assert errors[0].count(str(path)) == 1 and " WARNING " not in result.stderr
+
+
+def test_serve_waits_for_a_checkpoint_in_an_empty_watched_folder_and_says_so(tmp_path):
+    import signal
+
+    proc = subprocess.Popen(
+        [*DPMLX, "serve", "--watch", str(tmp_path), "--zmq", f"ipc://{tmp_path}/s.ipc",
+         "--http", "127.0.0.1:0"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = threading.Timer(120, proc.kill)  # never hang on a server that does not say it
+    deadline.start()
+    try:
+        for line in proc.stderr:
+            if "waiting for a checkpoint in" in line:
+                break
+        assert f"waiting for a checkpoint in {tmp_path}" in line and "/readyz answers 503" in line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        deadline.cancel()
+        proc.kill()
+        proc.wait()
+
+
 def test_demo_serves_the_shipped_policy_and_runs_episodes(tmp_path):
     result = run(
         "demo",
@@ -101,6 +145,14 @@ def test_demo_serves_the_shipped_policy_and_runs_episodes(tmp_path):
     report = json.loads((tmp_path / "d.json").read_text())
     assert report["model"]["name"] == "pusht-keypoint-small" and report["episodes"] == 1
     assert len(list(tmp_path.glob("*.gif"))) == 1
+    assert report["noise_seed"] == 0  # seeded by default: two runs print the same score
+    lines = result.stdout.splitlines()
+    assert (
+        lines[0].startswith("loading the shipped PushT policy")
+        and "episode 1/1  seed 100000" in result.stdout
+    )
+    assert f"GIFs in {tmp_path}/: pusht_seed100000.gif" in lines
+    assert (tmp_path / "latency.png").is_file() and str(tmp_path / "latency.png") in lines[-1]
 
 
 def test_shipped_policy_matches_its_config():
@@ -150,3 +202,27 @@ def test_a_loaded_server_exits_0_on_every_stop(tmp_path):
         results = list(pool.map(start_and_stop, range(20)))
     failed = [(rc, log[-300:]) for rc, log in results if rc != 0]
     assert not failed, failed
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: str = ""):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, f"{prefix} {name}".strip())
+    yield prefix, parser
+
+
+def test_every_flag_has_help_and_serve_shows_its_defaults():
+    import dpmlx
+
+    for command, parser in _commands(dpmlx.build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction | argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip(), (command, action.dest)
+    serve = dict(_commands(dpmlx.build_parser()))["serve"].format_help()
+    flat = " ".join(serve.split())
+    for flag, default in (("--max-batch", "8"), ("--max-queue", "64"), ("--max-message-mb", "16.0"),
+                          ("--max-wait-ms", "2.0"), ("--zmq", "tcp://127.0.0.1:5555")):  # fmt: skip
+        assert re.search(rf"{flag} \S+ [^-]*\(default: {re.escape(default)}\)", flat), (flag, flat)
+    assert "(default: None)" not in flat

@@ -287,6 +287,22 @@ def test_bench_latency_against_a_live_server(server, tmp_path):
     assert "round_trip_ms" in result.stdout
 
 
+def test_bench_latency_without_a_server_says_why_and_writes_under_runs(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "dpmlx.py"), "bench", "latency", "--server", f"tcp://127.0.0.1:{port}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"no connection to tcp://127.0.0.1:{port} within 3.00 s" in result.stderr, result.stderr
+    assert time.monotonic() - start < 30  # the connection timeout, not the 60 s request timeout
+    assert json.loads((tmp_path / "runs/latency.json").read_text())["errors"] == 1
+    assert not (tmp_path / "benchmarks").exists()
+
+
 BLOCKER = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -314,21 +330,75 @@ def test_client_imports_without_mlx_fastapi_or_pymunk():
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert cli.returncode == 2 and "diffusion-policy-mlx[server]" in cli.stderr
+    # Training needs more than the server: the hint names the extra that brings all of it.
+    for argv in (["train", "--config", "configs/tiny_smoke.yaml"], ["data", "pusht", "--episodes", "1",
+                 "--out", "x.zarr"]):  # fmt: skip
+        cli = subprocess.run(
+            [sys.executable, "-c", BLOCKER + f"import dpmlx; sys.exit(dpmlx.main({argv!r}))"],
+            cwd=ROOT, capture_output=True, text=True,
+        )  # fmt: skip
+        assert cli.returncode == 2 and "pip install -e '.[train]'" in cli.stderr, (argv, cli.stderr)
+        assert "Traceback" not in cli.stderr
+
+
+# What the client-only wheel leaves out (see pyproject.toml): the full product's packages.
+PRODUCT_BLOCKER = BLOCKER.replace('"yaml"}', '"yaml", "policy_core", "server", "trainer", "benchmarks"}')
+
+
+def test_cli_of_the_client_only_install_lists_and_explains_the_full_products_commands():
+    def dpmlx(*argv: str) -> subprocess.CompletedProcess:
+        code = PRODUCT_BLOCKER + f"import dpmlx; sys.exit(dpmlx.main({list(argv)!r}))"
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+
+    listed = dpmlx("--help")
+    assert listed.returncode == 0 and "serve" in listed.stdout and "client-only" in listed.stdout
+    assert dpmlx("bench", "latency", "--help").returncode == 0
+    for argv, extra in ((["serve", "--checkpoint", "m.safetensors"], "server"), (["info"], "server"),
+                        (["train", "--config", "c.yaml"], "train"), (["demo"], "server,sim"),
+                        (["bench", "policy", "--help"], "server")):  # fmt: skip
+        result = dpmlx(*argv)
+        assert result.returncode == 2, (argv, result.stderr)
+        assert "part of the full product" in result.stderr and f"pip install -e '.[{extra}]'" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_dockerfile_client_install_steps_in_a_fresh_venv(tmp_path):
-    """The Dockerfile's steps (copy the tree minus .dockerignore, pip install '.[plot,sim]') in a new venv."""
+    """The Dockerfile's steps (its COPY lines, within .dockerignore; pip install '.[plot,sim]') in a new
+    venv: only the client is copied and installed."""
     dockerfile = (ROOT / "Dockerfile.client").read_text()
     assert "pip install --no-cache-dir '.[plot,sim]'" in dockerfile
-    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()]
+    assert re.search(r"^USER (?!root)\w+", dockerfile, re.M), "the client must not run as root"
+    # .dockerignore is an allowlist: "*", then "!name" for what the build context may hold.
+    allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*ignored, "*.egg-info", "__pycache__"))
+    src.mkdir()
+    copies = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    for name in (name for sources in copies for name in sources):
+        assert name in allowed, f"{name} is copied but .dockerignore keeps it out of the context"
+        if (ROOT / name).is_dir():
+            shutil.copytree(
+                ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
+        else:
+            shutil.copy(ROOT / name, src / name)
+    assert not {"server", "policy_core", "trainer", "data", "runs"} & {p.name for p in src.iterdir()}
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-cache-dir", ".[plot,sim]"]
     subprocess.run(
         pip, cwd=src, check=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}, timeout=900
     )
+    # What the project itself installs: the client's modules, tens of kB (17 MB with the server's weights).
+    (record,) = venv.glob("lib/python*/site-packages/diffusion_policy_mlx-*.dist-info/RECORD")
+    ours = [line.split(",")[0] for line in record.read_text().splitlines()]
+    assert {p.split("/")[0] for p in ours if not p.startswith(("diffusion_policy_mlx-", "../"))} == {
+        "clients", "proto", "dpmlx.py", "__pycache__"
+    }  # fmt: skip
+    size = sum(
+        (record.parent.parent / p).stat().st_size for p in ours if (record.parent.parent / p).is_file()
+    )
+    assert size < 500_000, size
+    assert not list(venv.rglob("*.safetensors"))
     freeze = subprocess.run([str(venv / "bin/python"), "-m", "pip", "freeze"], capture_output=True, text=True)
     installed = {line.split("==")[0].lower() for line in freeze.stdout.splitlines()}
     assert {"numpy", "pyzmq", "msgpack", "matplotlib", "pymunk", "gymnasium"} <= installed

@@ -157,3 +157,38 @@ def test_eval_runs_end_to_end_through_the_server(tmp_path):
     assert all(0 < e["steps"] <= 12 for e in report["per_episode"])
     assert report["mean_score"] == pytest.approx(np.mean([e["max_reward"] for e in report["per_episode"]]))
     assert len(list((tmp_path / "video").glob("*.gif"))) == 2
+    # Progress per episode as it goes; at the end where the GIFs and the latency plot are.
+    lines = result.stdout.splitlines()
+    assert [line.split("  ")[0] for line in lines if line.startswith("episode ")] == [
+        "episode 1/2",
+        "episode 2/2",
+    ]
+    assert f"GIFs in {tmp_path / 'video'}/: pusht_seed100000.gif, pusht_seed100001.gif" in lines
+    assert (tmp_path / "video/latency.png").stat().st_size > 1000
+    assert lines[-1] == f"latency plot (CDF of chunk round trips): {tmp_path / 'video/latency.png'}"
+
+
+def test_seeded_noise_makes_episodes_reproducible(tmp_path):
+    from clients.policy_client import PolicyClient
+    from clients.runner import ActionChunkRunner
+
+    config = tiny_config(image=False)
+    config["shape_meta"]["obs"] = {"keypoint": {"shape": [20], "type": "low_dim"}}
+    mx.random.seed(0)
+    save_policy(build_policy(config, fitted_normalizer(config)), tmp_path / "m.safetensors")
+
+    def episode(client: PolicyClient, noise_seed: int) -> list[np.ndarray]:
+        actions: list[np.ndarray] = []
+        env = PushTEnv(obs_keys=("keypoint",), max_episode_steps=12)
+        record = lambda _, action, *__: actions.append(np.array(action))  # noqa: E731
+        runner = ActionChunkRunner(client, env, realtime=False, noise_seed=noise_seed, on_step=record)
+        runner.run_episode(seed=100000, max_steps=12)
+        return actions
+
+    with (
+        running_server(tmp_path, tmp_path / "m.safetensors") as srv,
+        PolicyClient(srv.zmq_endpoint) as client,
+    ):
+        first, again, other = episode(client, 0), episode(client, 0), episode(client, 1)
+    assert len(first) == 12 and np.array_equal(np.stack(first), np.stack(again))
+    assert not np.allclose(np.stack(first), np.stack(other))

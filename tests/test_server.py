@@ -1,7 +1,9 @@
 import argparse
 import os
+import re
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
@@ -398,6 +400,20 @@ def test_metrics_and_stats(server):
     assert stats["latency_ms"]["server_ms"]["p50"] > 0
 
 
+def test_api_docs_load_nothing_from_outside(server):
+    # Robot networks are often offline: the docs pages must not depend on a CDN.
+    for page in ("/docs", "/redoc"):
+        status, html = http("GET", server.http_url + page)
+        assert status == 200 and isinstance(html, str), page
+        assert not re.findall(r"(?:https?:)?//[\w.-]+\.\w+/", html.replace("http://www.w3.org/", "")), html
+        assets = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", html)
+        assert any(a.endswith(".js") for a in assets), html
+        for asset in assets:
+            with urllib.request.urlopen(server.http_url + asset, timeout=30) as response:
+                assert response.status == 200 and len(response.read()) > 0, asset
+    assert http("GET", server.http_url + "/openapi.json")[1]["info"]["title"] == "dpmlx control plane"
+
+
 def test_control_plane_auth_and_path_confinement(models, tmp_path):
     outside = tmp_path / "outside.safetensors"
     outside.write_bytes((models / "v1.safetensors").read_bytes())
@@ -429,6 +445,39 @@ def test_control_plane_auth_and_path_confinement(models, tmp_path):
     with pytest.raises(ValueError, match="without --token"):
         ServeConfig(http_host="0.0.0.0")
     ServeConfig(http_host="0.0.0.0", token="t")
+
+
+def test_a_refused_load_names_the_model_root_and_the_flag(models, tmp_path):
+    with running_server(models) as srv:
+        status, body = http(
+            "POST", srv.http_url + "/v1/models/load", {"path": str(tmp_path / "m.safetensors")}
+        )
+        assert status == 403
+        assert (
+            f"outside the model root {models.resolve()}" in body["detail"]
+            and "--model-root" in body["detail"]
+        )
+
+
+def test_the_default_model_root_is_the_current_directory(monkeypatch, tmp_path):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    monkeypatch.chdir(tmp_path)
+    for argv in ([], ["--checkpoint", "runs/a/latest.safetensors"], ["--watch", "runs/a"]):
+        assert app.config_from_args(parser.parse_args(argv)).model_root == tmp_path.resolve(), argv
+    assert app.config_from_args(parser.parse_args(["--model-root", "runs"])).model_root == tmp_path / "runs"
+
+
+def test_a_failed_load_is_one_typed_line_and_takes_no_version(models):
+    with running_server(models, models / "v1.safetensors") as srv:
+        failed = srv.manager.load(models / "corrupt.safetensors")
+        assert failed.loaded.wait(120) and failed.version == 2
+        error = srv.manager.describe()["last_error"]
+        assert error.startswith("CheckpointCorruptError: ") and error.count(str(models / "corrupt")) == 1
+        assert "\n" not in error
+        status, body = http("POST", srv.http_url + "/v1/models/load", {"path": "v2.safetensors"})
+        assert status == 202 and body["loading"]["version"] == 2
+        assert srv.manager.wait_for_load(120) and srv.manager.active.version == 2
 
 
 def test_hot_swap_under_load_drops_nothing(models, reference):
@@ -490,13 +539,14 @@ def test_hot_swap_under_load_drops_nothing(models, reference):
             np.testing.assert_allclose(reply["action"], want, rtol=1e-4, atol=1e-3)
         assert versions_seen - {1} and len(versions_seen) >= 4
         assert "corrupt" in state["last_error"]
-        assert state["active"]["version"] == 7 and state["previous"]["version"] == 6
+        # The failed load did not take a version: v2, v1, (corrupt), v2, v1, v2 are versions 2..6.
+        assert state["active"]["version"] == 6 and state["previous"]["version"] == 5
         assert srv.metrics.stats()["swaps"] == 5 and srv.metrics.stats()["failed_loads"] == 1
         # Rollback returns to the previous model.
         status, body = http("POST", srv.http_url + "/v1/models/rollback")
-        assert status == 200 and body["active"]["version"] == 6
+        assert status == 200 and body["active"]["version"] == 5
         client = RawClient(srv.zmq_endpoint)
-        assert client.call({"type": "infer", "id": 1, "obs": obs})["model"]["version"] == 6
+        assert client.call({"type": "infer", "id": 1, "obs": obs})["model"]["version"] == 5
         client.close()
         lat = np.array([ms for _, _, ms in replies])
         print(

@@ -1,4 +1,6 @@
 import json
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -12,7 +14,7 @@ import yaml
 from mlx.utils import tree_flatten
 from server_helpers import running_server, wait_for
 
-from policy_core import CheckpointCorruptError, load_policy, read_checkpoint
+from policy_core import CheckpointCorruptError, ConfigError, load_policy, read_checkpoint
 from trainer.data import BatchSpec, SequenceSampler, batches, prefetch
 from trainer.pusht_data import generate, save
 from trainer.train import Trainer, ema_decay
@@ -201,6 +203,14 @@ def test_train_cli(dataset, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert read_checkpoint(out / "latest.safetensors").metadata["training_step"] == 10
+    # The first step's compilation is announced, then timed; the last line is a sentence.
+    assert "compiling the train step…" in result.stderr
+    assert re.search(r"compiled the train step in \d+\.\d s", result.stderr), result.stderr
+    assert re.fullmatch(
+        r"Trained to step 10 \(10 steps in \d+ s, [\d.]+ steps/s at the end\): loss \d\.\d{4}, "
+        r"validation loss \d\.\d{4}; the policy to serve is .*latest\.safetensors\.",
+        result.stdout.strip().splitlines()[-1],
+    ), result.stdout
     bench = subprocess.run(
         [sys.executable, str(ROOT / "dpmlx.py"), "bench", "train", "--config", smoke,
          "--steps", "3", "--set", f"data.path={dataset}", "--set", "train.batch_size=8"],
@@ -262,3 +272,90 @@ def test_bfloat16_training(dataset, tmp_path):
         read_checkpoint(tmp_path / "latest.safetensors").tensors["model.unet.final_conv.1.bias"].dtype
         == mx.bfloat16
     )
+
+
+def test_ctrl_c_saves_latest_and_resume_continues_from_there(dataset, tmp_path):
+    out = tmp_path / "run"
+    total = 10**6  # never reached: each run is stopped by Ctrl-C once its first step has run
+    train = [sys.executable, str(ROOT / "dpmlx.py"), "train", "--config",
+             str(ROOT / "configs/tiny_smoke.yaml"), "--out", str(out), "--set", f"data.path={dataset}",
+             "--set", "train.batch_size=8", "--set", f"train.num_steps={total}",
+             "--set", f"train.checkpoint_every={total}"]  # fmt: skip
+
+    def interrupted(argv: list[str]) -> tuple[str, str]:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = threading.Timer(240, proc.kill)
+        deadline.start()
+        try:
+            seen = ""
+            while "compiled the train step" not in seen:  # tqdm ends lines with \r: read characters
+                char = proc.stderr.read(1)
+                assert char, seen
+                seen += char
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=120)
+        finally:
+            deadline.cancel()
+            proc.kill()
+        assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+        return stdout, seen + stderr
+
+    stdout, _ = interrupted(train)
+    step = read_checkpoint(out / "latest.safetensors").metadata["training_step"]
+    assert step > 0 and stdout.strip() == (
+        f"Interrupted at step {step} of {total}: saved {out / 'latest.safetensors'}; continue with --resume."
+    )
+    stdout, stderr = interrupted([*train, "--resume"])
+    assert f"| {step}/{total} [" in stderr  # the bar starts where the first run stopped
+    assert read_checkpoint(out / "latest.safetensors").metadata["training_step"] > step
+    assert stdout.startswith("Interrupted at step ")
+
+
+def test_resume_refuses_a_changed_schedule(dataset, tmp_path):
+    Trainer(tiny_config(dataset, num_steps=4, checkpoint_every=2), tmp_path).run(2, progress=False)
+    with pytest.raises(ConfigError, match=r"train\.num_steps=4.*says 8.*schedule"):
+        Trainer(tiny_config(dataset, num_steps=8, checkpoint_every=2), tmp_path, resume=True)
+    with pytest.raises(ConfigError, match=r"train\.lr=0\.001, train\.warmup_steps=20.*says 0\.002, 3"):
+        Trainer(tiny_config(dataset, num_steps=4, lr=2e-3, warmup_steps=3), tmp_path, resume=True)
+    # What does not shape the optimisation may change.
+    resumed = Trainer(tiny_config(dataset, num_steps=4, log_every=1, val_every=2), tmp_path, resume=True)
+    assert resumed.step == 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config", "missing.yaml"], "no config file missing.yaml"),
+        (["--set", "data.path=/nonexistent/data.zarr"], "data.path: /nonexistent/data.zarr does not exist"),
+        (["--set", "train.num_step=5"], "unknown train config field(s): ['num_step']"),
+        (["--set", "train.num_steps=abc"], "train.num_steps must be an integer, got 'abc'"),
+        (["--set", "train.lr=fast"], "train.lr must be a number, got 'fast'"),
+        (["--set", "train.log_every=0"], "train.log_every must be at least 1, got 0"),
+        (["--set", "data.task=pusht_3d"], "data.task must be one of"),
+        (["--set", "policy.horizon=sixteen"], "policy: a field has the wrong type"),
+        (["--set", "policy.horizn=16"], "unknown policy config field(s): ['horizn']"),
+        (["--set", "trian.lr=1e-4"], "a config has sections policy, data and train"),
+        (["--set", "train.lr.x=1"], "--set train.lr.x=1: train.lr is not a section"),
+        (["--set", "train.lr"], "--set expects KEY=VALUE, got 'train.lr'"),
+        (["--resume"], "--resume: there is no"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(dataset, tmp_path, capsys, argv, message):
+    import dpmlx
+
+    args = ["train", "--config", str(ROOT / "configs/tiny_smoke.yaml"), "--out", str(tmp_path / "run"),
+            "--set", f"data.path={dataset}", *argv]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        dpmlx.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dpmlx train: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_missing_config_is_one_line_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "dpmlx.py"), "train", "--config", "missing.yaml"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == "dpmlx train: error: no config file missing.yaml\n"

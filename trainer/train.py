@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,8 +34,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from policy_core import build_policy, read_checkpoint, save_policy
+from policy_core import ConfigError, build_policy, read_checkpoint, save_policy
 from trainer.data import (
+    TASKS,
     BatchSpec,
     SequenceSampler,
     batches,
@@ -66,14 +72,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown train config field(s): {sorted(unknown)}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(float(b) for b in d["betas"])
-        return cls(**d)
+        config = cls(**_checked_fields(cls, "train", d))
+        for name in ("batch_size", "num_steps", "log_every", "val_every", "val_batches", "checkpoint_every"):
+            if getattr(config, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(config, name)}")
+        if config.lr <= 0 or config.warmup_steps < 0 or config.keep_top_k < 0 or config.rollout_every < 0:
+            raise ConfigError("train.lr must be > 0; warmup_steps, keep_top_k and rollout_every >= 0")
+        return config
+
+
+# Fields that shape the optimisation's trajectory: --resume continues exactly only if they stay as they
+# were (a new num_steps would stretch the cosine schedule mid-run).
+RESUME_FIXED = ("seed", "batch_size", "num_steps", "lr", "warmup_steps", "betas", "eps", "weight_decay",
+                "ema", "ema_power", "ema_max", "grad_clip")  # fmt: skip
 
 
 @dataclass
@@ -82,6 +93,64 @@ class DataConfig:
     path: str
     val_ratio: float = 0.02
     max_train_episodes: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        checked = _checked_fields(cls, "data", d)
+        for name in ("task", "path"):
+            if name not in checked:
+                raise ConfigError(f"data.{name} is required")
+        config = cls(**checked)
+        if config.task not in TASKS:
+            raise ConfigError(f"data.task must be one of {TASKS}, got {config.task!r}")
+        if not 0 <= config.val_ratio < 1:
+            raise ConfigError(f"data.val_ratio must be in [0, 1), got {config.val_ratio}")
+        return config
+
+
+def _checked_fields(cls: type, section: str, d: Any) -> dict[str, Any]:
+    """``d``'s fields of dataclass ``cls``, each checked against (and converted to) its annotated type, so
+    that a wrong config or --set value is reported by name instead of failing deep inside training."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{section}: expected a mapping of fields, got {d!r}")
+    hints = get_type_hints(cls)
+    unknown = set(d) - set(hints)
+    if unknown:
+        raise ConfigError(f"unknown {section} config field(s): {sorted(unknown)}")
+    return {name: _checked(f"{section}.{name}", value, hints[name]) for name, value in d.items()}
+
+
+def _checked(key: str, value: Any, hint: Any) -> Any:
+    optional = isinstance(hint, types.UnionType) and type(None) in hint.__args__
+    if optional:
+        if value is None:
+            return None
+        (hint,) = [t for t in hint.__args__ if t is not type(None)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            with suppress(ValueError):
+                value = float(value)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    # tuple[float, ...] (betas)
+    if not isinstance(value, list | tuple) or len(value) != len(hint.__args__):
+        raise ConfigError(f"{key} must be a list of {len(hint.__args__)} numbers, got {value!r}")
+    return tuple(
+        _checked(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, hint.__args__, strict=True))
+    )
 
 
 def cosine_with_warmup(base_lr: float, warmup: int, total: int) -> Callable[[mx.array], mx.array]:
@@ -115,19 +184,30 @@ class Trainer:
     ):
         self.config = config
         self.out_dir = Path(out_dir)
-        self.train = TrainConfig.from_dict(config.get("train", {}))
-        self.data_cfg = DataConfig(**config["data"])
+        unknown = set(config) - {"policy", "data", "train"}
+        if unknown or "policy" not in config or "data" not in config:
+            raise ConfigError(
+                f"a config has sections policy, data and train (train optional), got {sorted(config)}"
+            )
+        self.train = TrainConfig.from_dict(config.get("train") or {})
+        self.data_cfg = DataConfig.from_dict(config["data"])
         self.group = group  # mx.distributed group for data parallelism (None: one process)
         self.rank = group.rank() if group is not None else 0
         self.world = group.size() if group is not None else 1
 
-        arrays, ends = task_arrays(self.data_cfg.task, self.data_cfg.path)
+        try:
+            arrays, ends = task_arrays(self.data_cfg.task, self.data_cfg.path)
+        except (FileNotFoundError, KeyError) as e:
+            raise ConfigError(f"data.path: {e.args[0] if isinstance(e, KeyError) else e}") from None
         mx.random.seed(self.train.seed)  # weight initialisation
-        self.policy = build_policy(config["policy"])
+        try:
+            self.policy = build_policy(config["policy"])
+        except (TypeError, AttributeError) as e:  # a field of the wrong type, e.g. horizon: "16x"
+            raise ConfigError(f"policy: a field has the wrong type ({e})") from None
         pcfg = self.policy.config
         missing = [k for k in [*pcfg.obs, "action"] if k not in arrays]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"data task {self.data_cfg.task} provides {sorted(arrays)}, the policy needs {missing}"
             )
         self.policy.normalizer = fit_normalizer(
@@ -150,9 +230,11 @@ class Trainer:
         self.obs_steps = {k: pcfg.n_obs_steps for k in pcfg.obs}
         if len(self.train_sampler) < self.train.batch_size:
             windows, batch = len(self.train_sampler), self.train.batch_size
-            raise ValueError(f"{windows} training windows are fewer than one batch of {batch}")
+            raise ConfigError(f"{windows} training windows are fewer than one batch of {batch}")
         if self.train.batch_size % self.world:
-            raise ValueError(f"batch_size {self.train.batch_size} is not divisible by {self.world} processes")
+            raise ConfigError(
+                f"batch_size {self.train.batch_size} is not divisible by {self.world} processes"
+            )
 
         self.optimizer = optim.AdamW(
             learning_rate=cosine_with_warmup(self.train.lr, self.train.warmup_steps, self.train.num_steps),
@@ -166,9 +248,11 @@ class Trainer:
         self.step = 0
         self.best: list[tuple[float, Path]] = []
         self.history: list[dict[str, float]] = []
+        self.interrupted = False  # set when a run stopped early on Ctrl-C (latest.safetensors saved)
         if resume:
             self._restore(self.out_dir / "latest.safetensors")
         self._compile()
+        self._compiled = False  # until the first step has run (mx.compile traces it then)
 
     # ---- the compiled step ------------------------------------------------------------------------
 
@@ -214,10 +298,22 @@ class Trainer:
         mx.random.seed(self.train.seed * 1_000_003 + self.step)
 
     def _restore(self, path: Path) -> None:
+        if not path.is_file():
+            raise ConfigError(f"--resume: there is no {path} to continue from")
         ckpt = read_checkpoint(path)
         if bool(ckpt.metadata.get("has_ema")) != self.train.ema:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: has_ema={ckpt.metadata.get('has_ema')} but the config says ema={self.train.ema}"
+            )
+        saved = ckpt.metadata.get("provenance", {}).get("train", {})
+        now = json.loads(json.dumps(asdict(self.train)))  # tuples as lists, as saved
+        changed = [k for k in RESUME_FIXED if k in saved and saved[k] != now[k]]
+        if changed:
+            was = ", ".join(f"train.{k}={saved[k]}" for k in changed)
+            new = ", ".join(f"{now[k]}" for k in changed)
+            raise ConfigError(
+                f"--resume: {path} was trained with {was}, this config says {new}; resuming keeps the "
+                "run's learning-rate schedule and data order, so set them back (or train into a new --out)"
             )
         self.policy.update(tree_unflatten(list(ckpt.group("model").items())))
         if self.ema is not None:
@@ -297,7 +393,10 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def run(self, num_steps: int | None = None, progress: bool = True) -> dict[str, float]:
-        """Train until ``num_steps`` (default: the config's), checkpointing as configured."""
+        """Train until ``num_steps`` (default: the config's), checkpointing as configured.
+
+        Ctrl-C (SIGINT, in the main thread of a single-process run) stops after the step in progress and
+        saves ``latest.safetensors``, so ``--resume`` continues from there; ``interrupted`` tells."""
         from tqdm import tqdm
 
         end = num_steps if num_steps is not None else self.train.num_steps
@@ -305,60 +404,120 @@ class Trainer:
         # Every rank walks the same global batch stream and takes its own slice of each batch.
         spec = BatchSpec(self.train.batch_size, self.train.seed, self.obs_steps)
         stream = prefetch(batches(self.arrays, self.train_sampler, spec, start_step=self.step))
-        bar = tqdm(total=end, initial=self.step, desc="train", disable=not progress or self.rank != 0)
+        show = progress and self.rank == 0
+        bar = tqdm(total=end, initial=self.step, desc="train", disable=not show)
         window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
         last: dict[str, float] = {}
-        while self.step < end:
-            batch = next(stream)
-            if self.world > 1:
-                lo = self.rank * per_rank
-                batch = {
-                    "obs": {k: v[lo : lo + per_rank] for k, v in batch["obs"].items()},
-                    "action": batch["action"][lo : lo + per_rank],
-                }
-            self._seed_step()
-            loss, _ = self._train_step(tree_map(mx.array, batch))
-            if self.ema is not None:
-                decay = ema_decay(self.step, self.train.ema_power, self.train.ema_max)
-                self.ema = self._ema_update(self.ema, self.policy.parameters(), mx.array(decay))
-                mx.eval(loss, self.ema, self.policy.state, self.optimizer.state)
-            else:
-                mx.eval(loss, self.policy.state, self.optimizer.state)
-            self.step += 1
-            window_loss += loss.item()
-            window_steps += 1
-            bar.update(1)
-            at_log = self.step % self.train.log_every == 0 or self.step == end
-            at_val = self.step % self.train.val_every == 0 or self.step == end
-            at_ckpt = self.step % self.train.checkpoint_every == 0 or self.step == end
-            if at_log or at_val or at_ckpt:
-                elapsed = time.perf_counter() - window_start
-                last = {
-                    "step": self.step,
-                    "loss": window_loss / window_steps,
-                    "lr": float(self.optimizer.learning_rate.item()),
-                    "samples_per_s": window_steps * self.train.batch_size / elapsed,
-                }
-                if at_val:
-                    val = self.validation_loss()
-                    if val is not None:
-                        last["val_loss"] = val
-                rollouts = self.train.rollout_every > 0 and self.rank == 0
-                if rollouts and (self.step % self.train.rollout_every == 0 or self.step == end):
-                    last["rollout_score"] = self.rollout_score()
-                self._log(last)
-                bar.set_postfix(
-                    loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", sps=f"{last['samples_per_s']:.0f}"
-                )
-                window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
-                if at_ckpt and self.rank == 0:
-                    # Rank by rollout score (higher is better) when rollouts are on, else by validation loss.
-                    score = last.get("rollout_score")
-                    self.save(-score if score is not None else (None if rollouts else last.get("val_loss")))
+        saved_step = self.step
+        with self._stop_on_sigint(bar) as stop_requested:
+            while self.step < end and not stop_requested.is_set():
+                batch = next(stream)
+                if self.world > 1:
+                    lo = self.rank * per_rank
+                    batch = {
+                        "obs": {k: v[lo : lo + per_rank] for k, v in batch["obs"].items()},
+                        "action": batch["action"][lo : lo + per_rank],
+                    }
+                with self._compiling(bar, show):
+                    self._seed_step()
+                    loss, _ = self._train_step(tree_map(mx.array, batch))
+                    if self.ema is not None:
+                        decay = ema_decay(self.step, self.train.ema_power, self.train.ema_max)
+                        self.ema = self._ema_update(self.ema, self.policy.parameters(), mx.array(decay))
+                        mx.eval(loss, self.ema, self.policy.state, self.optimizer.state)
+                    else:
+                        mx.eval(loss, self.policy.state, self.optimizer.state)
+                self.step += 1
+                window_loss += loss.item()
+                window_steps += 1
+                bar.update(1)
+                at_log = self.step % self.train.log_every == 0 or self.step == end
+                at_val = self.step % self.train.val_every == 0 or self.step == end
+                at_ckpt = self.step % self.train.checkpoint_every == 0 or self.step == end
+                if at_log or at_val or at_ckpt:
+                    elapsed = time.perf_counter() - window_start
+                    last = {
+                        "step": self.step,
+                        "loss": window_loss / window_steps,
+                        "lr": float(self.optimizer.learning_rate.item()),
+                        "samples_per_s": window_steps * self.train.batch_size / elapsed,
+                    }
+                    if at_val:
+                        val = self.validation_loss()
+                        if val is not None:
+                            last["val_loss"] = val
+                    rollouts = self.train.rollout_every > 0 and self.rank == 0
+                    if rollouts and (self.step % self.train.rollout_every == 0 or self.step == end):
+                        last["rollout_score"] = self.rollout_score()
+                    self._log(last)
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", sps=f"{last['samples_per_s']:.0f}"
+                    )
+                    window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
+                    if at_ckpt and self.rank == 0:
+                        # Rank by rollout score (higher is better) when rollouts are on, else by val loss.
+                        score = last.get("rollout_score")
+                        self.save(
+                            -score if score is not None else (None if rollouts else last.get("val_loss"))
+                        )
+                        saved_step = self.step
+            self.interrupted = stop_requested.is_set()
+        if self.interrupted and self.rank == 0 and self.step > saved_step:
+            self.save(None)  # latest only: an interrupted step is not ranked among the best
         bar.close()
         if self.rank == 0:
             self.plot()
         return last
+
+    @contextmanager
+    def _stop_on_sigint(self, bar: Any) -> Iterator[threading.Event]:
+        """An event set by the first Ctrl-C; a second one interrupts at once (nothing more is saved)."""
+        stop = threading.Event()
+        # Only the main thread receives signals; processes of a distributed run must stop at the same step.
+        if threading.current_thread() is not threading.main_thread() or self.world > 1:
+            yield stop
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            stop.set()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            bar.write(
+                "stopping after this step to save latest.safetensors (Ctrl-C again: quit, unsaved)",
+                sys.stderr,
+            )
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield stop
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @contextmanager
+    def _compiling(self, bar: Any, show: bool) -> Iterator[None]:
+        """Around the first step, which compiles the train step (minutes on a small CPU): say so, with
+        the elapsed time, instead of a silent 0/N bar."""
+        if self._compiled or not show:
+            self._compiled = True
+            yield
+            return
+        bar.set_description_str("compiling the train step…")
+        start = time.perf_counter()
+        done = threading.Event()
+
+        def tick() -> None:  # the bar shows the elapsed time when refreshed
+            while not done.wait(1.0):
+                bar.refresh()
+
+        ticker = threading.Thread(target=tick, name="compile-ticker", daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
+            bar.set_description_str("train")
+        self._compiled = True
+        bar.write(f"compiled the train step in {time.perf_counter() - start:.1f} s", sys.stderr)
 
     def plot(self) -> Path | None:
         try:
