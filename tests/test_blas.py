@@ -28,6 +28,22 @@ def _mlx_on_the_cpu():
     mx.set_default_device(before)
 
 
+@pytest.fixture(autouse=True)
+def _no_pauses():
+    """The pool's pauses off, so that a busy test machine does not move the counted parallel calls onto
+    the calling thread (the pause test turns them on)."""
+    shim = blas._shim()
+    if shim is None:
+        yield
+        return
+    shim.dpmlx_pool_set_late_ns.argtypes = [ctypes.c_long]
+    shim.dpmlx_pool_set_late_ns.restype = ctypes.c_long
+    before = shim.dpmlx_pool_set_late_ns(-1)
+    shim.dpmlx_pool_resume()
+    yield
+    shim.dpmlx_pool_set_late_ns(before)
+
+
 def _need_pool(threads: int = 1) -> None:
     if blas.shim_threads() < threads:
         pytest.skip(f"the BLAS shim with a pool of at least {threads} threads is not in use")
@@ -138,6 +154,26 @@ def test_the_kernel_follows_openblass_thread_count_as_it_is_now():
         shim.scipy_openblas_set_num_threads64_(before)
     _, pool_before = blas.shim_calls()
     mx.eval(big @ few)
+    assert blas.shim_calls()[1] == pool_before + 1
+
+
+def test_helpers_that_start_late_pause_the_pool_to_the_calling_thread_and_it_comes_back():
+    """Other processes on the cores: where helpers keep starting late, every product runs on the calling
+    thread (OpenBLAS's thread count lowered to 1) for a pause, then the pool is looked at again."""
+    _need_pool(threads=2)
+    shim = blas._shim()
+    big, few = mx.random.normal((4096, 640)), mx.random.normal((640, 4))  # a parallel kernel product
+    shim.dpmlx_pool_set_late_ns(0)  # every helper is late
+    for _ in range(8):
+        mx.eval(big @ few)
+    assert shim.dpmlx_pool_paused() and blas.shim_threads() == 1
+    _, pool_before = blas.shim_calls()
+    mx.eval(big @ few)
+    assert blas.shim_calls()[1] == pool_before  # on the calling thread
+    shim.dpmlx_pool_set_late_ns(-1)
+    time.sleep(0.06)  # a first pause lasts 50 ms
+    mx.eval(big @ few)  # OpenBLAS's thread count is restored before this product
+    assert not shim.dpmlx_pool_paused() and blas.shim_threads() == 2
     assert blas.shim_calls()[1] == pool_before + 1
 
 
