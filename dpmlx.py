@@ -305,12 +305,20 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+def cli() -> None:
+    """The ``dpmlx`` command: ``main``, then the main thread's MLX state released before the interpreter
+    exits (policy_core/threads.py). ``main`` itself leaves it alone, for callers that go on using MLX."""
+    try:
+        code = main()
     finally:
-        if "mlx.core" in sys.modules:  # before the interpreter exits: see policy_core/threads.py
+        if "mlx.core" in sys.modules:
             from policy_core.threads import release_mlx_thread_state
 
             release_mlx_thread_state()
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -1,6 +1,6 @@
 """MLX's CPU products on numpy's OpenBLAS through the shim (policy_core/backends/cpu_blas.py,
-cblas_shim.c): its own kernel for a matrix times at most 8 vectors, and one thread pool for that kernel
-and OpenBLAS."""
+cblas_shim.c): its own kernel for a matrix times at most 8 vectors, every other product cut into blocks
+of single-threaded OpenBLAS products, and one thread pool for both."""
 
 import ctypes
 import os
@@ -139,19 +139,20 @@ def test_padded_leading_dimensions_beta_zero_and_alpha_zero(trans_a, trans_b):
         np.testing.assert_allclose(c, 2.0 * exact, rtol=1e-5, atol=1e-4)
 
 
-def test_the_kernel_follows_openblass_thread_count_as_it_is_now():
+def test_the_pool_takes_openblass_thread_count_and_keeps_openblas_single_threaded():
     _need_pool(threads=2)
     shim = blas._shim()
-    before = shim.scipy_openblas_get_num_threads64_()
+    assert shim.scipy_openblas_get_num_threads64_() == 1  # every OpenBLAS product: one block, one thread
     big, few = mx.random.normal((4096, 640)), mx.random.normal((640, 4))
+    threads = blas.shim_threads()
     try:
-        shim.scipy_openblas_set_num_threads64_(1)
+        shim.dpmlx_pool_set_threads(1)
         assert blas.shim_threads() == 1
         _, pool_before = blas.shim_calls()
         mx.eval(big @ few)
         assert blas.shim_calls()[1] == pool_before  # ran on the calling thread alone
     finally:
-        shim.scipy_openblas_set_num_threads64_(before)
+        shim.dpmlx_pool_set_threads(threads)
     _, pool_before = blas.shim_calls()
     mx.eval(big @ few)
     assert blas.shim_calls()[1] == pool_before + 1
@@ -159,40 +160,67 @@ def test_the_kernel_follows_openblass_thread_count_as_it_is_now():
 
 def test_helpers_that_start_late_pause_the_pool_to_the_calling_thread_and_it_comes_back():
     """Other processes on the cores: where helpers keep starting late, every product runs on the calling
-    thread (OpenBLAS's thread count lowered to 1) for a pause, then the pool is looked at again."""
+    thread for a pause, then the pool is looked at again."""
     _need_pool(threads=2)
     shim = blas._shim()
     big, few = mx.random.normal((4096, 640)), mx.random.normal((640, 4))  # a parallel kernel product
     shim.dpmlx_pool_set_late_ns(0)  # every helper is late
     for _ in range(8):
         mx.eval(big @ few)
-    assert shim.dpmlx_pool_paused() and blas.shim_threads() == 1
+    assert shim.dpmlx_pool_paused()
     _, pool_before = blas.shim_calls()
     mx.eval(big @ few)
     assert blas.shim_calls()[1] == pool_before  # on the calling thread
     shim.dpmlx_pool_set_late_ns(-1)
     time.sleep(0.06)  # a first pause lasts 50 ms
-    mx.eval(big @ few)  # OpenBLAS's thread count is restored before this product
-    assert not shim.dpmlx_pool_paused() and blas.shim_threads() == 2
+    mx.eval(big @ few)
+    assert not shim.dpmlx_pool_paused()
     assert blas.shim_calls()[1] == pool_before + 1
 
 
-def test_openblas_runs_its_parallel_products_on_the_shims_pool():
+@pytest.mark.parametrize("shape", [(256, 1280, 16), (64, 4096, 1024), (3, 700, 2048), (4096, 640, 4)])
+def test_products_are_the_same_whatever_the_thread_count_and_pauses(shape):
+    """A product is cut by its shape alone and each block computed the same way on any thread, so a
+    request gives the same bits on a busy machine as on an idle one (and with any OPENBLAS_NUM_THREADS)."""
+    _need_pool(threads=2)
+    shim = blas._shim()
+    m, k, n = shape
+    rng = np.random.default_rng(3)
+    a = mx.array(rng.standard_normal((m, k), dtype=np.float32))
+    b = mx.array(rng.standard_normal((k, n), dtype=np.float32))
+    threads = blas.shim_threads()
+    _, pool_before = blas.shim_calls()
+    parallel = np.array(a @ b)
+    assert blas.shim_calls()[1] > pool_before  # it was cut and ran on the pool
+    try:
+        for count in (1, 3):
+            shim.dpmlx_pool_set_threads(count)
+            assert np.array_equal(np.array(a @ b), parallel)
+    finally:
+        shim.dpmlx_pool_set_threads(threads)
+    shim.dpmlx_pool_set_late_ns(0)
+    while not shim.dpmlx_pool_paused():
+        mx.eval(a @ b)
+    assert np.array_equal(np.array(a @ b), parallel)
+
+
+def test_larger_products_run_on_the_pool_in_blocks_and_numpys_on_one_thread():
     _need_pool(threads=2)
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((512, 512), dtype=np.float32) for _ in range(2))
     _, pool_before = blas.shim_calls()
     mlx_product = np.array(mx.array(a) @ mx.array(b))
-    numpy_product = a @ b  # numpy's own matmuls take the same library and pool
+    assert blas.shim_calls()[1] == pool_before + 1
+    numpy_product = a @ b  # numpy calls OpenBLAS directly: single-threaded, off the pool
+    assert blas.shim_calls()[1] == pool_before + 1
     exact = a.astype(np.float64) @ b.astype(np.float64)
     np.testing.assert_allclose(mlx_product, exact, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(numpy_product, exact, rtol=1e-4, atol=1e-3)
-    assert blas.shim_calls()[1] - pool_before >= 2
 
 
 def test_products_from_several_threads_at_once_are_right_and_finish():
-    """The pool takes one call at a time; concurrent callers (numpy on Python threads, MLX on its own)
-    wait their turn, and nobody deadlocks or reads another call's job."""
+    """The pool takes one call at a time; concurrent callers (MLX on several Python threads, numpy on
+    another) wait their turn, and nobody deadlocks or reads another call's job."""
     _need_pool(threads=2)
     rng = np.random.default_rng(1)
     square = rng.standard_normal((384, 384), dtype=np.float32)
@@ -207,15 +235,18 @@ def test_products_from_several_threads_at_once_are_right_and_finish():
             if not np.allclose(square @ square, square_exact, rtol=1e-4, atol=1e-3):
                 errors.append("numpy product wrong")
 
-    def mlx_products():
-        for _ in range(30):
-            if not np.allclose(np.array(mx.array(big) @ mx.array(few)), few_exact, rtol=1e-4, atol=1e-3):
-                errors.append("MLX product wrong")
+    def mlx_products(a: np.ndarray, b: np.ndarray, exact: np.ndarray):
+        def run():
+            with mx.stream(mx.cpu):
+                for _ in range(30):
+                    if not np.allclose(np.array(mx.array(a) @ mx.array(b)), exact, rtol=1e-4, atol=1e-3):
+                        errors.append("MLX product wrong")
 
+        return run
+
+    workers = [numpy_products, mlx_products(big, few, few_exact), mlx_products(square, square, square_exact)]
     # Daemons: a deadlock fails the test instead of hanging pytest at exit.
-    threads = [
-        threading.Thread(target=f, daemon=True) for f in (numpy_products, numpy_products, mlx_products)
-    ]
+    threads = [threading.Thread(target=f, daemon=True) for f in workers]
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 120
@@ -229,18 +260,29 @@ def test_a_forked_child_gets_a_fresh_pool():
     """The child of a fork has none of the parent's helper threads: its first parallel product starts
     new ones instead of waiting for the parent's."""
     _need_pool(threads=2)
+    # The shim's cblas_sgemm called directly: MLX itself does not run in a forked child.
     script = """
-import os, sys
+import ctypes, os, sys
 import numpy as np
 import policy_core
 from policy_core.backends import cpu_blas as blas
+shim = blas._shim()
+f, p = ctypes.c_float, ctypes.c_void_p
+shim.cblas_sgemm.argtypes = [ctypes.c_int] * 6 + [f, p, ctypes.c_int, p, ctypes.c_int, f, p, ctypes.c_int]
 a = np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)
 exact = a.astype(np.float64) @ a.astype(np.float64)
-assert np.allclose(a @ a, exact, rtol=1e-4, atol=1e-3)
+
+def product():
+    c = np.empty_like(a)
+    shim.cblas_sgemm(101, 111, 111, 512, 512, 512, 1.0, a.ctypes.data, 512, a.ctypes.data, 512, 0.0,
+                     c.ctypes.data, 512)
+    return np.allclose(c, exact, rtol=1e-4, atol=1e-3)
+
+assert product()
 pid = os.fork()
 if pid == 0:
     before = blas.shim_calls()[1]
-    ok = np.allclose(a @ a, exact, rtol=1e-4, atol=1e-3) and blas.shim_calls()[1] > before
+    ok = product() and blas.shim_calls()[1] > before
     os._exit(0 if ok else 1)
 _, status = os.waitpid(pid, 0)
 sys.exit(os.waitstatus_to_exitcode(status))

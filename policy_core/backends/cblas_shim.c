@@ -3,19 +3,21 @@
 
    Most layers of a batch-1 request are a weight matrix times at most 8 vectors (batch x time steps).
    Streaming each row once against all the vectors reads such a matrix faster than OpenBLAS's blocked
-   GEMM (benchmarks/NOTES.md). This file does those products itself and passes every other one to
-   OpenBLAS: from 9 vectors on the kernel is no faster (its packed vectors no longer stay in L1).
+   GEMM (benchmarks/NOTES.md): this file does those products itself. Every other product is cut into
+   blocks of rows (or columns) of the result, each one single-threaded OpenBLAS product.
 
-   Both run on one thread pool: OpenBLAS hands its parallel jobs to this file's pool (its caller-managed
-   threading callback) instead of its own threads, since two pools on the same cores spin against each
-   other. Without the callback (an OpenBLAS before 0.3.27) every product goes to OpenBLAS on its own
-   threads. */
+   One thread pool runs both, and OpenBLAS is kept single-threaded (its thread count set to 1 at load;
+   the pool takes the count it had, OPENBLAS_NUM_THREADS or the cores). That makes every product's result
+   independent of the thread count and of other processes: a block is computed the same way whichever
+   thread takes it, and how a product is cut depends on its shape only. OpenBLAS's own threads would cut
+   by thread count, and their jobs wait on each other, so one helper that other processes keep off the
+   cores stalls them all. */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <sched.h>
 #include <string.h>
 #include <time.h>
 
@@ -32,25 +34,19 @@ void scipy_cblas_sgemm64_(int, int, int, i64, i64, i64, float, const float *, i6
                           float, float *, i64);
 void scipy_cblas_dgemm64_(int, int, int, i64, i64, i64, double, const double *, i64, const double *, i64,
                           double, double *, i64);
-typedef void (*openblas_dojob)(int thread, void *job, int data);
-typedef void (*openblas_threads)(int sync, openblas_dojob dojob, int jobs, size_t job_size, void *job_data,
-                                 int data);
-/* Weak: absent from other OpenBLAS versions, then null. */
-void scipy_openblas_set_threads_callback_function64_(openblas_threads) __attribute__((weak));
+/* Weak: absent from other OpenBLAS builds, then null (and the pool is not installed). */
 int scipy_openblas_get_num_threads64_(void) __attribute__((weak));
 void scipy_openblas_set_num_threads64_(int) __attribute__((weak));
 
-/* ---- The pool: the calling thread and helpers 1..threads-1 run a call's jobs, one call at a time.
-   OpenBLAS's jobs wait on each other, so they run at once, job i on participant i. The kernel's jobs are
-   chunks of rows that whoever runs claims in turn: where a helper is not running (other processes hold
-   the cores) the caller does its share instead of waiting for it. Helpers spin for a while after a call,
-   since a layer's next product follows within microseconds, then sleep; waits spin briefly, then yield
-   the core.
+/* ---- The pool: the calling thread and helpers 1..threads-1 claim a call's jobs in turn, so where a
+   helper is not running (other processes hold the cores) the caller does its share instead of waiting
+   for it. Helpers spin for a while after a call, since a layer's next product follows within
+   microseconds, then sleep; waits spin briefly, then yield the core.
 
    A robot computer runs other software. Where helpers keep starting late (over late_ns after a call was
-   published, in LATE_LIMIT of the last LATE_WINDOW parallel calls), no core is free for them: OpenBLAS's
-   thread count is lowered to 1 for a pause, so that every product runs on the calling thread as with one
-   thread, then restored to look again; the pause doubles while the cores stay busy. */
+   published, in LATE_LIMIT of the last LATE_WINDOW calls), no core is free for them: every product runs
+   on the calling thread for a pause, then the pool looks again; the pause doubles while the cores stay
+   busy. Results are the same either way. */
 
 /* 5 ms: with 0.2 ms the wake-ups between a batch-4 request's products cost it 10%. */
 enum { SPIN_NS = 5000000, WAIT_SPIN_NS = 20000, MAX_HELPERS = 255 };
@@ -61,27 +57,26 @@ typedef void (*pool_job)(int job, void *arg);
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one call at a time */
 static pthread_mutex_t sleep_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
-static int helpers;            /* started; guarded by pool_lock */
+static int pool_installed; /* 0: every product goes to OpenBLAS as it is */
+static int pool_threads;   /* the pool's size: OpenBLAS's thread count at load */
+static int helpers;        /* started; guarded by pool_lock */
 static unsigned long started_at[MAX_HELPERS + 1]; /* helper i's last call before it started */
 static unsigned long joined[MAX_HELPERS + 1];     /* the last call helper i took part in */
-static pool_job call_fn;       /* the call's fields, written while generation is odd */
+static pool_job call_fn;                          /* the call's fields, written while generation is odd */
 static void *call_arg;
-static int call_jobs, call_threads, call_chunked;
-static long call_published;      /* now_ns() when the call was published */
-static unsigned long generation; /* even: fields stable; odd: being written */
-static unsigned long long claims; /* chunked calls: (generation << 32) | next chunk */
-static int unfinished;           /* jobs of the current call not yet done (at once: the caller's excepted) */
-static unsigned long late_call;  /* the last call a helper started over late_ns after its publication */
+static int call_jobs, call_threads;
+static long call_published;       /* now_ns() when the call was published */
+static unsigned long generation;  /* even: fields stable; odd: being written */
+static unsigned long long claims; /* (generation << 32) | the next job */
+static int unfinished;            /* jobs of the current call not yet done */
+static unsigned long late_call;   /* the last call a helper started over late_ns after its publication */
 static int sleeping;
 static long pool_calls, kernel_calls;
 static long late_ns = 500000; /* a helper starting later than this after publication is late; < 0: never */
-/* Busy cores, guarded by pool_lock: recent calls' lateness, the pause, calls since the last pause. */
+/* Busy cores, guarded by pool_lock: recent calls' lateness, the next pause, calls since the last one. */
 static unsigned late_history;
 static long pause_ns = 50000000L, calm_calls;
-/* The pause's end (0: none) and OpenBLAS's thread count it lowered (0: not lowered); adjust_lock. */
-static long paused_until;
-static int lowered_from;
-static pthread_mutex_t adjust_lock = PTHREAD_MUTEX_INITIALIZER;
+static long paused_until; /* products run on the calling thread alone until then */
 
 static long now_ns(void) {
   struct timespec t;
@@ -98,20 +93,15 @@ static void wait_for_zero(int *counter) {
   }
 }
 
-/* The next chunk of call g, or -1 when they are all taken or call g is over. */
-static int claim(unsigned long g, int jobs) {
+/* Runs the jobs of call g that are still unclaimed. */
+static void run_jobs(unsigned long g, int jobs, pool_job fn, void *arg) {
   unsigned long long w = __atomic_load_n(&claims, __ATOMIC_ACQUIRE);
   for (;;) {
-    if ((unsigned)(w >> 32) != (unsigned)g || (int)(unsigned)w >= jobs) return -1;
-    if (__atomic_compare_exchange_n(&claims, &w, w + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-      return (int)(unsigned)w;
-  }
-}
-
-static void run_chunks(unsigned long g, int jobs, pool_job fn, void *arg) {
-  for (int job; (job = claim(g, jobs)) >= 0;) {
-    fn(job, arg);
+    if ((unsigned)(w >> 32) != (unsigned)g || (int)(unsigned)w >= jobs) return; /* all taken, or over */
+    if (!__atomic_compare_exchange_n(&claims, &w, w + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
+    fn((int)(unsigned)w, arg);
     __atomic_sub_fetch(&unfinished, 1, __ATOMIC_RELEASE);
+    w = __atomic_load_n(&claims, __ATOMIC_ACQUIRE);
   }
 }
 
@@ -137,13 +127,13 @@ static void *helper_main(void *index_ptr) {
         }
       }
     }
-    /* A helper without a job in call g can read the fields while call g+1 writes them: read, then
-       check that the generation did not move (a helper with a job holds its call open). */
+    /* A helper can read the fields while the next call writes them: read, then check that the
+       generation did not move. Jobs are claimed under call g's generation, so a helper that comes late
+       to a finished call finds none left. */
     const pool_job fn = __atomic_load_n(&call_fn, __ATOMIC_RELAXED);
     void *const arg = __atomic_load_n(&call_arg, __ATOMIC_RELAXED);
     const int jobs = __atomic_load_n(&call_jobs, __ATOMIC_RELAXED);
     const int threads = __atomic_load_n(&call_threads, __ATOMIC_RELAXED);
-    const int chunked = __atomic_load_n(&call_chunked, __ATOMIC_RELAXED);
     const long published = __atomic_load_n(&call_published, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     if (__atomic_load_n(&generation, __ATOMIC_RELAXED) != g) continue;
@@ -152,17 +142,12 @@ static void *helper_main(void *index_ptr) {
     __atomic_store_n(&joined[index], g, __ATOMIC_RELAXED);
     const long threshold = __atomic_load_n(&late_ns, __ATOMIC_RELAXED);
     if (threshold >= 0 && now_ns() - published > threshold) __atomic_store_n(&late_call, g, __ATOMIC_RELAXED);
-    if (chunked) {
-      run_chunks(g, jobs, fn, arg);
-    } else {
-      fn(index, arg);
-      __atomic_sub_fetch(&unfinished, 1, __ATOMIC_RELEASE);
-    }
+    run_jobs(g, jobs, fn, arg);
   }
   return NULL;
 }
 
-/* After each parallel call, under pool_lock: a pause where helpers were late too often. */
+/* After each call, under pool_lock: a pause where helpers were late too often. */
 static void note_lateness(int was_late) {
   late_history = ((late_history << 1) | (unsigned)was_late) & ((1u << LATE_WINDOW) - 1);
   if (__builtin_popcount(late_history) >= LATE_LIMIT) {
@@ -175,29 +160,14 @@ static void note_lateness(int was_late) {
   }
 }
 
-/* At each product MLX asks for, outside OpenBLAS: OpenBLAS's thread count lowered to 1 while a pause
-   lasts, restored after it (unless someone else set another count meanwhile). */
-static void pool_adjust(void) {
+/* The threads a product may use now: the pool's, or 1 during a pause. */
+static int threads_now(void) {
   const long until = __atomic_load_n(&paused_until, __ATOMIC_ACQUIRE);
-  if (!until) return;
-  pthread_mutex_lock(&adjust_lock);
-  const long now = now_ns();
-  const int threads = scipy_openblas_get_num_threads64_();
-  if (now < paused_until && !lowered_from && threads > 1) {
-    lowered_from = threads;
-    scipy_openblas_set_num_threads64_(1);
-  } else if (now >= paused_until) {
-    if (lowered_from && threads == 1) scipy_openblas_set_num_threads64_(lowered_from);
-    lowered_from = 0;
-    __atomic_store_n(&paused_until, 0, __ATOMIC_RELEASE);
-  }
-  pthread_mutex_unlock(&adjust_lock);
+  return until && now_ns() < until ? 1 : __atomic_load_n(&pool_threads, __ATOMIC_RELAXED);
 }
 
-/* Runs fn(0..jobs-1, arg) on the caller and threads-1 helpers: at once, job i on participant i, or
-   (chunked) claimed in turn. Where helpers can't be started, the caller runs the jobs it can; jobs that
-   wait on each other (not chunked) then abort the process, since running them in turn would hang. */
-static void pool_run(int threads, int jobs, pool_job fn, void *arg, int chunked) {
+/* Runs fn(0..jobs-1, arg) on the caller and up to threads-1 helpers, each job claimed by whoever comes. */
+static void pool_run(int threads, int jobs, pool_job fn, void *arg) {
   if (threads <= 1 || jobs <= 1) {
     for (int job = 0; job < jobs; ++job) fn(job, arg);
     return;
@@ -211,23 +181,18 @@ static void pool_run(int threads, int jobs, pool_job fn, void *arg, int chunked)
     started_at[helpers + 1] = generation;
     const int failed = pthread_create(&thread, &attr, helper_main, (void *)(intptr_t)(helpers + 1));
     pthread_attr_destroy(&attr);
-    if (failed) break;
+    if (failed) break; /* the caller claims what nobody else does */
     ++helpers;
   }
   const int together = threads <= helpers + 1 ? threads : helpers + 1; /* the caller is participant 0 */
-  if (together < jobs && !chunked) {
-    fprintf(stderr, "dpmlx BLAS shim: could not start %d threads for OpenBLAS's jobs\n", jobs - 1);
-    abort();
-  }
   const unsigned long g = __atomic_add_fetch(&generation, 1, __ATOMIC_RELAXED) + 1; /* odd: writing */
   __atomic_thread_fence(__ATOMIC_RELEASE);                                        /* ... seen odd first */
   __atomic_store_n(&call_fn, fn, __ATOMIC_RELAXED);
   __atomic_store_n(&call_arg, arg, __ATOMIC_RELAXED);
   __atomic_store_n(&call_jobs, jobs, __ATOMIC_RELAXED);
   __atomic_store_n(&call_threads, together, __ATOMIC_RELAXED);
-  __atomic_store_n(&call_chunked, chunked, __ATOMIC_RELAXED);
   __atomic_store_n(&claims, (unsigned long long)(unsigned)g << 32, __ATOMIC_RELAXED);
-  __atomic_store_n(&unfinished, chunked ? jobs : jobs - 1, __ATOMIC_RELAXED);
+  __atomic_store_n(&unfinished, jobs, __ATOMIC_RELAXED);
   __atomic_store_n(&call_published, now_ns(), __ATOMIC_RELAXED);
   __atomic_add_fetch(&generation, 1, __ATOMIC_SEQ_CST); /* even (g): published */
   if (__atomic_load_n(&sleeping, __ATOMIC_SEQ_CST) > 0) {
@@ -235,12 +200,8 @@ static void pool_run(int threads, int jobs, pool_job fn, void *arg, int chunked)
     pthread_cond_broadcast(&wake);
     pthread_mutex_unlock(&sleep_lock);
   }
-  if (chunked) {
-    run_chunks(g, jobs, fn, arg);
-  } else {
-    fn(0, arg);
-  }
-  /* Late: a helper started late, or one had not started when the caller was through with the jobs. */
+  run_jobs(g, jobs, fn, arg);
+  /* Late: a helper started late, or one had not started when the caller ran out of jobs to claim. */
   const long threshold = __atomic_load_n(&late_ns, __ATOMIC_RELAXED);
   int was_late = __atomic_load_n(&late_call, __ATOMIC_RELAXED) == g;
   if (threshold >= 0 && now_ns() - __atomic_load_n(&call_published, __ATOMIC_RELAXED) > threshold)
@@ -272,35 +233,12 @@ static void pool_after_fork_in_child(void) {
   generation &= ~1UL;
 }
 
-struct openblas_call {
-  openblas_dojob dojob;
-  char *jobs;
-  size_t job_size;
-  int data;
-};
-
-static void openblas_job(int job, void *arg) {
-  const struct openblas_call *call = arg;
-  call->dojob(job, call->jobs + (size_t)job * call->job_size, call->data);
-}
-
-/* Job i runs as OpenBLAS "thread" i: it picks that thread's scratch buffer. */
-static void openblas_on_pool(int sync, openblas_dojob dojob, int jobs, size_t job_size, void *job_data,
-                             int data) {
-  (void)sync; /* run to completion either way */
-  struct openblas_call call = {dojob, job_data, job_size, data};
-  pool_run(jobs, jobs, openblas_job, &call, 0);
-}
-
-static int pool_installed; /* 0: every product goes to OpenBLAS as it is, on its own threads */
-
 __attribute__((constructor)) static void pool_install(void) {
-  if (!scipy_openblas_set_threads_callback_function64_ || !scipy_openblas_get_num_threads64_ ||
-      !scipy_openblas_set_num_threads64_)
-    return;
+  if (!scipy_openblas_get_num_threads64_ || !scipy_openblas_set_num_threads64_) return;
+  pool_threads = scipy_openblas_get_num_threads64_();
+  scipy_openblas_set_num_threads64_(1);
   pthread_atfork(pool_before_fork, pool_after_fork_in_parent, pool_after_fork_in_child);
   pool_installed = 1;
-  scipy_openblas_set_threads_callback_function64_(openblas_on_pool);
 }
 
 /* ---- The kernel: C[i*si + j*sj] = alpha * sum_k big[i*ldbig + k] * pack_j[k] (+ beta C) for the rows i
@@ -309,7 +247,8 @@ __attribute__((constructor)) static void pool_install(void) {
    in L1 (1024 x 5120 by 16 took 7.4 ms instead of 1.8). */
 
 /* Products under KERNEL_MIN_ELEMENTS weights stay with OpenBLAS; under PARALLEL_MIN_ELEMENTS (1 MB)
-   the kernel runs on the calling thread alone. */
+   the kernel runs on the calling thread alone. Each thread's share is claimed in CHUNKS jobs; a row's
+   result does not depend on which job computes it. */
 enum { KERNEL_MAX_VECTORS = 8, KERNEL_MIN_ELEMENTS = 1 << 16, PARALLEL_MIN_ELEMENTS = 1 << 18 };
 enum { PACK_SKEW = 16, CHUNKS = 4 };
 typedef float v8 __attribute__((vector_size(32)));
@@ -390,9 +329,7 @@ static int kernel(const float *big, i64 ldbig, i64 rows, i64 k, const float *sma
     for (i64 kk = 0; kk < k; ++kk) pack_buffer[j * stride + kk] = small[j * js + kk * ks];
   /* The padding vectors are multiplied too (their sums never written): zeros, not stale values. */
   memset(pack_buffer + vectors * stride, 0, (size_t)((padded - vectors) * stride) * sizeof(float));
-  /* OpenBLAS's thread count as it is now (threadpoolctl, openblas_set_num_threads or a pause may lower
-     it), each thread's share in CHUNKS chunks. */
-  const int threads = rows * k >= PARALLEL_MIN_ELEMENTS ? scipy_openblas_get_num_threads64_() : 1;
+  const int threads = rows * k >= PARALLEL_MIN_ELEMENTS ? threads_now() : 1;
   const i64 block = padded == 4 ? 4 : 2; /* rows a block takes together */
   const i64 per_job = ((rows + threads * CHUNKS - 1) / (threads * CHUNKS) + block - 1) / block * block;
   const int jobs = (int)((rows + per_job - 1) / per_job);
@@ -400,29 +337,76 @@ static int kernel(const float *big, i64 ldbig, i64 rows, i64 k, const float *sma
                              .stride = stride, .vectors = vectors, .si = si, .sj = sj,
                              .rows_per_job = per_job, .alpha = alpha, .beta = beta, .c = c};
   __atomic_add_fetch(&kernel_calls, 1, __ATOMIC_RELAXED);
-  pool_run(threads, jobs, kernel_job, &call, 1);
+  pool_run(threads, jobs, kernel_job, &call);
   return 1;
 }
 
-int dpmlx_pool_threads(void) { return pool_installed ? scipy_openblas_get_num_threads64_() : 0; }
-int dpmlx_pool_paused(void) { return __atomic_load_n(&paused_until, __ATOMIC_ACQUIRE) != 0; }
+/* ---- Every other product: blocks of SPLIT_ROWS or more rows (or columns) of the result, as many as its
+   multiply-adds allow at SPLIT_MACS or more each, up to SPLIT_MAX blocks. The cut depends on the shape
+   alone; each block is a single-threaded OpenBLAS product. */
+enum { SPLIT_ROWS = 64, SPLIT_MAX = 32 };
+static const double SPLIT_MACS = 1048576.0; /* ~15 us of one core: below it a block isn't worth a job */
 
-/* Ends a pause now (OpenBLAS's thread count restored at the next product) and forgets recent lateness. */
+struct split_call {
+  int order, ta, tb;
+  i64 m, n, k, lda, ldb, ldc, per_job;
+  int by_rows;
+  float alpha, beta;
+  const float *a, *b;
+  float *c;
+};
+
+static void split_job(int job, void *arg) {
+  const struct split_call *p = arg;
+  const i64 first = job * p->per_job;
+  const i64 size = p->by_rows ? p->m : p->n;
+  const i64 count = first + p->per_job < size ? p->per_job : size - first;
+  if (count <= 0) return;
+  if (p->by_rows) { /* rows of op(A) and of C */
+    const float *a = p->a + (p->ta == 111 ? first * p->lda : first);
+    scipy_cblas_sgemm64_(p->order, p->ta, p->tb, count, p->n, p->k, p->alpha, a, p->lda, p->b, p->ldb, p->beta,
+                         p->c + first * p->ldc, p->ldc);
+  } else { /* columns of op(B) and of C */
+    const float *b = p->b + (p->tb == 111 ? first : first * p->ldb);
+    scipy_cblas_sgemm64_(p->order, p->ta, p->tb, p->m, count, p->k, p->alpha, p->a, p->lda, b, p->ldb, p->beta,
+                         p->c + first, p->ldc);
+  }
+}
+
+static void split(int order, int ta, int tb, i64 m, i64 n, i64 k, float alpha, const float *a, i64 lda,
+                  const float *b, i64 ldb, float beta, float *c, i64 ldc) {
+  const int by_rows = m >= n;
+  const i64 size = by_rows ? m : n;
+  i64 blocks = (i64)((double)m * (double)n * (double)k / SPLIT_MACS);
+  if (blocks > size / SPLIT_ROWS) blocks = size / SPLIT_ROWS;
+  if (blocks > SPLIT_MAX) blocks = SPLIT_MAX;
+  if (blocks < 1) blocks = 1;
+  const i64 per_job = (size + blocks - 1) / blocks;
+  struct split_call call = {order, ta, tb, m, n, k, lda, ldb, ldc, per_job, by_rows, alpha, beta, a, b, c};
+  pool_run(blocks > 1 ? threads_now() : 1, (int)((size + per_job - 1) / per_job), split_job, &call);
+}
+
+int dpmlx_pool_threads(void) { return pool_installed ? __atomic_load_n(&pool_threads, __ATOMIC_RELAXED) : 0; }
+void dpmlx_pool_set_threads(int threads) {
+  if (threads >= 1) __atomic_store_n(&pool_threads, threads, __ATOMIC_RELAXED);
+}
+long dpmlx_pool_calls(void) { return __atomic_load_n(&pool_calls, __ATOMIC_RELAXED); }
+long dpmlx_kernel_calls(void) { return __atomic_load_n(&kernel_calls, __ATOMIC_RELAXED); }
+int dpmlx_kernel_max_vectors(void) { return KERNEL_MAX_VECTORS; }
+int dpmlx_pool_paused(void) { return threads_now() == 1 && __atomic_load_n(&paused_until, __ATOMIC_RELAXED); }
+
+/* Ends a pause now and forgets recent lateness. */
 void dpmlx_pool_resume(void) {
   pthread_mutex_lock(&pool_lock);
   late_history = 0;
   calm_calls = 0;
   pause_ns = PAUSE_MIN_NS;
-  if (__atomic_load_n(&paused_until, __ATOMIC_ACQUIRE)) __atomic_store_n(&paused_until, 1, __ATOMIC_RELEASE);
+  __atomic_store_n(&paused_until, 0, __ATOMIC_RELEASE);
   pthread_mutex_unlock(&pool_lock);
-  pool_adjust();
 }
 
 /* Sets the lateness threshold in ns (default 0.5 ms; < 0: never late, so never paused); returns the old. */
 long dpmlx_pool_set_late_ns(long ns) { return __atomic_exchange_n(&late_ns, ns, __ATOMIC_RELAXED); }
-long dpmlx_pool_calls(void) { return __atomic_load_n(&pool_calls, __ATOMIC_RELAXED); }
-long dpmlx_kernel_calls(void) { return __atomic_load_n(&kernel_calls, __ATOMIC_RELAXED); }
-int dpmlx_kernel_max_vectors(void) { return KERNEL_MAX_VECTORS; }
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
@@ -433,7 +417,6 @@ static int valid(int ta, int tb, int m, int n, int k, int lda, int ldb, int ldc)
 
 void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
                  const float *b, int ldb, float beta, float *c, int ldc) {
-  if (pool_installed) pool_adjust();
   /* alpha == 0: BLAS gives beta C without reading A and B (the kernel would make 0 * inf a NaN). */
   if (pool_installed && order == ROW_MAJOR && m > 0 && n > 0 && k > 0 && alpha != 0.f &&
       valid(ta, tb, m, n, k, lda, ldb, ldc)) {
@@ -447,12 +430,13 @@ void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, co
         (ta == NO_TRANS ? kernel(b, ldb, n, k, a, lda, 1, m, alpha, beta, c, 1, ldc)
                         : kernel(b, ldb, n, k, a, 1, lda, m, alpha, beta, c, 1, ldc)))
       return;
+    split(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
   }
   scipy_cblas_sgemm64_(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 void cblas_dgemm(int order, int ta, int tb, int m, int n, int k, double alpha, const double *a, int lda,
                  const double *b, int ldb, double beta, double *c, int ldc) {
-  if (pool_installed) pool_adjust();
   scipy_cblas_dgemm64_(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }

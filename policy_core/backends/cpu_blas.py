@@ -13,8 +13,10 @@ dispatch), faster than Debian's on the sampler's matrix-vector-like products. It
 compiler or numpy's library, a system OpenBLAS is used; without either, the reference BLAS stays.
 
 The shim computes a matrix times at most 8 vectors itself, the shape of most layers at batch 1, faster
-than OpenBLAS's blocked GEMM; it and OpenBLAS share one thread pool (see ``cblas_shim.c``;
-benchmarks/NOTES.md has the measurements).
+than OpenBLAS's blocked GEMM, and cuts every other product into blocks of single-threaded OpenBLAS
+products, both on one thread pool of its own. OpenBLAS is kept single-threaded (numpy's matmuls in this
+process too): a product's result then depends on its shape only, not on the thread count or on other
+processes holding the cores (see ``cblas_shim.c``; benchmarks/NOTES.md has the measurements).
 
 Override with ``DPMLX_BLAS``: a path to a CBLAS shared library, or ``reference`` to keep the bundled one
 (either way nothing is compiled).
@@ -183,14 +185,16 @@ def _shim() -> ctypes.CDLL | None:
 
 
 def shim_threads() -> int:
-    """Threads of the shim's pool (its kernel's and OpenBLAS's); 0 when the shim is not loaded or its
-    OpenBLAS has no threading callback (then OpenBLAS takes every product on its own threads)."""
+    """Threads of the shim's pool (OpenBLAS's thread count when it loaded: ``OPENBLAS_NUM_THREADS`` or the
+    cores); 0 when the shim is not loaded or its OpenBLAS cannot set its thread count (then OpenBLAS
+    takes every product on its own threads)."""
     shim = _shim()
     return shim.dpmlx_pool_threads() if shim is not None else 0
 
 
 def shim_calls() -> tuple[int, int]:
-    """Products the shim's kernel took, and parallel calls its pool ran (its kernel's and OpenBLAS's)."""
+    """Products the shim's kernel took, and parallel calls its pool ran (the kernel's and the blocks of
+    the others)."""
     shim = _shim()
     if shim is None:
         return 0, 0
