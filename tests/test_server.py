@@ -540,3 +540,34 @@ def test_serve_launches_mlx_kernels_directly_unless_told_otherwise(monkeypatch):
         with pytest.raises(Started):
             app.serve_main(parser.parse_args([]))
     assert seen == ["0", "1"]
+
+
+def test_every_path_problem_is_a_4xx_with_a_message(models, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "loop.safetensors").symlink_to("loop.safetensors")
+    (root / "a.safetensors").symlink_to("b.safetensors")  # a two-link cycle
+    (root / "b.safetensors").symlink_to("a.safetensors")
+    (root / "dangling.safetensors").symlink_to("gone.safetensors")
+    (root / "folder.safetensors").mkdir()
+    os.mkfifo(root / "fifo.safetensors")
+    (root / "file.txt").write_text("x")
+    with running_server(root) as srv:
+        url = srv.http_url + "/v1/models/load"
+        for path in (
+            "loop.safetensors",
+            "a.safetensors",
+            "loop.safetensors/x.safetensors",
+            "dangling.safetensors",
+            "folder.safetensors",
+            "fifo.safetensors",
+            "file.txt/x.safetensors",
+            "x" * 5000 + ".safetensors",
+            "sub/" * 2000 + "x.safetensors",
+            "",
+            "bad\0.safetensors",
+        ):
+            status, body = http("POST", url, {"path": path})
+            assert 400 <= status < 500, (path[:40], status, body)
+            assert isinstance(body, dict) and body["detail"], (path[:40], body)
+        assert srv.manager.loading is None and srv.manager.last_error is None
