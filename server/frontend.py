@@ -131,8 +131,11 @@ class ZmqFrontend(threading.Thread):
         if len(frames) < 2 or len(frames) > 3 or (len(frames) == 3 and frames[1]):
             if len(frames) >= 2:
                 self.metrics.error(ErrorCode.BAD_REQUEST)
+                # Keep a REQ client's empty delimiter: a REQ socket drops a reply without one and then
+                # waits forever.
+                envelope = frames[:2] if len(frames) >= 3 and not frames[1] else frames[:1]
                 self._send(
-                    frames[:1], error_reply(None, None, ErrorCode.BAD_REQUEST, "expected one payload frame")
+                    envelope, error_reply(None, None, ErrorCode.BAD_REQUEST, "expected one payload frame")
                 )
             return
         envelope, payload = frames[:-1], frames[-1]

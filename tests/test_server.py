@@ -571,3 +571,18 @@ def test_every_path_problem_is_a_4xx_with_a_message(models, tmp_path):
             assert 400 <= status < 500, (path[:40], status, body)
             assert isinstance(body, dict) and body["detail"], (path[:40], body)
         assert srv.manager.loading is None and srv.manager.last_error is None
+
+
+def test_a_req_client_that_sends_two_frames_gets_an_error_it_can_receive(server):
+    # Outside the protocol, but a REQ socket whose reply never comes is wedged for good.
+    for kind, delimiter in ((zmq.REQ, False), (zmq.DEALER, True), (zmq.DEALER, False)):
+        client = RawClient(server.zmq_endpoint, kind, delimiter, timeout_s=10)
+        try:
+            frames = [pack({"type": "ping", "id": 1}), b"second frame"]
+            client.send_raw(*([b""] if delimiter else []), *frames)
+            reply = client.recv()
+            assert reply["ok"] is False and reply["error"]["code"] == "bad_request", reply
+            assert "one payload frame" in reply["error"]["message"]
+            assert client.call({"type": "ping", "id": 2})["ok"]  # the socket is usable again
+        finally:
+            client.close()
