@@ -12,9 +12,12 @@ and write it ourselves so that integrity can be checked before any tensor is tru
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import struct
 import time
 from collections.abc import Iterable
@@ -28,6 +31,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from policy_core.config import ConfigError, PolicyConfig
 from policy_core.policy import MX_DTYPES, DiffusionUnetPolicy
+
+log = logging.getLogger("dpmlx.checkpoint")
 
 FORMAT = "dpmlx-policy"
 FORMAT_VERSION = 1
@@ -83,6 +88,55 @@ class Checkpoint:
 
 # ---- raw safetensors I/O ------------------------------------------------------------------------
 
+# A writer's temporary file: ``.NAME.PID.tmp`` next to the destination, locked (flock) while written.
+_TEMP_FILE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writers killed mid-save left in ``folder``; return their paths.
+
+    A file is stale only if its writer's process is gone and nobody holds its lock: a writer in another
+    PID namespace (a container sharing the folder) holds its lock, and a live writer's file is never
+    touched, nor is one whose PID was reused (kept until that process is gone too).
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no folder yet, or not readable: nothing to clean
+        return removed
+    for entry in entries:
+        match = _TEMP_FILE.fullmatch(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or _process_exists(pid):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:  # locked by a live writer, or removed meanwhile
+            pass
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d stale temporary file(s) of killed writers in %s", len(removed), folder)
+    return removed
+
 
 def _to_bytes(a: mx.array) -> tuple[str, bytes]:
     if a.dtype not in _MX_TO_ST:
@@ -120,9 +174,11 @@ def write_safetensors_atomic(
     header["__metadata__"] = {"format": FORMAT, "dpmlx": json.dumps(doc)}
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # safetensors aligns the data section to 8 bytes
+    remove_stale_temp_files(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # marks the file as a live writer's
             f.write(struct.pack("<Q", len(header_bytes)))
             f.write(header_bytes)
             for blob in blobs:

@@ -16,6 +16,7 @@ from pathlib import Path
 import zmq
 
 from policy_core import unet_cuda
+from policy_core.checkpoint import remove_stale_temp_files
 from server.frontend import ZmqFrontend
 from server.http_api import create_app
 from server.metrics import Metrics
@@ -87,6 +88,7 @@ class DirectoryWatch(threading.Thread):
         return best
 
     def run(self) -> None:
+        remove_stale_temp_files(self.folder)  # left by writers killed mid-save
         while True:
             found = self.newest()
             if found is not None and found[0] != self._seen and self.manager.loading is None:

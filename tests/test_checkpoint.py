@@ -1,10 +1,16 @@
+import fcntl
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import observation, tiny_policy
+from helpers import dead_pid, observation, tiny_policy
 from mlx.utils import tree_flatten, tree_map
 
 from policy_core import (
@@ -16,7 +22,9 @@ from policy_core import (
     read_checkpoint,
     save_policy,
 )
-from policy_core.checkpoint import FORMAT_VERSION, write_safetensors_atomic
+from policy_core.checkpoint import FORMAT_VERSION, remove_stale_temp_files, write_safetensors_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +109,65 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     with pytest.raises(ValueError, match="train"):
         save_policy(policy, tmp_path / "b.safetensors", extra_tensors={"bad": mx.zeros(1)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+# A writer stopped after writing its temporary file, before the rename, until it is killed.
+_STUCK_WRITER = """
+import os, sys, time
+sys.path.insert(0, "tests")
+from helpers import tiny_policy
+from policy_core import save_policy
+
+def stuck(src, dst):
+    print("written", flush=True)
+    time.sleep(600)
+
+os.replace = stuck
+save_policy(tiny_policy(image=False), sys.argv[1])
+"""
+
+
+def test_temporary_files_of_killed_writers_are_removed_on_the_next_save(tmp_path):
+    policy = tiny_policy(image=False)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _STUCK_WRITER, str(tmp_path / "a.safetensors")],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert writer.stdout.readline() == "written\n"
+        live = tmp_path / f".a.safetensors.{writer.pid}.tmp"
+        assert live.stat().st_size > 0
+        gone = dead_pid()
+        stale = tmp_path / f".b.safetensors.{gone}.tmp"  # a writer of an older version: no lock
+        stale.write_bytes(b"partial")
+        # A dead PID here, but the lock held: a writer in another PID namespace sharing the folder.
+        foreign = tmp_path / f".c.safetensors.{gone}.tmp"
+        foreign.write_bytes(b"partial")
+        unrelated = [tmp_path / ".notes.tmp", tmp_path / f".d.{gone}x.tmp", tmp_path / f"e.{gone}.tmp"]
+        for path in unrelated:
+            path.write_bytes(b"keep")
+        with open(foreign, "rb") as held:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+            save_policy(policy, tmp_path / "b.safetensors")
+            assert not stale.exists()
+            assert live.exists() and foreign.exists()  # never a live writer's file
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        save_policy(policy, tmp_path / "b.safetensors")
+        assert not live.exists() and not foreign.exists()
+        assert all(path.exists() for path in unrelated)
+        assert remove_stale_temp_files(tmp_path) == []
+        assert remove_stale_temp_files(tmp_path / "missing") == []
+        assert not (tmp_path / "a.safetensors").exists()  # the killed save never replaced anything
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_a_temporary_file_of_this_process_is_never_removed(tmp_path):
+    mine = tmp_path / f".a.safetensors.{os.getpid()}.tmp"  # e.g. another thread's save in progress
+    mine.write_bytes(b"partial")
+    assert remove_stale_temp_files(tmp_path) == [] and mine.exists()
 
 
 def test_unfitted_normalizer_is_refused(tmp_path):

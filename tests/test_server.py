@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import zmq
-from helpers import observation, tiny_policy
+from helpers import dead_pid, observation, tiny_policy
 from server_helpers import RawClient, http, running_server, wait_for
 
 from policy_core import load_policy, save_policy
@@ -586,3 +586,10 @@ def test_a_req_client_that_sends_two_frames_gets_an_error_it_can_receive(server)
             assert client.call({"type": "ping", "id": 2})["ok"]  # the socket is usable again
         finally:
             client.close()
+
+
+def test_watching_a_folder_removes_temporary_files_of_killed_writers(tmp_path):
+    stale = tmp_path / f".latest.safetensors.{dead_pid()}.tmp"
+    stale.write_bytes(b"partial")
+    with running_server(tmp_path, watch=tmp_path, watch_interval_s=0.1):
+        assert wait_for(lambda: not stale.exists(), 10)

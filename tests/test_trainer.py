@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
+from helpers import dead_pid
 from mlx.utils import tree_flatten
 from server_helpers import running_server, wait_for
 
@@ -262,3 +263,10 @@ def test_bfloat16_training(dataset, tmp_path):
         read_checkpoint(tmp_path / "latest.safetensors").tensors["model.unet.final_conv.1.bias"].dtype
         == mx.bfloat16
     )
+
+
+def test_a_new_run_removes_temporary_files_of_a_killed_one(dataset, tmp_path):
+    stale = tmp_path / f".latest.safetensors.{dead_pid()}.tmp"
+    stale.write_bytes(b"partial")
+    Trainer(tiny_config(dataset), tmp_path)
+    assert not stale.exists()

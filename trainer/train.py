@@ -30,6 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from policy_core import build_policy, read_checkpoint, save_policy
+from policy_core.checkpoint import remove_stale_temp_files
 from trainer.data import (
     BatchSpec,
     SequenceSampler,
@@ -115,6 +116,7 @@ class Trainer:
     ):
         self.config = config
         self.out_dir = Path(out_dir)
+        remove_stale_temp_files(self.out_dir)  # left by a run killed mid-save
         self.train = TrainConfig.from_dict(config.get("train", {}))
         self.data_cfg = DataConfig(**config["data"])
         self.group = group  # mx.distributed group for data parallelism (None: one process)
