@@ -11,7 +11,8 @@ import zmq
 from helpers import dead_pid, observation, tiny_policy
 from server_helpers import RawClient, http, running_server, wait_for
 
-from policy_core import load_policy, save_policy
+from policy_core import load_policy, read_checkpoint, save_policy
+from policy_core.checkpoint import write_safetensors_atomic
 from policy_core.policy import DiffusionUnetPolicy
 from proto.codec import pack
 from proto.messages import PROTOCOL_VERSION, InferOptions, Request
@@ -593,3 +594,20 @@ def test_watching_a_folder_removes_temporary_files_of_killed_writers(tmp_path):
     stale.write_bytes(b"partial")
     with running_server(tmp_path, watch=tmp_path, watch_interval_s=0.1):
         assert wait_for(lambda: not stale.exists(), 10)
+
+
+def test_a_checkpoint_with_inconsistent_metadata_never_takes_traffic(tmp_path):
+    policy = tiny_policy(image=False)
+    save_policy(policy, tmp_path / "good.safetensors")
+    ckpt = read_checkpoint(tmp_path / "good.safetensors")
+    doc = {k: v for k, v in ckpt.metadata.items() if k != "content_sha256"}
+    doc["control_hy"] = doc.pop("control_hz")  # loaded before; then every hello failed with `internal`
+    write_safetensors_atomic(tmp_path / "renamed.safetensors", ckpt.tensors, doc)
+    with running_server(tmp_path, tmp_path / "good.safetensors") as srv:
+        srv.manager.load(tmp_path / "renamed.safetensors")
+        assert srv.manager.wait_for_load(120)
+        assert "invalid metadata" in srv.manager.last_error and "control_hz" in srv.manager.last_error
+        client = RawClient(srv.zmq_endpoint)
+        hello = client.call({"type": "hello", "id": 1})
+        assert hello["ok"] and hello["model"]["version"] == 1 and hello["control_hz"] == 10.0
+        client.close()
