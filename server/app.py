@@ -45,6 +45,9 @@ class ServeConfig:
     model_root: Path = field(default_factory=Path.cwd)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     max_message_bytes: int = 16 * 2**20
+    # Low-dimensional observations whose normalized magnitude exceeds this are `invalid_observation`
+    # (the fitted range maps to [-1, 1]); 0 turns the check off.
+    max_normalized_obs: float = 100.0
     watch_interval_s: float = 0.5
 
     def __post_init__(self) -> None:
@@ -113,7 +116,12 @@ class Server:
         self.manager = ModelManager(config.batching, self.metrics)
         self.context = zmq.Context()
         self.frontend = ZmqFrontend(
-            self.context, config.zmq, self.manager, self.metrics, config.max_message_bytes
+            self.context,
+            config.zmq,
+            self.manager,
+            self.metrics,
+            config.max_message_bytes,
+            config.max_normalized_obs,
         )
         self._http_socket = socket.create_server(
             (config.http_host, config.http_port),
@@ -180,6 +188,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         model_root=Path(root).resolve(),
         batching=BatchingConfig(args.max_batch, args.max_wait_ms, args.max_queue, args.dtype),
         max_message_bytes=int(args.max_message_mb * 2**20),
+        max_normalized_obs=args.max_normalized_obs,
     )
 
 

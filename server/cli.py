@@ -31,4 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--max-message-mb", type=float, default=16.0)
+    parser.add_argument(
+        "--max-normalized-obs",
+        type=float,
+        default=100.0,
+        help="refuse low-dimensional observations whose magnitude, normalized by the model's training "
+        "statistics (fitted range -> [-1, 1]), exceeds this, as invalid_observation (0: no check)",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype override")

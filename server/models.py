@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from policy_core.policy import ObservationError
-from proto.messages import ErrorCode, InferOptions, ProtocolError, Request
+from proto.messages import ErrorCode, InferOptions, ProtocolError, Request, error_reply
 from server.metrics import Metrics
 
 log = logging.getLogger("dpmlx.server")
@@ -64,6 +64,9 @@ class ModelInfo:
     sha256: str
     path: str
     metadata: dict[str, Any] = field(repr=False)
+    # (scale, offset) of each low-dimensional key's normalizer, float64: the front end refuses values far
+    # outside the range the model was trained on before they join a batch.
+    obs_affine: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def wire(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
@@ -77,9 +80,9 @@ class ModelInfo:
 
 
 class NonFiniteActions(RuntimeError):
-    """The policy produced NaN or Inf actions: never sent to a robot. At load (NaN or Inf weights) the
-    checkpoint is refused; for a request (observations far outside the training range, or a CUDA sampler
-    that aborted unnoticed) the batch is answered with an internal error."""
+    """The policy's actions for zero observations are NaN or Inf (e.g. NaN weights): the checkpoint is
+    refused at load. A request's non-finite actions are never sent either: that request alone is answered
+    ``invalid_observation`` (``ModelWorker._execute``)."""
 
 
 @dataclass
@@ -177,8 +180,16 @@ class ModelWorker(threading.Thread):
 
         ckpt = read_checkpoint(self.path)
         policy = policy_from_checkpoint(ckpt, dtype=self.batching.dtype)
-        name = ckpt.metadata.get("provenance", {}).get("name") or self.path.stem
-        self.info = ModelInfo(name, self.version, ckpt.sha256, str(self.path), ckpt.metadata)
+        name = ckpt.metadata["provenance"].get("name") or self.path.stem
+        affine = {
+            key: (
+                policy.normalizer[key].scale.astype(np.float64),
+                policy.normalizer[key].offset.astype(np.float64),
+            )
+            for key, feat in policy.config.obs.items()
+            if not feat.is_image
+        }
+        self.info = ModelInfo(name, self.version, ckpt.sha256, str(self.path), ckpt.metadata, affine)
         # Warm-up: compile the default sampler for every batch bucket, so the first request is fast.
         self.buckets = self.batching.buckets(policy.kernel_batch_sizes(self.batching.max_batch))
         schema = self.info.obs_schema
@@ -255,8 +266,7 @@ class ModelWorker(threading.Thread):
                 obs, scheduler=kind, num_inference_steps=steps, noise=x_init, step_noise=step_noise
             )
             action_pred = out["action_pred"][:rows]
-            if not np.isfinite(action_pred).all():
-                raise NonFiniteActions("the policy produced non-finite actions")
+            finite = np.isfinite(action_pred).all(axis=(1, 2))  # rows are independent: judged one by one
             self._note_batch(batch)
         except Exception as e:  # report to every request of the batch; keep serving
             log.exception("inference failed")
@@ -282,7 +292,20 @@ class ModelWorker(threading.Thread):
         for p in batch:
             n_actions = p.request.options.n_action_steps or policy.config.n_action_steps
             chunk = action_pred[offset : offset + p.rows, first : first + n_actions]
+            bad = np.flatnonzero(~finite[offset : offset + p.rows])
             offset += p.rows
+            if bad.size:  # never sent to a robot; the rest of the batch is answered as usual
+                where = f" (rows {bad.tolist()})" if p.batched else ""
+                self.metrics.error(ErrorCode.INVALID_OBSERVATION)
+                p.reply(
+                    error_reply(
+                        "infer",
+                        p.request.id,
+                        ErrorCode.INVALID_OBSERVATION,
+                        f"the policy produced non-finite actions for this observation{where}",
+                    )
+                )
+                continue
             server_ms = (time.perf_counter() - p.received) * 1e3
             queue_ms = (start - p.received) * 1e3
             self.metrics.reply(server_ms, queue_ms)

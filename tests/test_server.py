@@ -253,20 +253,69 @@ def test_a_checkpoint_with_non_finite_actions_is_refused_and_the_model_in_place_
 
 def test_non_finite_actions_are_never_sent(tmp_path):
     # Finite observations far outside the training range overflow to NaN actions: they must not reach a
-    # robot (nor would the NaN output of a CUDA sampler that aborted unnoticed).
+    # robot (nor would the NaN output of a CUDA sampler that aborted unnoticed). With the front end's range
+    # check off, the worker's own check of the actions is what stops them.
     policy = tiny_policy(image=False)
     save_policy(policy, tmp_path / "lowdim.safetensors")
-    with running_server(tmp_path, tmp_path / "lowdim.safetensors") as srv:
+    with running_server(tmp_path, tmp_path / "lowdim.safetensors", max_normalized_obs=0) as srv:
         client = RawClient(srv.zmq_endpoint)
         extreme = {k: np.full_like(v, 3e38) for k, v in one_obs(policy).items()}
         for i in range(2):  # the second proves the model's worker kept serving
             reply = client.call({"type": "infer", "id": i, "obs": extreme, "options": {"seed": i}})
             assert reply["ok"] is False and reply["id"] == i and "action" not in reply, reply
-            assert reply["error"] == {"code": "internal", "message": "the policy produced non-finite actions"}
-        assert srv.metrics.stats()["errors"] == {"internal": 2}
+            assert reply["error"] == {
+                "code": "invalid_observation",
+                "message": "the policy produced non-finite actions for this observation",
+            }
+        assert srv.metrics.stats()["errors"] == {"invalid_observation": 2}
         reply = client.call({"type": "infer", "id": 2, "obs": one_obs(policy)})
         assert reply["ok"] and np.isfinite(reply["action"]).all()
         client.close()
+
+
+def test_one_robots_extreme_observation_fails_its_own_request_only(tmp_path):
+    """The issue's case: a keypoint of 1e30 made non-finite actions and failed every request of its batch
+    with `internal`. Each request now succeeds or fails on its own, checked before and after inference."""
+    policy = tiny_policy(image=False)
+    save_policy(policy, tmp_path / "lowdim.safetensors")
+    good = [one_obs(policy, seed=s) for s in (1, 2)]
+    bad = {"agent_pos": np.array([[1e30, 0.0], [0.0, 0.0]], np.float32)}
+    assert not np.isfinite(policy.predict_action({"agent_pos": bad["agent_pos"][None]})["action"]).all()
+    for limit in (100.0, 0.0):  # the front end's range check on, then off (only the worker's check)
+        with running_server(tmp_path, tmp_path / "lowdim.safetensors", max_normalized_obs=limit) as srv:
+            clients = [RawClient(srv.zmq_endpoint) for _ in range(4)]
+            # A slow request of other options keeps the worker busy, so the next three queue and share a
+            # batch (they have the same options).
+            clients[0].send({"type": "infer", "id": "slow", "obs": good[0], "options": {"scheduler": "ddpm"}})
+            time.sleep(0.05)
+            for i, (client, obs) in enumerate(zip(clients[1:], [good[0], bad, good[1]], strict=True)):
+                client.send({"type": "infer", "id": i, "obs": obs, "options": {"seed": i}})
+            assert clients[0].recv()["ok"]
+            replies = [client.recv() for client in clients[1:]]
+            for client in clients:
+                client.close()
+            for i in (0, 2):
+                assert replies[i]["ok"], replies[i]
+                want = expected_action(policy, good[i // 2], seed=i)
+                np.testing.assert_allclose(replies[i]["action"], want, rtol=1e-4, atol=1e-3)
+            assert replies[1]["ok"] is False and replies[1]["error"]["code"] == "invalid_observation"
+            message = replies[1]["error"]["message"]
+            if limit:
+                assert "obs['agent_pos'] dimension 0 = 1e+30 is outside the range" in message, message
+                assert srv.metrics.stats()["max_batch_size"] == 2  # never joined the batch
+            else:
+                assert "non-finite actions" in message and srv.metrics.stats()["max_batch_size"] == 3
+            assert "internal" not in srv.metrics.stats()["errors"]
+
+
+def test_the_range_check_names_the_row_of_a_batched_request(server, reference):
+    client = RawClient(server.zmq_endpoint)
+    obs = observation(reference[1], batch=3, seed=4)
+    obs["agent_pos"][2, 1, 0] = -1e6  # normalized: ~ -3900
+    reply = client.call({"type": "infer", "id": 1, "obs": obs})
+    client.close()
+    assert reply["error"]["code"] == "invalid_observation"
+    assert "obs['agent_pos'] row 2 dimension 0 = -1e+06" in reply["error"]["message"]
 
 
 def _pending(i: int, steps: int | None = None) -> PendingInfer:
