@@ -44,6 +44,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from policy_core.config import ConfigError, ObsEncoderConfig, PolicyConfig
+from policy_core.normalizer import LinearNormalizer
 from policy_core.policy import MX_DTYPES, DiffusionUnetPolicy
 from policy_core.schedulers import SchedulerConfig
 
@@ -570,23 +571,16 @@ def save_policy(
     return write_safetensors_atomic(path, tensors, doc)
 
 
-def policy_from_checkpoint(
-    ckpt: Checkpoint, *, use_ema: bool = True, dtype: str | None = None
-) -> DiffusionUnetPolicy:
-    """Build the policy a verified checkpoint describes and load its weights, checking every tensor."""
-    from policy_core.normalizer import LinearNormalizer
-
-    doc = ckpt.metadata  # validated by read_checkpoint
+def _config(ckpt: Checkpoint, dtype: str | None) -> PolicyConfig:
     try:
-        config_dict = dict(doc["config"])
-        stored_dtype = MX_DTYPES[config_dict["dtype"]]
-        if dtype is not None:
-            config_dict["dtype"] = dtype
-        config = PolicyConfig.from_dict(config_dict)
+        return PolicyConfig.from_dict({**ckpt.metadata["config"], **({"dtype": dtype} if dtype else {})})
     except (KeyError, TypeError, ConfigError) as e:
         raise CheckpointMismatchError(f"{ckpt.path}: invalid config in metadata: {e}") from None
+
+
+def _normalizer(ckpt: Checkpoint, config: PolicyConfig) -> LinearNormalizer:
     try:
-        normalizer = LinearNormalizer.from_tensors(ckpt.tensors, doc["normalizer_keys"])
+        normalizer = LinearNormalizer.from_tensors(ckpt.tensors, ckpt.metadata["normalizer_keys"])
     except KeyError as e:
         raise CheckpointMismatchError(f"{ckpt.path}: missing normalizer tensor {e.args[0]!r}") from None
     dims = {key: feat.shape[0] for key, feat in config.obs.items()} | {"action": config.action_dim}
@@ -599,8 +593,13 @@ def policy_from_checkpoint(
                 )
         if not normalizer[key].scale.all():
             raise CheckpointMismatchError(f"{ckpt.path}: normalizer.{key}.scale has zeros")
-    policy = DiffusionUnetPolicy(config, normalizer)
-    source = "ema" if use_ema and doc.get("has_ema") else "model"
+    return normalizer
+
+
+def _load_weights(policy: DiffusionUnetPolicy, ckpt: Checkpoint, use_ema: bool) -> None:
+    """Check every tensor against the policy's parameters, then (only then) assign them."""
+    stored_dtype = MX_DTYPES[ckpt.metadata["config"]["dtype"]]
+    source = "ema" if use_ema and ckpt.metadata["has_ema"] else "model"
     weights = ckpt.group(source)
     expected = dict(tree_flatten(policy.parameters()))
     mismatch = key_mismatch(expected, weights)
@@ -617,10 +616,38 @@ def policy_from_checkpoint(
             raise CheckpointMismatchError(
                 f"{ckpt.path}: tensor {source}.{name} has dtype {got.dtype}, the config says {stored_dtype}"
             )
-    target = MX_DTYPES[config.dtype]
+    target = MX_DTYPES[policy.config.dtype]
     policy.update(tree_unflatten([(k, v.astype(target)) for k, v in weights.items()]))
     mx.eval(policy.parameters())
+
+
+def policy_from_checkpoint(
+    ckpt: Checkpoint, *, use_ema: bool = True, dtype: str | None = None
+) -> DiffusionUnetPolicy:
+    """Build the policy a verified checkpoint describes and load its weights, checking every tensor."""
+    config = _config(ckpt, dtype)
+    policy = DiffusionUnetPolicy(config, _normalizer(ckpt, config))
+    # The random initial weights are replaced unevaluated; MLX's global key still holds the chain of
+    # splits that drew them, growing by ~90 KB with every policy loaded until something evaluates it.
+    mx.eval(mx.random.state)
+    _load_weights(policy, ckpt, use_ema)
     return policy
+
+
+def load_into(
+    policy: DiffusionUnetPolicy, ckpt: Checkpoint, *, use_ema: bool = True, dtype: str | None = None
+) -> bool:
+    """Give ``policy`` a verified checkpoint's weights and normalizer if the checkpoint's config (with the
+    ``dtype`` override) equals the policy's; return whether it did. The policy's compiled functions take
+    its weights and normalizer as inputs, so nothing is traced again (a server swapping checkpoints of
+    one architecture compiles nothing). Nothing changes when a check fails."""
+    config = _config(ckpt, dtype)
+    if config != policy.config:
+        return False
+    normalizer = _normalizer(ckpt, config)
+    _load_weights(policy, ckpt, use_ema)
+    policy.normalizer = normalizer
+    return True
 
 
 def load_policy(
