@@ -48,6 +48,8 @@ class ServeConfig:
     # Low-dimensional observations whose normalized magnitude exceeds this are `invalid_observation`
     # (the fitted range maps to [-1, 1]); 0 turns the check off.
     max_normalized_obs: float = 100.0
+    # On SIGINT / SIGTERM: queued requests are served for this long, then answered `shutting_down`.
+    shutdown_timeout_s: float = 5.0
     watch_interval_s: float = 0.5
 
     def __post_init__(self) -> None:
@@ -157,17 +159,20 @@ class Server:
         if self.watch is not None:
             self.watch.start()
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop accepting, finish in-flight requests, then close everything."""
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop accepting, serve what is queued for ``timeout`` seconds (default: the config's), answer the
+        rest ``shutting_down``, let batches in flight finish, then close everything. True if every model
+        thread ended (else one is stuck in a batch: the process must exit without waiting for it)."""
         self.frontend.stop_accepting()
         if self.watch is not None:
             self.watch.stop()
-        workers_done = self.manager.shutdown(timeout)
+        workers_done = self.manager.shutdown(self.config.shutdown_timeout_s if timeout is None else timeout)
         self.frontend.stop()
         self._uvicorn.should_exit = True
         self._http_thread.join(timeout=5)
         if workers_done:  # else a worker still holds a socket: leave the context to process exit
             self.context.destroy(linger=0)
+        return workers_done
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -189,6 +194,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         batching=BatchingConfig(args.max_batch, args.max_wait_ms, args.max_queue, args.dtype),
         max_message_bytes=int(args.max_message_mb * 2**20),
         max_normalized_obs=args.max_normalized_obs,
+        shutdown_timeout_s=args.shutdown_timeout,
     )
 
 
@@ -210,6 +216,12 @@ def serve_main(args: argparse.Namespace) -> int:
         pass
     log.info("shutting down: finishing in-flight requests")
     started = time.perf_counter()
-    server.shutdown()
+    done = server.shutdown()
     log.info("stopped in %.2f s", time.perf_counter() - started)
+    if not done:
+        # A model thread is stuck in a batch: the interpreter's exit would wait for it, or abort when it
+        # next takes the GIL. Everything was answered or refused; leave without it.
+        log.warning("a model thread did not finish in time: exiting without it")
+        logging.shutdown()
+        os._exit(0)
     return 0

@@ -515,3 +515,29 @@ def test_a_huge_file_is_refused_without_costing_its_size_in_memory(small, tmp_pa
     *errors, growth = result.stdout.strip().splitlines()
     assert "header" in errors[0] and "content hash mismatch" in errors[1], errors
     assert int(growth) < 64 * 2**20, f"peak RSS grew by {int(growth) / 2**20:.0f} MiB"
+
+
+def test_load_into_swaps_weights_without_tracing_again(small, tmp_path):
+    from policy_core.checkpoint import load_into
+
+    mx.random.seed(9)
+    other = tmp_path / "other.safetensors"
+    save_policy(tiny_policy(image=False, seed=4), other)
+    policy = load_policy(small)
+    obs = observation(policy, batch=2)
+    before = policy.predict_action(obs, seed=1)["action_pred"]
+    traced = policy._compiled["ddim"]
+    assert load_into(policy, read_checkpoint(other))
+    want = load_policy(other).predict_action(obs, seed=1)["action_pred"]
+    assert np.array_equal(policy.predict_action(obs, seed=1)["action_pred"], want)
+    assert policy._compiled["ddim"] is traced and not np.array_equal(want, before)
+    # Another architecture is refused and changes nothing; so is a file whose tensors do not fit.
+    bigger = tmp_path / "bigger.safetensors"
+    save_policy(tiny_policy(image=False, down_dims=[16, 32, 64]), bigger)
+    assert not load_into(policy, read_checkpoint(bigger))
+    bad = _rewrite(
+        other, tmp_path / "bad.safetensors", edit_tensors=lambda t: t.pop("model.unet.final_conv.1.bias")
+    )
+    with pytest.raises(CheckpointMismatchError, match="final_conv.1.bias"):
+        load_into(policy, read_checkpoint(bad))
+    assert np.array_equal(policy.predict_action(obs, seed=1)["action_pred"], want)
