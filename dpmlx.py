@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert a LeRobot diffusion policy or a Diffusion Policy .ckpt to our checkpoint format",
         description="Convert a LeRobot diffusion pretrained_model/ folder (no PyTorch needed) or a "
         "real-stanford/diffusion_policy workspace .ckpt (needs torch, dill, omegaconf) into a .safetensors "
-        "checkpoint that `dpmlx serve` loads. A .ckpt is a pickle that can run arbitrary code when read: "
-        "convert only files you trust, never files received over the network.",
+        "checkpoint that `dpmlx serve` loads. A .ckpt is a pickle that can run arbitrary code when read: it "
+        "is read weights-only, refusing any type upstream checkpoints do not hold (the error names it); "
+        "--trust-pickle reads it fully: convert only files you trust, never files received over the network.",
     )
     convert.add_argument("src", help="LeRobot pretrained_model/ folder (or its parent) or a .ckpt file")
     convert.add_argument("--out", required=True, help="output .safetensors checkpoint")
@@ -119,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     ema.add_argument("--use-ema", dest="use_ema", action="store_true", help=".ckpt: EMA weights (default)")
     ema.add_argument("--no-ema", dest="use_ema", action="store_false", help=".ckpt: the raw model weights")
     convert.add_argument("--control-hz", type=float, help="control rate stored in the metadata (default 10)")
+    convert.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help=".ckpt: unpickle it fully, as upstream does (runs any code it holds: trusted files only)",
+    )
     convert.set_defaults(func=_convert, use_ema=None)
 
     from trainer.cli import add_bench_arguments, add_train_arguments
