@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import stat
@@ -321,9 +322,24 @@ def _data_sha256(f: BinaryIO, size: int) -> str:
     return digest.hexdigest()
 
 
+def _read_tensors(f: BinaryIO, data_start: int, spans: list[tuple]) -> dict[str, mx.array]:
+    """Each tensor copied into MLX from a read-only memory map of the file: no staging copy on the heap
+    (whose freed pages the allocator kept, a checkpoint's size per model thread)."""
+    tensors = {}
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        for begin, end, name, shape, st_dtype, np_dtype in spans:
+            view = np.frombuffer(mapped, np.uint8, end - begin, data_start + begin)
+            arr = mx.array(view.view(np_dtype).reshape(shape))  # a copy
+            del view  # no export of the map may outlive it
+            tensors[name] = arr.view(mx.bfloat16) if st_dtype == "BF16" else arr
+    mx.eval(list(tensors.values()))
+    return tensors
+
+
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read and verify a checkpoint file: structure, format version, header and content hashes, and the
-    metadata document (``validate_metadata``). Memory: the tensors, plus one tensor's host copy."""
+    metadata document (``validate_metadata``). Memory: the tensors (the hash is computed in chunks before
+    any is read)."""
     path = Path(path)
 
     def corrupt(why: str) -> CheckpointCorruptError:
@@ -364,14 +380,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             # memory, whatever its size.
             if _data_sha256(f, st.st_size - data_start) != doc["content_sha256"]:
                 raise corrupt("content hash mismatch: tensor data is corrupt")
-            tensors = {}
-            for begin, end, name, shape, st_dtype, np_dtype in spans:
-                host = np.empty(end - begin, dtype=np.uint8)
-                f.seek(data_start + begin)
-                if f.readinto(memoryview(host)) != end - begin:
-                    raise EOFError
-                arr = mx.array(host.view(np_dtype).reshape(shape))
-                tensors[name] = arr.view(mx.bfloat16) if st_dtype == "BF16" else arr
+            tensors = _read_tensors(f, data_start, spans) if spans else {}
         except EOFError:
             raise corrupt("truncated while reading (the file changed or is shorter than it says)") from None
         except OSError as e:
