@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shutdown-timeout",
         type=float,
-        default=5.0,
+        default=30.0,
         help="on SIGINT/SIGTERM, serve queued requests for this many seconds, then answer the rest "
         "shutting_down (batches in flight finish)",
     )

@@ -578,7 +578,7 @@ class ModelManager:
                 "last_error": self.last_error,
             }
 
-    def shutdown(self, timeout: float = 5.0, grace: float = 5.0) -> bool:
+    def shutdown(self, timeout: float = 30.0, grace: float = 5.0) -> bool:
         """Stop a load in progress and retire every model: queued requests are served until ``timeout``
         seconds from now, then answered ``shutting_down``; batches in flight finish. Waits up to
         ``grace`` more seconds for them; True if every model thread ended."""
