@@ -172,6 +172,11 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     ema.add_argument("--use-ema", dest="use_ema", action="store_true", help=".ckpt: EMA weights (default)")
     ema.add_argument("--no-ema", dest="use_ema", action="store_false", help=".ckpt: the raw model weights")
     parser.add_argument("--control-hz", type=float, help="control rate stored in the metadata (default 10)")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help=".ckpt: unpickle it fully, as upstream does (runs any code it holds: trusted files only)",
+    )
     parser.set_defaults(use_ema=None)
 
 
@@ -200,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         _convert,
         description="Convert a LeRobot diffusion pretrained_model/ folder (no PyTorch needed) or a "
         "real-stanford/diffusion_policy workspace .ckpt (needs torch, dill, omegaconf) into a .safetensors "
-        "checkpoint that `dpmlx serve` loads. A .ckpt is a pickle that can run arbitrary code when read: "
-        "convert only files you trust, never files received over the network.",
+        "checkpoint that `dpmlx serve` loads. A .ckpt is a pickle that can run arbitrary code when read: it "
+        "is read weights-only, refusing any type upstream checkpoints do not hold (the error names it); "
+        "--trust-pickle reads it fully: convert only files you trust, never files received over the network.",
     )
     _add_command(
         sub,

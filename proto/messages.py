@@ -20,6 +20,9 @@ class ErrorCode:
 
     BAD_REQUEST = "bad_request"  # malformed message, unknown type, bad options, NaN/Inf
     SCHEMA_MISMATCH = "schema_mismatch"  # observation keys/shapes/dtypes differ from the model's schema
+    # Finite but far outside the range the model was trained on, or the policy's actions for it are not
+    # finite: this request fails, the others of its batch do not.
+    INVALID_OBSERVATION = "invalid_observation"
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"
     TOO_LARGE = "too_large"  # message over the server's size limit
     OVERLOADED = "overloaded"  # queue full: retry later

@@ -51,6 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request accepted, in MiB (larger ones are answered `too_large`)",
     )
     parser.add_argument(
+        "--max-normalized-obs",
+        type=float,
+        default=100.0,
+        help="refuse low-dimensional observations whose magnitude, normalized by the model's training "
+        "statistics (fitted range -> [-1, 1]), exceeds this, as invalid_observation (0: no check)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGINT/SIGTERM, serve queued requests for this many seconds, then answer the rest "
+        "shutting_down (batches in flight finish)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         help="weight dtype of every loaded model (default: each checkpoint's own)",

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import zmq
 
 from proto.codec import DecodeError, pack, unpack
@@ -40,11 +41,13 @@ class ZmqFrontend(threading.Thread):
         manager: ModelManager,
         metrics: Metrics,
         max_message_bytes: int,
+        max_normalized_obs: float = 100.0,
     ):
         super().__init__(name="zmq-frontend", daemon=True)
         self.manager = manager
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
+        self.max_normalized_obs = max_normalized_obs  # 0: no range check
         self.context = context
         self.router = context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -131,8 +134,11 @@ class ZmqFrontend(threading.Thread):
         if len(frames) < 2 or len(frames) > 3 or (len(frames) == 3 and frames[1]):
             if len(frames) >= 2:
                 self.metrics.error(ErrorCode.BAD_REQUEST)
+                # Keep a REQ client's empty delimiter: a REQ socket drops a reply without one and then
+                # waits forever.
+                envelope = frames[:2] if len(frames) >= 3 and not frames[1] else frames[:1]
                 self._send(
-                    frames[:1], error_reply(None, None, ErrorCode.BAD_REQUEST, "expected one payload frame")
+                    envelope, error_reply(None, None, ErrorCode.BAD_REQUEST, "expected one payload frame")
                 )
             return
         envelope, payload = frames[:-1], frames[-1]
@@ -191,11 +197,33 @@ class ZmqFrontend(threading.Thread):
             "max_batch": self._active().batching.max_batch,
         }
 
+    def _check_range(
+        self, obs: dict[str, np.ndarray], affine: dict[str, tuple[np.ndarray, np.ndarray]], batched: bool
+    ) -> None:
+        """Refuse low-dimensional values whose normalized magnitude exceeds ``max_normalized_obs``: the
+        fitted range maps to [-1, 1], so these are far outside anything the model was trained on (a
+        keypoint of 1e30 made non-finite actions). Checked before queuing, so the request never joins a
+        batch; ``ModelWorker._execute`` still judges every row's actions on their own."""
+        limit = self.max_normalized_obs
+        if not limit:
+            return
+        for key, (scale, offset) in affine.items():
+            normalized = np.abs(obs[key] * scale + offset)  # float64: no overflow
+            if (normalized > limit).any():
+                worst = np.unravel_index(int(np.argmax(normalized)), normalized.shape)
+                where = f"obs[{key!r}]" + (f" row {worst[0]}" if batched else "") + f" dimension {worst[-1]}"
+                raise ProtocolError(
+                    ErrorCode.INVALID_OBSERVATION,
+                    f"{where} = {float(obs[key][worst]):.6g} is outside the range the model was trained on "
+                    f"(normalized magnitude {normalized[worst]:.3g} > {limit:g})",
+                )
+
     def _submit(self, request: Request, envelope: list[bytes], received: float) -> None:
         if not self._accepting:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "server is shutting down")
         worker = self._active()
         obs, batched = validate_obs(request.obs, worker.info.obs_schema)
+        self._check_range(obs, worker.info.obs_affine, batched)
         rows = next(iter(obs.values())).shape[0]
         if rows > worker.batching.max_batch:
             # Bounds memory and the set of compiled graphs a client can cause.

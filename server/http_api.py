@@ -25,17 +25,23 @@ class LoadRequest(BaseModel):
 
 
 def resolve_model_path(raw: str, root: Path) -> Path:
-    """The checkpoint ``raw`` names, relative to ``root``; PermissionError if it leaves the root."""
+    """The checkpoint ``raw`` names, relative to ``root``; PermissionError if it leaves the root,
+    FileNotFoundError if nothing is there, ValueError (or OSError) for any other problem with the path."""
     if not raw or "\0" in raw:
         raise ValueError("path is empty or invalid")
     root = root.resolve()
-    candidate = (root / raw).resolve()  # an absolute raw replaces root; resolve() follows symlinks
+    try:
+        candidate = (root / raw).resolve()  # an absolute raw replaces root; resolve() follows symlinks
+    except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13), a long name
+        raise ValueError(f"{raw!r} cannot be resolved: {e}") from None
     if candidate != root and root not in candidate.parents:
         raise PermissionError(f"{raw!r} is outside the model root {root}")
     if candidate.suffix != ".safetensors":
         raise ValueError("checkpoints are .safetensors files")
-    if not candidate.is_file():
+    if not candidate.exists():
         raise FileNotFoundError(f"{raw!r} does not exist under the model root")
+    if not candidate.is_file():  # a folder, a FIFO (reading one would block the loader), a device
+        raise ValueError(f"{raw!r} is not a regular file")
     return candidate
 
 

@@ -1,14 +1,29 @@
-"""Resident models: one worker thread per loaded model, and the manager that swaps them.
+"""Resident models: a worker per loaded model on a thread of its own, and the manager that swaps them.
 
-Every MLX operation of a model (load, warm-up, inference) runs on that model's own worker thread, since
-MLX streams belong to the thread that made them. A new model loads and warms up on its own thread while
-the active one keeps serving; the swap is one reference assignment, so requests already queued at the
-old model finish there and nothing is dropped. The previous model stays resident for rollback
-(Triton's model-control semantics).
+Every MLX operation of a model (load, warm-up, inference) runs on its worker's thread, since MLX streams
+belong to the thread that made them. A new model loads and warms up while the active one keeps serving;
+the swap is one reference assignment, so requests already queued at the old model finish there and
+nothing is dropped. The previous model stays resident for rollback (Triton's model-control semantics);
+the one before it is released.
+
+Only the active and the previous model are resident, and the server's threads are a constant set:
+  * A load runs on the thread of the previous model, which it replaces (the first two loads start the
+    two threads). MLX gives every thread that runs operations a stream with a scheduler thread of its
+    own that never exits: a thread per model grew the server by an OS thread and a malloc arena per swap.
+  * A checkpoint of the architecture the previous model has (the usual hot load: a trainer's next
+    checkpoint) takes over that model's policy object: new weights and normalizer, the same compiled
+    functions, which take both as inputs. Nothing is traced again, so the active model does not stall:
+    MLX holds the GIL through a trace's ~0.25 s of graph compilation, stopping every Python thread.
+    Another architecture is built anew; its warm-up compiles one bucket at a time, each only while the
+    active model has nothing to do, and the old policy is dropped (its compiled functions with it).
+  * A thread that ends releases its MLX state while it can still take the GIL (policy_core/threads.py).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 import queue
 import threading
@@ -20,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from policy_core.policy import ObservationError
-from proto.messages import ErrorCode, InferOptions, ProtocolError, Request
+from proto.messages import ErrorCode, InferOptions, ProtocolError, Request, error_reply
 from server.metrics import Metrics
 
 log = logging.getLogger("dpmlx.server")
@@ -63,6 +79,9 @@ class ModelInfo:
     sha256: str
     path: str
     metadata: dict[str, Any] = field(repr=False)
+    # (scale, offset) of each low-dimensional key's normalizer, float64: the front end refuses values far
+    # outside the range the model was trained on before they join a batch.
+    obs_affine: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def wire(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
@@ -75,10 +94,29 @@ class ModelInfo:
         return self.metadata["obs_schema"]
 
 
+# glibc's malloc_trim (None elsewhere: macOS, musl).
+_malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+
+# How long one warm-up step waits for the serving model to be idle before it runs anyway (a model that is
+# never idle must still be replaceable).
+WARMUP_YIELD_S = 2.0
+
+
+def _thread_main(worker: ModelWorker | None) -> None:
+    """A model thread: each worker serves until it retires, then its successor continues here."""
+    from policy_core.threads import release_mlx_thread_state
+
+    try:
+        while worker is not None:
+            worker = worker.run()
+    finally:
+        release_mlx_thread_state()
+
+
 class NonFiniteActions(RuntimeError):
-    """The policy produced NaN or Inf actions: never sent to a robot. At load (NaN or Inf weights) the
-    checkpoint is refused; for a request (observations far outside the training range, or a CUDA sampler
-    that aborted unnoticed) the batch is answered with an internal error."""
+    """The policy's actions for zero observations are NaN or Inf (e.g. NaN weights): the checkpoint is
+    refused at load. A request's non-finite actions are never sent either: that request alone is answered
+    ``invalid_observation`` (``ModelWorker._execute``)."""
 
 
 @dataclass
@@ -104,8 +142,16 @@ def load_error_message(path: Path, error: Exception) -> str:
     return f"{type(error).__name__}: {message}"
 
 
-class ModelWorker(threading.Thread):
-    """Loads one checkpoint, warms it up, then serves batches from its queue until retired."""
+class LoadAborted(RuntimeError):
+    """The server is shutting down: a load in progress stops between warm-up steps."""
+
+
+class ModelWorker:
+    """Loads one checkpoint, warms it up, then serves batches from its queue until retired.
+
+    It runs on a thread of its own (``start``) or, loaded by ``host_load``, on the thread of the worker it
+    replaces, which it continues once that one has retired.
+    """
 
     def __init__(
         self,
@@ -115,9 +161,10 @@ class ModelWorker(threading.Thread):
         metrics: Metrics,
         on_ready: Callable[[ModelWorker], None],
         on_failed: Callable[[ModelWorker, Exception], None],
+        active: Callable[[], ModelWorker | None] = lambda: None,
         log_failure: bool = True,
     ):
-        super().__init__(name=f"model-worker-v{version}", daemon=True)
+        self.name = f"model-worker-v{version}"
         self.path = path
         self.version = version
         self.batching = batching
@@ -130,10 +177,17 @@ class ModelWorker(threading.Thread):
         self._deferred: deque[PendingInfer] = deque()
         self._on_ready = on_ready
         self._on_failed = on_failed
+        self._active = active  # the model serving while this one loads: its warm-up yields to it
         self._retired = threading.Event()
+        self._abort = threading.Event()  # stop a load in progress (shutdown)
+        self.drain_deadline = float("inf")  # time.monotonic() after which queued requests are refused
         # Guards the decision to exit against a concurrent submit, so no accepted request is orphaned.
         self._submit_lock = threading.Lock()
         self._closed = False
+        self._executing = False
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # run between batches
+        self.successor: ModelWorker | None = None  # continues on this thread once this one retires
+        self.thread: threading.Thread | None = None
         # (batch key, requests) the last batch saw: see BatchingConfig.max_wait_ms.
         self._company: tuple[tuple, int] = ((), 1)
         self.buckets = batching.buckets()  # with the model's own sizes once it is loaded
@@ -152,62 +206,180 @@ class ModelWorker(threading.Thread):
                     ErrorCode.OVERLOADED, f"queue full ({self.batching.max_queue} requests)"
                 ) from None
 
+    def start(self) -> None:
+        """Load and serve on a new thread."""
+        self.thread = threading.Thread(target=_thread_main, args=(self,), name=self.name, daemon=True)
+        self.thread.start()
+
+    def host_load(self, worker: ModelWorker) -> None:
+        """Load ``worker`` on this worker's thread, between its batches; if it loads, it replaces this one
+        there (and may take over its policy object)."""
+        self._tasks.put(lambda: worker._load_hosted(self))
+
     def retire(self) -> None:
-        """Stop after serving what is already queued."""
+        """Stop after serving what is already queued (until ``drain_deadline``)."""
         self._retired.set()
+
+    def abort_load(self) -> None:
+        self._abort.set()
 
     def depth(self) -> int:
         return self.queue.qsize() + len(self._deferred)
 
+    def idle(self) -> bool:
+        return not self._executing and self.depth() == 0
+
     # ---- worker thread ----
 
-    def run(self) -> None:
-        from policy_core.threads import release_mlx_thread_state
-
+    def run(self) -> ModelWorker | None:
+        """Load (unless loaded on a host's thread), serve until retired, release; return the worker that
+        continues on this thread."""
+        threading.current_thread().name = self.name
         try:
+            if self.policy is None:
+                try:
+                    self._load()
+                except Exception as e:  # a failed load must never take the server down
+                    self._fail(e)
+                    return None
+                self._ready()
             self._serve()
+            successor, self.successor = self.successor, None  # no chain of every model this thread ran
+            return successor
         finally:
-            self.policy = None
-            release_mlx_thread_state()
+            self._release()
 
     def _serve(self) -> None:
-        try:
-            self._load()
-        except Exception as e:  # a failed load must never take the server down
-            self.error = e
-            self._on_failed(self, e)
-            self.loaded.set()
-            return
-        self._on_ready(self)
-        self.loaded.set()
         while True:
+            if self._retired.is_set():
+                if time.monotonic() > self.drain_deadline:
+                    self._refuse_queued()
+                with self._submit_lock:
+                    if self.depth() == 0:
+                        self._closed = True
+                        return
             batch = self._next_batch()
             if batch:
+                self._executing = True
                 try:
                     self._execute(batch)
                 except Exception:  # e.g. a reply that cannot be sent: keep serving the queue
                     log.exception("failed to answer a batch")
-            elif self._retired.is_set() and self.depth() == 0:
-                with self._submit_lock:
-                    if self.depth() == 0:
-                        self._closed = True
-                        break
+                finally:
+                    self._executing = False
+            elif not self._tasks.empty() and not self._retired.is_set():
+                self._tasks.get()()  # a hosted load: only while nothing is queued here
 
-    def _load(self) -> None:
-        from policy_core.checkpoint import policy_from_checkpoint, read_checkpoint
+    def _refuse_queued(self) -> None:
+        """Past the shutdown deadline: what is still queued is answered ``shutting_down``."""
+        with self._submit_lock:
+            self._closed = True
+        while (pending := self._take(timeout=0)) is not None:
+            self.metrics.error(ErrorCode.SHUTTING_DOWN)
+            pending.reply(
+                error_reply("infer", pending.request.id, ErrorCode.SHUTTING_DOWN, "server is shutting down")
+            )
+
+    def _release(self) -> None:
+        """Drop this model's policy unless the successor took it over, with everything it holds (compiled
+        functions and their traces, caches), and return MLX's freed buffers to the system."""
+        import mlx.core as mx
+
+        self.policy = None
+        gc.collect()  # the policy and its compiled functions reference each other
+        mx.clear_cache()
+        if _malloc_trim is not None:
+            # glibc keeps freed pages in the arena of the thread that freed them: each model thread kept
+            # the high-water mark of a swap (the old and the new weights), +30 MB over the first swaps.
+            _malloc_trim(0)
+
+    def _ready(self) -> None:
+        self._on_ready(self)
+        self.loaded.set()
+
+    def _fail(self, error: Exception) -> None:
+        self.error = error
+        self._on_failed(self, error)
+        self.loaded.set()
+
+    def _load_hosted(self, host: ModelWorker) -> None:
+        """On ``host``'s thread: load, then take its place there (it retires when this one is ready)."""
+        try:
+            self._load(donor=host)
+        except Exception as e:
+            self._fail(e)
+        else:
+            self.thread = host.thread
+            host.successor = self
+            self._ready()
+            return
+        self._release()  # what the failed load built (out of the exception's frames by now)
+
+    def _load(self, donor: ModelWorker | None = None) -> None:
+        from policy_core.checkpoint import load_into, policy_from_checkpoint, read_checkpoint
 
         ckpt = read_checkpoint(self.path)
-        policy = policy_from_checkpoint(ckpt, dtype=self.batching.dtype)
-        name = ckpt.metadata.get("provenance", {}).get("name") or self.path.stem
-        self.info = ModelInfo(name, self.version, ckpt.sha256, str(self.path), ckpt.metadata)
-        # Warm-up: compile the default sampler for every batch bucket, so the first request is fast.
-        self.buckets = self.batching.buckets(policy.unpadded_batch_sizes(self.batching.max_batch))
-        schema = self.info.obs_schema
-        for rows in self.buckets:
+        name = ckpt.metadata["provenance"].get("name") or self.path.stem
+        dtype = self.batching.dtype
+        adopted = False
+        if donor is not None and donor.policy is not None:
+            with donor._submit_lock:  # the donor is the previous model: nothing queued, nothing accepted
+                donor._closed = donor.depth() == 0
+            if donor._closed:
+                policy = donor.policy
+                saved = (tree_flatten(policy.parameters()), policy.normalizer)
+                try:
+                    adopted = load_into(policy, ckpt, dtype=dtype)
+                    if adopted:
+                        self.buckets = donor.buckets
+                        self._check_finite(policy, ckpt.metadata["obs_schema"], self.buckets[:1])
+                except Exception:
+                    if adopted:  # give the donor back its own weights: it stays the rollback model
+                        policy.update(tree_unflatten(saved[0]))
+                        policy.normalizer = saved[1]
+                        adopted = False
+                    raise
+                finally:
+                    if not adopted:
+                        with donor._submit_lock:
+                            donor._closed = False
+        if not adopted:
+            policy = policy_from_checkpoint(ckpt, dtype=dtype)
+            self.buckets = self.batching.buckets(policy.unpadded_batch_sizes(self.batching.max_batch))
+            # Warm-up: compile the default sampler for every batch bucket, so the first request is fast.
+            self._check_finite(policy, ckpt.metadata["obs_schema"], self.buckets, yield_to=self._active())
+        affine = {
+            key: (
+                policy.normalizer[key].scale.astype(np.float64),
+                policy.normalizer[key].offset.astype(np.float64),
+            )
+            for key, feat in policy.config.obs.items()
+            if not feat.is_image
+        }
+        self.info = ModelInfo(name, self.version, ckpt.sha256, str(self.path), ckpt.metadata, affine)
+        self.policy = policy
+        log.info(
+            "loaded %s (%s)",
+            self.path,
+            "weights swapped into the previous model's graphs" if adopted else "built",
+        )
+
+    def _check_finite(
+        self, policy: Any, schema: dict[str, Any], buckets: list[int], yield_to: ModelWorker | None = None
+    ) -> None:
+        """Run the default sampler on zero observations of each bucket size (compiling it), refusing a
+        policy whose actions are not finite. Each step waits until ``yield_to`` (the model serving now)
+        has nothing to do: a trace holds the GIL, so it would stall every request in flight."""
+        for rows in buckets:
+            deadline = time.monotonic() + WARMUP_YIELD_S
+            while yield_to is not None and not yield_to.idle() and time.monotonic() < deadline:
+                if self._abort.wait(0.002):
+                    break
+            if self._abort.is_set():
+                raise LoadAborted("the server is shutting down")
             obs = {k: np.zeros((rows, *spec["shape"]), dtype=spec["dtype"]) for k, spec in schema.items()}
             if not np.isfinite(policy.predict_action(obs, seed=0)["action_pred"]).all():
                 raise NonFiniteActions("the policy's actions for zero observations are not finite")
-        self.policy = policy
 
     def _take(self, timeout: float) -> PendingInfer | None:
         if self._deferred:
@@ -276,8 +448,7 @@ class ModelWorker(threading.Thread):
                 obs, scheduler=kind, num_inference_steps=steps, noise=x_init, step_noise=step_noise
             )
             action_pred = out["action_pred"][:rows]
-            if not np.isfinite(action_pred).all():
-                raise NonFiniteActions("the policy produced non-finite actions")
+            finite = np.isfinite(action_pred).all(axis=(1, 2))  # rows are independent: judged one by one
             self._note_batch(batch)
         except Exception as e:  # report to every request of the batch; keep serving
             log.exception("inference failed")
@@ -303,7 +474,20 @@ class ModelWorker(threading.Thread):
         for p in batch:
             n_actions = p.request.options.n_action_steps or policy.config.n_action_steps
             chunk = action_pred[offset : offset + p.rows, first : first + n_actions]
+            bad = np.flatnonzero(~finite[offset : offset + p.rows])
             offset += p.rows
+            if bad.size:  # never sent to a robot; the rest of the batch is answered as usual
+                where = f" (rows {bad.tolist()})" if p.batched else ""
+                self.metrics.error(ErrorCode.INVALID_OBSERVATION)
+                p.reply(
+                    error_reply(
+                        "infer",
+                        p.request.id,
+                        ErrorCode.INVALID_OBSERVATION,
+                        f"the policy produced non-finite actions for this observation{where}",
+                    )
+                )
+                continue
             server_ms = (time.perf_counter() - p.received) * 1e3
             queue_ms = (start - p.received) * 1e3
             self.metrics.reply(server_ms, queue_ms)
@@ -334,19 +518,27 @@ class ModelManager:
         self.loading: ModelWorker | None = None
         self.loading_since: float | None = None
         self.last_error: str | None = None
+        self._stopping = False
         self._load_done = threading.Condition(self._lock)
 
     def load(self, path: Path, log_failure: bool = True) -> ModelWorker:
         """Start loading ``path`` in the background; its worker tells the version and, once ``loaded``
         is set, the ``error`` if it failed. Raises RuntimeError if busy."""
         with self._lock:
+            if self._stopping:
+                raise RuntimeError("the server is shutting down")
             if self.loading is not None:
                 raise RuntimeError(f"already loading {self.loading.path}")
             worker = ModelWorker(
-                path, self._next_version, self.batching, self.metrics, self._ready, self._failed, log_failure
-            )
+                path, self._next_version, self.batching, self.metrics, self._ready, self._failed,
+                active=lambda: self.active, log_failure=log_failure,
+            )  # fmt: skip
             self.loading, self.loading_since = worker, time.time()
-        worker.start()
+            host = self.previous  # the model the new one replaces: its thread (and maybe graphs) serve on
+        if host is not None:
+            host.host_load(worker)
+        else:
+            worker.start()
         return worker
 
     def wait_for_load(self, timeout: float | None = None) -> bool:
@@ -382,6 +574,8 @@ class ModelManager:
         with self._lock:
             if self.previous is None:
                 raise RuntimeError("no previous model to roll back to")
+            if self.loading is not None:  # the load runs on the previous model's thread, may take it over
+                raise RuntimeError(f"loading {self.loading.path}: roll back once the load is done")
             self.active, self.previous = self.previous, self.active
             info = self.active.info
         self.metrics.swapped()
@@ -407,12 +601,19 @@ class ModelManager:
                 "last_error": self.last_error,
             }
 
-    def shutdown(self, timeout: float = 30.0) -> bool:
-        """Retire every worker after it has served its queue and wait for them; True if all finished."""
+    def shutdown(self, timeout: float = 30.0, grace: float = 5.0) -> bool:
+        """Stop a load in progress and retire every model: queued requests are served until ``timeout``
+        seconds from now, then answered ``shutting_down``; batches in flight finish. Waits up to
+        ``grace`` more seconds for them; True if every model thread ended."""
+        deadline = time.monotonic() + timeout
         with self._lock:
+            self._stopping = True
             workers = [w for w in (self.active, self.previous, self.loading) if w is not None]
         for w in workers:
+            w.drain_deadline = deadline
+            w.abort_load()
             w.retire()
-        for w in workers:
-            w.join(timeout)
-        return not any(w.is_alive() for w in workers)
+        threads = {w.thread for w in workers if w.thread is not None}
+        for thread in threads:
+            thread.join(max(0.0, deadline + grace - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)

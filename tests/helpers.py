@@ -66,3 +66,13 @@ def training_batch(policy, batch: int = 3, seed: int = 0) -> dict:
         "obs": observation(policy, batch, seed),
         "action": rng.uniform(0, 512, (batch, cfg.horizon, cfg.action_dim)).astype(np.float32),
     }
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

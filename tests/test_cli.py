@@ -232,3 +232,67 @@ def test_every_flag_has_help_and_serve_shows_its_defaults():
                           ("--max-wait-ms", "2.0"), ("--zmq", "tcp://127.0.0.1:5555")):  # fmt: skip
         assert re.search(rf"{flag} \S+ [^-]*\(default: {re.escape(default)}\)", flat), (flag, flat)
     assert "(default: None)" not in flat
+
+
+def test_serve_stops_by_its_deadline_during_a_hot_load_with_a_backlog(tmp_path):
+    """SIGTERM while a load warms up and a queue waits: the batch in flight finishes, the queue is served
+    until --shutdown-timeout and then answered `shutting_down`, and the process exits 0 (it took over
+    20 s, or aborted on the way out)."""
+    import re
+    import signal
+    import time
+    import urllib.request
+
+    import mlx.core as mx
+    import zmq
+    from helpers import observation, tiny_policy
+
+    from policy_core import save_policy
+    from proto.codec import pack, unpack
+
+    mx.random.seed(0)
+    policy = tiny_policy(image=True)
+    save_policy(policy, tmp_path / "m.safetensors")
+    save_policy(tiny_policy(image=False), tmp_path / "other.safetensors")
+    endpoint = f"ipc://{tmp_path}/serve.ipc"
+    proc = subprocess.Popen(
+        [*DPMLX, "serve", "--checkpoint", str(tmp_path / "m.safetensors"), "--zmq", endpoint,
+         "--http", "127.0.0.1:0", "--model-root", str(tmp_path), "--max-batch", "1", "--max-queue", "256",
+         "--shutdown-timeout", "1"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        log = []
+        for line in proc.stderr:
+            log.append(line)
+            if "serving m v1" in line:
+                break
+        url = next(m.group(1) for line in log if (m := re.search(r"control plane on (http://\S+)", line)))
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.RCVTIMEO, 60_000)
+        sock.connect(endpoint)
+        obs = {k: v[0] for k, v in observation(policy, batch=1).items()}
+        n = 200  # DDPM-100, one at a time: minutes of work
+        for i in range(n):
+            sock.send(
+                pack({"type": "infer", "id": i, "obs": obs, "options": {"scheduler": "ddpm", "seed": i}})
+            )
+        load = urllib.request.Request(
+            url + "/v1/models/load", data=b'{"path": "other.safetensors"}', method="POST",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        assert urllib.request.urlopen(load, timeout=30).status == 202
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.perf_counter()
+        replies = [unpack(sock.recv()) for _ in range(n)]
+        assert proc.wait(timeout=60) == 0
+        elapsed = time.perf_counter() - signalled
+        sock.close()
+        codes = {r["error"]["code"] if not r["ok"] else "ok" for r in replies}
+        assert codes == {"ok", "shutting_down"}, codes
+        assert elapsed < 10, elapsed  # 1 s of deadline, the batch in flight, the process's exit
+        assert "terminate called" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 import dpmlx
 from policy_core import load_policy, read_checkpoint
-from policy_core.convert import ConversionError, convert, convert_lerobot
+from policy_core.convert import ConversionError, UnsafeCheckpointError, convert, convert_lerobot
 
 TOL = 1e-4
 B, TO, HORIZON, N_ACTION, ACTION_DIM = 2, 2, 8, 4, 2
@@ -474,6 +474,74 @@ def test_dp_unexpected_tensor_is_named(lowdim_ckpt, torch, tmp_path):
     payload["state_dicts"]["ema_model"]["model.extra_head.weight"] = torch.zeros(3)
     torch.save(payload, ckpt)
     with pytest.raises(ConversionError, match=r"unexpected tensor 'model\.extra_head\.weight'"):
+        convert(ckpt, tmp_path / "out.safetensors")
+
+
+def test_dp_checkpoint_with_omegaconf_cfg_pickled_by_plain_pickle(lowdim_ckpt, torch, tmp_path):
+    """Re-saved without dill, an OmegaConf config names the builtin types itself; the workspace's
+    ``pickles`` (dill bytes upstream) are bytes, never unpickled."""
+    omegaconf = pytest.importorskip("omegaconf", reason="real upstream cfgs are OmegaConf objects")
+    dill = pytest.importorskip("dill", reason="upstream pickles its workspace attributes with dill")
+    ckpt, (ema, _), _ = lowdim_ckpt()
+    payload = torch.load(ckpt, weights_only=False)
+    payload["cfg"] = omegaconf.OmegaConf.create(payload["cfg"])
+    payload["pickles"] = {"_output_dir": dill.dumps("/data/outputs/2023.01.01")}
+    torch.save(payload, ckpt)
+    policy = convert(ckpt, tmp_path / "out.safetensors")[0].policy
+    want = ema.model.final_conv[1].weight.detach().numpy().transpose(0, 2, 1)
+    assert np.array_equal(np.array(policy.unet.final_conv[1].weight), want)
+
+
+class _RunsCode:
+    """Unpickled, it calls ``call(*args)``: what a hostile ``.ckpt`` can hold."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+@pytest.mark.parametrize("kind", ["exec", "system"])
+def test_a_ckpt_whose_pickle_runs_code_is_refused_and_nothing_runs(
+    kind, lowdim_ckpt, torch, tmp_path, capsys
+):
+    import os
+
+    ckpt, _, _ = lowdim_ckpt()
+    marker = tmp_path / "ran"
+    payload = torch.load(ckpt, weights_only=False)
+    evil = (
+        _RunsCode(exec, f"open({str(marker)!r}, 'w').write('ran')")
+        if kind == "exec"
+        else _RunsCode(os.system, f"touch {marker}")
+    )
+    payload["pickles"]["evil"] = evil
+    torch.save(payload, ckpt)
+    name = "builtins.exec" if kind == "exec" else f"{os.system.__module__}.system"
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(UnsafeCheckpointError, match=f"refers to '{name}'"):
+        convert(ckpt, out)
+    assert dpmlx.main(["convert", str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "--trust-pickle" in err
+    assert not marker.exists() and not out.exists()
+    # The old behaviour, asked for: the file's code runs, after a warning.
+    assert dpmlx.main(["convert", str(ckpt), "--out", str(out), "--trust-pickle"]) == 0
+    assert "warning: --trust-pickle" in capsys.readouterr().err
+    assert marker.exists() and out.exists()
+
+
+def test_dp_missing_tensor_is_named_as_in_the_source(lowdim_ckpt, torch, tmp_path):
+    ckpt, _, _ = lowdim_ckpt()
+    payload = torch.load(ckpt, weights_only=False)
+    del payload["state_dicts"]["ema_model"]["model.mid_modules.1.blocks.0.block.1.weight"]
+    torch.save(payload, ckpt)
+    with pytest.raises(
+        ConversionError,
+        match=r"missing source tensor\(s\) 'model\.mid_modules\.1\.blocks\.0\.block\.1\.weight' "
+        r"\(our 'unet\.mid_modules\.1\.blocks\.0\.norm\.weight'\)",
+    ):
         convert(ckpt, tmp_path / "out.safetensors")
 
 

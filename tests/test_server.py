@@ -10,17 +10,19 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import zmq
-from helpers import observation, tiny_policy
+from helpers import dead_pid, observation, tiny_policy
 from server_helpers import RawClient, http, running_server, wait_for
 
-from policy_core import load_policy, save_policy
+from policy_core import load_policy, read_checkpoint, save_policy
+from policy_core.checkpoint import write_safetensors_atomic
 from policy_core.policy import DiffusionUnetPolicy
 from proto.codec import pack
 from proto.messages import PROTOCOL_VERSION, InferOptions, Request
 from server import app, cli
+from server import models as models_module
 from server.app import ServeConfig
 from server.metrics import Metrics
-from server.models import BatchingConfig, ModelInfo, ModelWorker, PendingInfer
+from server.models import BatchingConfig, LoadAborted, ModelInfo, ModelWorker, PendingInfer
 
 
 @pytest.fixture(scope="module")
@@ -254,20 +256,69 @@ def test_a_checkpoint_with_non_finite_actions_is_refused_and_the_model_in_place_
 
 def test_non_finite_actions_are_never_sent(tmp_path):
     # Finite observations far outside the training range overflow to NaN actions: they must not reach a
-    # robot (nor would the NaN output of a CUDA sampler that aborted unnoticed).
+    # robot (nor would the NaN output of a CUDA sampler that aborted unnoticed). With the front end's range
+    # check off, the worker's own check of the actions is what stops them.
     policy = tiny_policy(image=False)
     save_policy(policy, tmp_path / "lowdim.safetensors")
-    with running_server(tmp_path, tmp_path / "lowdim.safetensors") as srv:
+    with running_server(tmp_path, tmp_path / "lowdim.safetensors", max_normalized_obs=0) as srv:
         client = RawClient(srv.zmq_endpoint)
         extreme = {k: np.full_like(v, 3e38) for k, v in one_obs(policy).items()}
         for i in range(2):  # the second proves the model's worker kept serving
             reply = client.call({"type": "infer", "id": i, "obs": extreme, "options": {"seed": i}})
             assert reply["ok"] is False and reply["id"] == i and "action" not in reply, reply
-            assert reply["error"] == {"code": "internal", "message": "the policy produced non-finite actions"}
-        assert srv.metrics.stats()["errors"] == {"internal": 2}
+            assert reply["error"] == {
+                "code": "invalid_observation",
+                "message": "the policy produced non-finite actions for this observation",
+            }
+        assert srv.metrics.stats()["errors"] == {"invalid_observation": 2}
         reply = client.call({"type": "infer", "id": 2, "obs": one_obs(policy)})
         assert reply["ok"] and np.isfinite(reply["action"]).all()
         client.close()
+
+
+def test_one_robots_extreme_observation_fails_its_own_request_only(tmp_path):
+    """The issue's case: a keypoint of 1e30 made non-finite actions and failed every request of its batch
+    with `internal`. Each request now succeeds or fails on its own, checked before and after inference."""
+    policy = tiny_policy(image=False)
+    save_policy(policy, tmp_path / "lowdim.safetensors")
+    good = [one_obs(policy, seed=s) for s in (1, 2)]
+    bad = {"agent_pos": np.array([[1e30, 0.0], [0.0, 0.0]], np.float32)}
+    assert not np.isfinite(policy.predict_action({"agent_pos": bad["agent_pos"][None]})["action"]).all()
+    for limit in (100.0, 0.0):  # the front end's range check on, then off (only the worker's check)
+        with running_server(tmp_path, tmp_path / "lowdim.safetensors", max_normalized_obs=limit) as srv:
+            clients = [RawClient(srv.zmq_endpoint) for _ in range(4)]
+            # A slow request of other options keeps the worker busy, so the next three queue and share a
+            # batch (they have the same options).
+            clients[0].send({"type": "infer", "id": "slow", "obs": good[0], "options": {"scheduler": "ddpm"}})
+            time.sleep(0.05)
+            for i, (client, obs) in enumerate(zip(clients[1:], [good[0], bad, good[1]], strict=True)):
+                client.send({"type": "infer", "id": i, "obs": obs, "options": {"seed": i}})
+            assert clients[0].recv()["ok"]
+            replies = [client.recv() for client in clients[1:]]
+            for client in clients:
+                client.close()
+            for i in (0, 2):
+                assert replies[i]["ok"], replies[i]
+                want = expected_action(policy, good[i // 2], seed=i)
+                np.testing.assert_allclose(replies[i]["action"], want, rtol=1e-4, atol=1e-3)
+            assert replies[1]["ok"] is False and replies[1]["error"]["code"] == "invalid_observation"
+            message = replies[1]["error"]["message"]
+            if limit:
+                assert "obs['agent_pos'] dimension 0 = 1e+30 is outside the range" in message, message
+                assert srv.metrics.stats()["max_batch_size"] == 2  # never joined the batch
+            else:
+                assert "non-finite actions" in message and srv.metrics.stats()["max_batch_size"] == 3
+            assert "internal" not in srv.metrics.stats()["errors"]
+
+
+def test_the_range_check_names_the_row_of_a_batched_request(server, reference):
+    client = RawClient(server.zmq_endpoint)
+    obs = observation(reference[1], batch=3, seed=4)
+    obs["agent_pos"][2, 1, 0] = -1e6  # normalized: ~ -3900
+    reply = client.call({"type": "infer", "id": 1, "obs": obs})
+    client.close()
+    assert reply["error"]["code"] == "invalid_observation"
+    assert "obs['agent_pos'] row 2 dimension 0 = -1e+06" in reply["error"]["message"]
 
 
 def _pending(i: int, steps: int | None = None) -> PendingInfer:
@@ -590,3 +641,259 @@ def test_serve_launches_mlx_kernels_directly_unless_told_otherwise(monkeypatch):
         with pytest.raises(Started):
             app.serve_main(parser.parse_args([]))
     assert seen == ["0", "1"]
+
+
+def test_every_path_problem_is_a_4xx_with_a_message(models, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "loop.safetensors").symlink_to("loop.safetensors")
+    (root / "a.safetensors").symlink_to("b.safetensors")  # a two-link cycle
+    (root / "b.safetensors").symlink_to("a.safetensors")
+    (root / "dangling.safetensors").symlink_to("gone.safetensors")
+    (root / "folder.safetensors").mkdir()
+    os.mkfifo(root / "fifo.safetensors")
+    (root / "file.txt").write_text("x")
+    with running_server(root) as srv:
+        url = srv.http_url + "/v1/models/load"
+        for path in (
+            "loop.safetensors",
+            "a.safetensors",
+            "loop.safetensors/x.safetensors",
+            "dangling.safetensors",
+            "folder.safetensors",
+            "fifo.safetensors",
+            "file.txt/x.safetensors",
+            "x" * 5000 + ".safetensors",
+            "sub/" * 2000 + "x.safetensors",
+            "",
+            "bad\0.safetensors",
+        ):
+            status, body = http("POST", url, {"path": path})
+            assert 400 <= status < 500, (path[:40], status, body)
+            assert isinstance(body, dict) and body["detail"], (path[:40], body)
+        assert srv.manager.loading is None and srv.manager.last_error is None
+
+
+def test_a_req_client_that_sends_two_frames_gets_an_error_it_can_receive(server):
+    # Outside the protocol, but a REQ socket whose reply never comes is wedged for good.
+    for kind, delimiter in ((zmq.REQ, False), (zmq.DEALER, True), (zmq.DEALER, False)):
+        client = RawClient(server.zmq_endpoint, kind, delimiter, timeout_s=10)
+        try:
+            frames = [pack({"type": "ping", "id": 1}), b"second frame"]
+            client.send_raw(*([b""] if delimiter else []), *frames)
+            reply = client.recv()
+            assert reply["ok"] is False and reply["error"]["code"] == "bad_request", reply
+            assert "one payload frame" in reply["error"]["message"]
+            assert client.call({"type": "ping", "id": 2})["ok"]  # the socket is usable again
+        finally:
+            client.close()
+
+
+def test_watching_a_folder_removes_temporary_files_of_killed_writers(tmp_path):
+    stale = tmp_path / f".latest.safetensors.{dead_pid()}.tmp"
+    stale.write_bytes(b"partial")
+    with running_server(tmp_path, watch=tmp_path, watch_interval_s=0.1):
+        assert wait_for(lambda: not stale.exists(), 10)
+
+
+def test_a_checkpoint_with_inconsistent_metadata_never_takes_traffic(tmp_path):
+    policy = tiny_policy(image=False)
+    save_policy(policy, tmp_path / "good.safetensors")
+    ckpt = read_checkpoint(tmp_path / "good.safetensors")
+    doc = {k: v for k, v in ckpt.metadata.items() if k != "content_sha256"}
+    doc["control_hy"] = doc.pop("control_hz")  # loaded before; then every hello failed with `internal`
+    write_safetensors_atomic(tmp_path / "renamed.safetensors", ckpt.tensors, doc)
+    with running_server(tmp_path, tmp_path / "good.safetensors") as srv:
+        srv.manager.load(tmp_path / "renamed.safetensors")
+        assert srv.manager.wait_for_load(120)
+        assert "invalid metadata" in srv.manager.last_error and "control_hz" in srv.manager.last_error
+        client = RawClient(srv.zmq_endpoint)
+        hello = client.call({"type": "hello", "id": 1})
+        assert hello["ok"] and hello["model"]["version"] == 1 and hello["control_hz"] == 10.0
+        client.close()
+
+
+def _process_status() -> tuple[float, int]:
+    """(RSS in MB, OS threads) of this process."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["Threads"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+@pytest.mark.parametrize("architectures", [1, 3])
+def test_hot_swaps_leak_neither_memory_nor_threads(tmp_path, monkeypatch, architectures):
+    """Each swap grew the server by an OS thread and ~5 MB (tiny models; 30-50 MB with the shipped one):
+    a thread per model, and MLX's stream thread and malloc arena for each. 22 swaps: between two
+    checkpoints of one architecture (the new weights go into the previous model's compiled graphs:
+    nothing is built; compared with after the first two swaps, as the issue asks), and around three
+    architectures (every swap builds a policy and releases the old one; compared with after six swaps,
+    once each architecture has run on both model threads and MLX's kernels for it are loaded)."""
+    dims = [[16, 32], [16, 32, 64], [32, 64]] if architectures == 3 else [[16, 32], [16, 32]]
+    for i, down_dims in enumerate(dims):
+        mx.random.seed(i)
+        save_policy(tiny_policy(image=False, seed=i, down_dims=down_dims), tmp_path / f"m{i}.safetensors")
+    reference = [load_policy(tmp_path / f"m{i}.safetensors") for i in range(len(dims))]
+    built = []
+    init = DiffusionUnetPolicy.__init__
+
+    def counting_init(self, *args, **kwargs) -> None:
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionUnetPolicy, "__init__", counting_init)
+    obs = one_obs(reference[0])
+
+    def batch(i: int) -> dict[str, np.ndarray]:
+        return {k: np.repeat(v[None], 1 + i % 3, axis=0) for k, v in obs.items()}  # buckets 1, 2, 4
+
+    with running_server(tmp_path, tmp_path / "m0.safetensors") as srv:
+        stop = threading.Event()
+        replies: list = []
+
+        def client_loop() -> None:
+            client = RawClient(srv.zmq_endpoint)
+            i = 0
+            while not stop.is_set():
+                i += 1
+                request = {"type": "infer", "id": i, "obs": batch(i), "options": {"seed": i}}
+                replies.append((i, client.call(request)))
+                time.sleep(0.01)  # a robot's control loop, not a flood: the model is idle at times
+            client.close()
+
+        clients = [threading.Thread(target=client_loop) for _ in range(2)]
+        for t in clients:
+            t.start()
+        status, built_at = {}, {}
+        for swap in range(1, 23):
+            srv.manager.load(tmp_path / f"m{swap % len(dims)}.safetensors")
+            assert srv.manager.wait_for_load(120) and srv.manager.last_error is None, srv.manager.last_error
+            time.sleep(0.1)
+            status[swap], built_at[swap] = _process_status(), len(built)
+        stop.set()
+        for t in clients:
+            t.join()
+    first = 2 if architectures == 1 else 6
+    (rss_0, threads_0), (rss_22, threads_22) = status[first], status[22]
+    print(f"\n{architectures}: RSS {rss_0:.1f} -> {rss_22:.1f} MB, threads {threads_0} -> {threads_22}")
+    assert threads_22 == threads_0 == status[2][1]
+    assert rss_22 <= 1.10 * rss_0, (rss_0, rss_22)
+    # One architecture: only the first two loads built a policy. Three: every load did.
+    assert built_at[22] == (2 if architectures == 1 else 23)
+    for i, reply in replies:
+        assert reply["ok"], reply
+        version = reply["model"]["version"]
+        want = reference[(version - 1) % len(dims)].predict_action(batch(i), seed=i)["action"]
+        np.testing.assert_allclose(reply["action"], want, rtol=1e-4, atol=1e-3)
+
+
+def test_a_failed_load_into_the_previous_models_graphs_leaves_that_model_intact(tmp_path):
+    mx.random.seed(1)
+    save_policy(tiny_policy(image=False), tmp_path / "m1.safetensors")
+    mx.random.seed(2)
+    nan = tiny_policy(image=False)
+    save_policy(nan, tmp_path / "m2.safetensors")
+    weight = np.array(nan.unet.final_conv[1].weight)
+    weight.flat[0] = np.nan
+    nan.unet.final_conv[1].weight = mx.array(weight)
+    save_policy(nan, tmp_path / "nan.safetensors")
+    obs = one_obs(nan)
+    with running_server(tmp_path, tmp_path / "m1.safetensors") as srv:
+        srv.manager.load(tmp_path / "m2.safetensors")
+        assert srv.manager.wait_for_load(120)
+        # The previous model (v1) hosts the load: the same architecture, so its policy takes the weights.
+        srv.manager.load(tmp_path / "nan.safetensors")
+        assert srv.manager.wait_for_load(120) and "not finite" in srv.manager.last_error
+        assert srv.manager.describe()["previous"]["version"] == 1
+        srv.manager.rollback()
+        client = RawClient(srv.zmq_endpoint)
+        reply = client.call({"type": "infer", "id": 1, "obs": obs, "options": {"seed": 4}})
+        client.close()
+        assert reply["ok"] and reply["model"]["version"] == 1
+        want = expected_action(load_policy(tmp_path / "m1.safetensors"), obs, seed=4)
+        np.testing.assert_allclose(reply["action"], want, rtol=1e-4, atol=1e-3)
+
+
+def test_a_rollback_waits_for_the_load_in_progress(models):
+    with running_server(models, models / "v1.safetensors") as srv:
+        srv.manager.load(models / "v2.safetensors")
+        assert srv.manager.wait_for_load(120)
+        srv.manager.load(models / "v1.safetensors")  # runs on the previous model's thread
+        status, body = http("POST", srv.http_url + "/v1/models/rollback")
+        assert status == 409 and "roll back once the load is done" in body["detail"]
+        assert srv.manager.wait_for_load(120)
+        assert http("POST", srv.http_url + "/v1/models/rollback")[0] == 200
+
+
+class _Busy:
+    """A serving model that stays busy until ``until`` (time.monotonic())."""
+
+    def __init__(self, seconds: float):
+        self.until = time.monotonic() + seconds
+
+    def idle(self) -> bool:
+        return time.monotonic() >= self.until
+
+
+def test_warm_up_steps_wait_until_the_serving_model_is_idle(tmp_path, monkeypatch):
+    # A trace holds the GIL (~0.25 s for the shipped policy on a 2-core box): no step while requests run.
+    policy = tiny_policy(image=False)
+    schema = {"agent_pos": {"shape": [2, 2], "dtype": "float32"}}
+    starts = []
+    predict_action = DiffusionUnetPolicy.predict_action
+    monkeypatch.setattr(
+        DiffusionUnetPolicy,
+        "predict_action",
+        lambda self, obs, **kw: (starts.append(time.monotonic()), predict_action(self, obs, **kw))[1],
+    )
+    worker = ModelWorker(Path("unused.safetensors"), 1, BatchingConfig(), Metrics(), print, print)
+    begin = time.monotonic()
+    worker._check_finite(policy, schema, [1, 2], yield_to=_Busy(0.3))
+    assert len(starts) == 2 and starts[0] - begin >= 0.3
+    # A model that is never idle cannot keep a load out forever: each step waits at most WARMUP_YIELD_S.
+    monkeypatch.setattr(models_module, "WARMUP_YIELD_S", 0.2)
+    starts.clear()
+    begin = time.monotonic()
+    worker._check_finite(policy, schema, [1, 2], yield_to=_Busy(60))
+    assert 0.4 <= starts[1] - begin < 5
+    # Shutdown stops a load between steps.
+    worker.abort_load()
+    with pytest.raises(LoadAborted):
+        worker._check_finite(policy, schema, [1], yield_to=_Busy(60))
+
+
+def test_shutdown_has_a_deadline(tmp_path):
+    """In-flight batches finish, requests still queued at the deadline get `shutting_down`, every model
+    thread ends, and a load in progress is stopped."""
+    policy = tiny_policy(image=True)
+    save_policy(policy, tmp_path / "m.safetensors")
+    save_policy(tiny_policy(image=False), tmp_path / "other.safetensors")
+    batching = BatchingConfig(max_batch=1, max_wait_ms=0, max_queue=64)
+    server = app.Server(
+        ServeConfig(zmq="tcp://127.0.0.1:*", http_port=0, model_root=tmp_path, batching=batching)
+    )
+    server.start()
+    try:
+        server.manager.load(tmp_path / "m.safetensors")
+        assert server.manager.wait_for_load(120)
+        client = RawClient(server.zmq_endpoint)
+        obs = one_obs(policy)
+        n = 40  # DDPM-100 one at a time: far more work than the deadline allows
+        for i in range(n):
+            client.send({"type": "infer", "id": i, "obs": obs, "options": {"scheduler": "ddpm", "seed": i}})
+        time.sleep(0.3)
+        server.manager.load(tmp_path / "other.safetensors")  # a load in progress (another architecture)
+        manager = server.manager
+        threads = [w.thread for w in (manager.active, manager.previous, manager.loading) if w and w.thread]
+        started = time.monotonic()
+        assert server.shutdown(timeout=1.0)
+        elapsed = time.monotonic() - started
+        replies = [client.recv() for _ in range(n)]
+        client.close()
+    finally:
+        server.shutdown(timeout=0)
+    codes = [r["error"]["code"] if not r["ok"] else "ok" for r in replies]
+    assert sorted(r["id"] for r in replies) == list(range(n))
+    assert set(codes) == {"ok", "shutting_down"}, codes
+    assert codes.index("shutting_down") > 0 and "ok" not in codes[codes.index("shutting_down") :]
+    assert elapsed < 1.0 + 5, elapsed  # the deadline plus the batch in flight
+    assert threads and not any(t.is_alive() for t in threads)

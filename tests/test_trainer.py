@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
+from helpers import dead_pid
 from mlx.utils import tree_flatten
 from server_helpers import running_server, wait_for
 
@@ -359,3 +360,10 @@ def test_a_missing_config_is_one_line_without_a_traceback(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr == "dpmlx train: error: no config file missing.yaml\n"
+
+
+def test_a_new_run_removes_temporary_files_of_a_killed_one(dataset, tmp_path):
+    stale = tmp_path / f".latest.safetensors.{dead_pid()}.tmp"
+    stale.write_bytes(b"partial")
+    Trainer(tiny_config(dataset), tmp_path)
+    assert not stale.exists()

@@ -35,6 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from policy_core import ConfigError, build_policy, read_checkpoint, save_policy
+from policy_core.checkpoint import remove_stale_temp_files
 from trainer.data import (
     TASKS,
     BatchSpec,
@@ -189,6 +190,7 @@ class Trainer:
             raise ConfigError(
                 f"a config has sections policy, data and train (train optional), got {sorted(config)}"
             )
+        remove_stale_temp_files(self.out_dir)  # left by a run killed mid-save
         self.train = TrainConfig.from_dict(config.get("train") or {})
         self.data_cfg = DataConfig.from_dict(config["data"])
         self.group = group  # mx.distributed group for data parallelism (None: one process)

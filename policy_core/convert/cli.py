@@ -5,13 +5,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
-from policy_core.convert import ConversionError, convert
+from policy_core.convert import ConversionError, UnsafePickleWarning, convert
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.trust_pickle:
+        print(
+            f"dpmlx convert: warning: --trust-pickle: {args.src} is fully unpickled, and any code it holds "
+            "runs now, with your permissions",
+            file=sys.stderr,
+        )
     try:
-        converted, sha = convert(args.src, args.out, use_ema=args.use_ema, control_hz=args.control_hz)
+        with warnings.catch_warnings():  # said once, above
+            warnings.simplefilter("ignore", UnsafePickleWarning)
+            converted, sha = convert(
+                args.src,
+                args.out,
+                use_ema=args.use_ema,
+                control_hz=args.control_hz,
+                trust_pickle=args.trust_pickle,
+            )
     except ConversionError as e:
         print(f"dpmlx convert: {e}", file=sys.stderr)
         return 2

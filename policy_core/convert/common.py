@@ -149,9 +149,77 @@ def _to_mlx_layout(module: nn.Module, w: np.ndarray) -> np.ndarray:
     raise ConversionError(f"no layout rule for a {w.ndim}-d tensor of {type(module).__name__}")
 
 
-def load_weights(policy: DiffusionUnetPolicy, weights: Mapping[str, np.ndarray], where: str) -> None:
-    """Assign renamed source tensors to ``policy``: each parameter exactly once, in MLX layout."""
+def source_name(name: str, rules: Iterable[Rule]) -> str | None:
+    """The source tensor name that the first rule mapping to our parameter ``name`` would read, or None:
+    the rule run backwards (its template's groups matched in ``name``, put in place of the pattern's
+    capturing groups), checked by running it forwards."""
+    for pattern, template in rules:
+        parts = re.split(r"\\(\d+)", template)  # literal, group number, literal, ...
+        backwards = "".join(
+            re.escape(part) if i % 2 == 0 else f"(?P<g{part}>.+?)" for i, part in enumerate(parts)
+        )
+        match = re.fullmatch(backwards, name)
+        if match is None:
+            continue
+        groups = {int(k[1:]): v for k, v in match.groupdict().items()}
+        candidate = _fill_groups(pattern, groups)
+        forward = re.fullmatch(pattern, candidate) if candidate is not None else None
+        if forward is not None and forward.expand(template) == name:
+            return candidate
+    return None
+
+
+def _fill_groups(pattern: str, groups: dict[int, str]) -> str | None:
+    """``pattern`` with each top-level capturing group replaced by its value in ``groups``; None unless
+    what remains is literal (escaped characters and plain text)."""
+    out, number, i = [], 0, 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            out.append(pattern[i : i + 2])
+            i += 2
+        elif char == "(" and not pattern.startswith("(?", i):
+            number += 1
+            if number not in groups:
+                return None
+            out.append(re.escape(groups[number]))
+            depth, j = 0, i
+            while True:  # to the matching parenthesis; capturing groups nested in it keep their numbers
+                if pattern[j] == "\\":
+                    j += 2
+                    continue
+                if pattern[j] == "(":
+                    depth += 1
+                    number += j > i and not pattern.startswith("(?", j)
+                elif pattern[j] == ")":
+                    depth -= 1
+                    if depth == 0:
+                        break
+                j += 1
+            i = j + 1
+        elif char in ".^$*+?{}[]|()":
+            return None
+        else:
+            out.append(char)
+            i += 1
+    return re.sub(r"\\(.)", r"\1", "".join(out))
+
+
+def load_weights(
+    policy: DiffusionUnetPolicy,
+    weights: Mapping[str, np.ndarray],
+    where: str,
+    rules: Iterable[Rule] = (),
+) -> None:
+    """Assign renamed source tensors to ``policy``: each parameter exactly once, in MLX layout. With the
+    ``rules`` that renamed them, a missing parameter is named as the source tensor it would come from."""
     params = dict(tree_flatten(policy.parameters()))
+    missing = sorted(set(params) - set(weights))
+    if missing:
+        rules = list(rules)
+        names = [f"{source_name(n, rules) or '?'!r} (our {n!r})" for n in missing[:5]]
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ConversionError(f"{where}: missing source tensor(s) {', '.join(names)}{more}")
     mismatch = key_mismatch(params, weights)
     if mismatch:
         raise ConversionError(f"{where}: source weights do not match the converted architecture: {mismatch}")

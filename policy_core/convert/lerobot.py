@@ -309,7 +309,7 @@ def convert_lerobot(src: Path, control_hz: float | None = None) -> Converted:
 
     policy = build(config, normalizer, where)
     mapped, _ = rename(weights, rules, ignore, str(folder / "model.safetensors"))
-    load_weights(policy, mapped, str(folder / "model.safetensors"))
+    load_weights(policy, mapped, str(folder / "model.safetensors"), rules)
     provenance = {
         "source_format": "lerobot",
         "source": str(src),

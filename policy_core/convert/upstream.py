@@ -1,9 +1,12 @@
 """real-stanford/diffusion_policy workspace checkpoints (``.ckpt``) -> our policy.
 
 A ``.ckpt`` is ``torch.save(payload, pickle_module=dill)`` with ``payload = {"cfg": <OmegaConf config>,
-"state_dicts": {"model", "ema_model", "optimizer"}, "pickles": {...}}``. Reading it unpickles arbitrary
-objects, so it needs PyTorch (plus dill and omegaconf for real checkpoints) and must only ever be run on
-trusted files; the server never calls this code.
+"state_dicts": {"model", "ema_model", "optimizer"}, "pickles": {...}}`` (``pickles`` holds bytes that are
+never unpickled here). It is read with ``torch.load(weights_only=True)``, which builds only tensors,
+containers and the types of an explicit allowlist: those real checkpoints hold (``ALLOWED_GLOBALS``). A
+pickle naming anything else is refused before it is read, naming the type; ``trust_pickle=True``
+(``dpmlx convert --trust-pickle``) reads it as upstream does, running whatever it holds. Needs PyTorch
+(plus omegaconf, and dill for dill's type loader, for real checkpoints); the server never calls this code.
 
 Supported policies: ``DiffusionUnetHybridImagePolicy`` (robomimic ResNet18 encoder, GroupNorm or
 BatchNorm, spatial softmax; observation features concatenated in ``shape_meta.obs`` order) and
@@ -13,8 +16,10 @@ BatchNorm, spatial softmax; observation features concatenated in ``shape_meta.ob
 from __future__ import annotations
 
 import hashlib
+import importlib
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -54,8 +59,37 @@ _SCHEDULERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
 _ALWAYS_IGNORED = [r"_dummy_variable", r"mask_generator\._dummy_variable", r"normalizer\.params_dict\..*"]
 
 
-def load_payload(path: Path) -> dict[str, Any]:
-    """``torch.load`` a workspace checkpoint (a pickle: trusted files only)."""
+# What the pickles of upstream workspace checkpoints hold besides tensors and plain containers (found by
+# torch.serialization.get_unsafe_globals_in_checkpoint on checkpoints written as upstream writes them):
+# the OmegaConf config (its containers, nodes and metadata; typing.Any and a defaultdict in the metadata)
+# and dill's loader of builtin types (upstream pickles with dill; plain pickle names the types directly).
+ALLOWED_GLOBALS = frozenset({
+    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.nodes.AnyNode",
+    "omegaconf.base.ContainerMetadata", "omegaconf.base.Metadata", "typing.Any", "collections.defaultdict",
+    "dill._dill._load_type", "builtins.dict", "builtins.list", "builtins.int",
+})  # fmt: skip
+
+
+class UnsafeCheckpointError(ConversionError):
+    """A ``.ckpt``'s pickle names a type or function outside ``ALLOWED_GLOBALS``: reading it could run
+    anything. The message names it."""
+
+
+class UnsafePickleWarning(UserWarning):
+    """A ``.ckpt`` is read with full unpickling (``trust_pickle=True``): whatever it holds runs."""
+
+
+def _refuse(path: Path, names: list[str]) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{path}: the checkpoint's pickle refers to {', '.join(map(repr, names))}, which upstream "
+        "checkpoints do not hold; unpickling it could run any code. Convert it with --trust-pickle "
+        "(trust_pickle=True) only if you trust the file and where it came from"
+    )
+
+
+def load_payload(path: Path, trust_pickle: bool = False) -> dict[str, Any]:
+    """``torch.load`` a workspace checkpoint with ``weights_only=True`` and ``ALLOWED_GLOBALS``, or, with
+    ``trust_pickle``, as upstream does (a full unpickling: trusted files only)."""
     try:
         import torch
     except ImportError:
@@ -64,17 +98,42 @@ def load_payload(path: Path) -> dict[str, Any]:
             "also need dill and omegaconf)"
         ) from None
     try:
-        import dill  # upstream pickles with dill; plain pickle reads what does not need it
-    except ImportError:
-        dill = None
-    kwargs = {"pickle_module": dill} if dill is not None else {}
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False, **kwargs)
+        if trust_pickle:
+            warnings.warn(
+                f"{path}: fully unpickled (trust_pickle): any code the file holds runs now",
+                UnsafePickleWarning,
+                stacklevel=2,
+            )
+            try:
+                import dill  # upstream pickles with dill; plain pickle reads what does not need it
+            except ImportError:
+                dill = None
+            kwargs = {"pickle_module": dill} if dill is not None else {}
+            payload = torch.load(path, map_location="cpu", weights_only=False, **kwargs)
+        else:
+            # The pickle's globals are listed from its opcodes, without running any of them.
+            named = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            refused = sorted(set(named) - ALLOWED_GLOBALS)
+            if refused:
+                raise _refuse(path, refused)
+            allowed = []
+            for name in named:
+                module, _, attr = name.rpartition(".")
+                allowed.append(getattr(importlib.import_module(module), attr))
+            with torch.serialization.safe_globals(allowed):
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+    except ConversionError:
+        raise
     except ModuleNotFoundError as e:
         raise ConversionError(
             f"{path}: unpickling needs the module {e.name!r}: pip install {e.name}"
         ) from None
-    except (OSError, RuntimeError, EOFError, ValueError, AttributeError, pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError as e:
+        names = re.findall(r"GLOBAL ([\w.]+)", str(e))
+        if names:  # the weights-only unpickler's own refusal
+            raise _refuse(path, names) from None
+        raise ConversionError(f"{path}: cannot read checkpoint: {e}") from None
+    except (OSError, RuntimeError, EOFError, ValueError, AttributeError) as e:
         raise ConversionError(f"{path}: cannot read checkpoint: {e}") from None
     if not isinstance(payload, Mapping) or "cfg" not in payload or "state_dicts" not in payload:
         raise ConversionError(f"{path}: not a Diffusion Policy workspace checkpoint (no cfg / state_dicts)")
@@ -244,10 +303,13 @@ def _lowdim(
     return unet_rules("model.", lerobot=False), [], {"obs": obs_dim, "action": action_dim}, {}
 
 
-def convert_upstream(path: Path, use_ema: bool | None = None, control_hz: float | None = None) -> Converted:
-    """Convert a Diffusion Policy ``.ckpt``: EMA weights when present (``use_ema=None``), or as asked."""
+def convert_upstream(
+    path: Path, use_ema: bool | None = None, control_hz: float | None = None, trust_pickle: bool = False
+) -> Converted:
+    """Convert a Diffusion Policy ``.ckpt``: EMA weights when present (``use_ema=None``), or as asked.
+    ``trust_pickle``: read it with full unpickling (see ``load_payload``)."""
     where = str(path)
-    payload = load_payload(path)
+    payload = load_payload(path, trust_pickle)
     cfg = _plain_config(payload["cfg"], where)
     state_dicts = payload["state_dicts"]
     if use_ema is None:
@@ -266,7 +328,7 @@ def convert_upstream(path: Path, use_ema: bool | None = None, control_hz: float 
 
     policy = build(config, _normalizer(sd, dims, where), where)
     mapped, _ = rename(sd, rules, ignore + _ALWAYS_IGNORED, f"{where}: state_dicts[{which!r}]")
-    load_weights(policy, mapped, f"{where}: state_dicts[{which!r}]")
+    load_weights(policy, mapped, f"{where}: state_dicts[{which!r}]", rules)
     provenance = {
         "source_format": "diffusion_policy",
         "source": str(path),
