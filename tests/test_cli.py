@@ -14,6 +14,17 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*DPMLX, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
+def start_serve(*args: str, until: str) -> tuple[subprocess.Popen, list[str]]:
+    """``dpmlx serve ARGS`` and its log up to the first line containing ``until``."""
+    proc = subprocess.Popen([*DPMLX, "serve", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if until in line:
+            break
+    return proc, log
+
+
 def test_info_reports_backend_memory_and_blas():
     result = run("info")
     assert result.returncode == 0, result.stderr
@@ -51,17 +62,16 @@ def test_serve_finishes_in_flight_requests_on_sigterm(tmp_path):
     policy = tiny_policy(image=True)
     save_policy(policy, tmp_path / "m.safetensors")
     endpoint = f"ipc://{tmp_path}/serve.ipc"
-    proc = subprocess.Popen(
-        [*DPMLX, "serve", "--checkpoint", str(tmp_path / "m.safetensors"), "--zmq", endpoint,
-         "--http", "127.0.0.1:0"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc, log = start_serve(
+        "--checkpoint",
+        str(tmp_path / "m.safetensors"),
+        "--zmq",
+        endpoint,
+        "--http",
+        "127.0.0.1:0",
+        until="serving m v1",
+    )
     try:
-        log = []
-        for line in proc.stderr:
-            log.append(line)
-            if "serving m v1" in line:
-                break
         assert any("control plane on http://127.0.0.1:" in line for line in log), log
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.RCVTIMEO, 60_000)
@@ -191,15 +201,13 @@ def test_a_loaded_server_exits_0_on_every_stop(tmp_path):
     # The shipped policy with its four batch buckets' traces: a tiny model's are freed too quickly to
     # show the race.
     def start_and_stop(i: int) -> tuple[int, str]:
-        proc = subprocess.Popen(
-            [*DPMLX, "serve", "--zmq", f"ipc://{tmp_path}/{i}.ipc", "--http", "127.0.0.1:0"],
-            cwd=ROOT, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        log = []
-        for line in proc.stderr:
-            log.append(line)
-            if "serving pusht-keypoint-small v1" in line:
-                break
+        proc, log = start_serve(
+            "--zmq",
+            f"ipc://{tmp_path}/{i}.ipc",
+            "--http",
+            "127.0.0.1:0",
+            until="serving pusht-keypoint-small v1",
+        )
         proc.send_signal(signal.SIGINT if i % 2 else signal.SIGTERM)
         _, rest = proc.communicate(timeout=60)
         return proc.returncode, "".join(log) + rest
@@ -255,18 +263,12 @@ def test_serve_stops_by_its_deadline_during_a_hot_load_with_a_backlog(tmp_path):
     save_policy(policy, tmp_path / "m.safetensors")
     save_policy(tiny_policy(image=False), tmp_path / "other.safetensors")
     endpoint = f"ipc://{tmp_path}/serve.ipc"
-    proc = subprocess.Popen(
-        [*DPMLX, "serve", "--checkpoint", str(tmp_path / "m.safetensors"), "--zmq", endpoint,
-         "--http", "127.0.0.1:0", "--model-root", str(tmp_path), "--max-batch", "1", "--max-queue", "256",
-         "--shutdown-timeout", "1"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    proc, log = start_serve(
+        "--checkpoint", str(tmp_path / "m.safetensors"), "--zmq", endpoint, "--http", "127.0.0.1:0",
+        "--model-root", str(tmp_path), "--max-batch", "1", "--max-queue", "256", "--shutdown-timeout", "1",
+        until="serving m v1",
     )  # fmt: skip
     try:
-        log = []
-        for line in proc.stderr:
-            log.append(line)
-            if "serving m v1" in line:
-                break
         url = next(m.group(1) for line in log if (m := re.search(r"control plane on (http://\S+)", line)))
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.RCVTIMEO, 60_000)
