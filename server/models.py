@@ -53,9 +53,9 @@ class BatchingConfig:
     max_batch: int = 8  # rows per executed batch (a single larger request runs alone)
     # How long the first request of a batch may wait for company, and only for the company the last batch
     # of the same options had: its requests plus those waiting when its inference finished (an upper bound
-    # where some of those asked with other options). A lone robot never waits (2 ms is ~40% of a GPU
-    # lowdim request); synchronised robots are gathered into one batch (4 closed-loop clients on the CPU
-    # took 561 ms a round trip when nobody waited, 346 ms with this rule).
+    # where some of those asked with other options). A lone robot never waits (2 ms is a large part of a
+    # GPU request); synchronised robots are gathered into one batch, which shortened their round trips
+    # (benchmarks/NOTES.md).
     max_wait_ms: float = 2.0
     max_queue: int = 64  # queued requests per model before `overloaded`
     dtype: str | None = None  # weight dtype override for loaded checkpoints
