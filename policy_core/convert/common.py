@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from policy_core.checkpoint import key_mismatch
 from policy_core.config import ConfigError, PolicyConfig
 from policy_core.normalizer import FeatureNorm, LinearNormalizer
-from policy_core.policy import DiffusionUnetPolicy
+from policy_core.policy import DiffusionPolicy, build_policy
 from policy_core.schedulers import SchedulerConfig
 
 Rule = tuple[str, str]  # (full-match regex over a source name, re.Match.expand template of our name)
@@ -38,7 +38,7 @@ class ConversionError(ValueError):
 class Converted:
     """A converted policy (weights and normalizer loaded) plus the provenance to store with it."""
 
-    policy: DiffusionUnetPolicy
+    policy: DiffusionPolicy
     provenance: dict[str, Any]
 
 
@@ -101,9 +101,9 @@ def feature_norm(
     return FeatureNorm(scale.astype(np.float32), offset.astype(np.float32), **f32)
 
 
-def build(config: dict[str, Any], normalizer: LinearNormalizer, where: str) -> DiffusionUnetPolicy:
+def build(config: dict[str, Any], normalizer: LinearNormalizer, where: str) -> DiffusionPolicy:
     try:
-        return DiffusionUnetPolicy(PolicyConfig.from_dict(config), normalizer)
+        return build_policy(PolicyConfig.from_dict(config), normalizer)
     except ConfigError as e:
         raise ConversionError(f"{where}: the converted config is not supported: {e}") from None
 
@@ -206,7 +206,7 @@ def _fill_groups(pattern: str, groups: dict[int, str]) -> str | None:
 
 
 def load_weights(
-    policy: DiffusionUnetPolicy,
+    policy: DiffusionPolicy,
     weights: Mapping[str, np.ndarray],
     where: str,
     rules: Iterable[Rule] = (),
