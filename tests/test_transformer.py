@@ -8,12 +8,22 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 import yaml
-from helpers import observation, tiny_transformer_config, tiny_transformer_policy, training_batch
+from helpers import observation, tiny_policy, tiny_transformer_config, tiny_transformer_policy, training_batch
 from mlx.utils import tree_flatten, tree_map
+from server_helpers import RawClient, http, running_server
 
-from policy_core import ConfigError, DiffusionTransformerPolicy, build_policy
+from policy_core import (
+    ConfigError,
+    DiffusionTransformerPolicy,
+    build_policy,
+    load_policy,
+    read_checkpoint,
+    save_policy,
+)
+from policy_core.checkpoint import CheckpointMetadataError, write_safetensors_atomic
 from policy_core.nets.transformer import TransformerForDiffusion
 from policy_core.schedulers import DDIMScheduler, DDPMScheduler
+from proto.messages import PROTOCOL_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -225,3 +235,83 @@ def test_a_unet_config_refuses_transformer_fields():
 
     with pytest.raises(ConfigError, match=r"\['n_head'\] are not fields of a policy of type 'diffusion_unet"):
         build_policy(tiny_config(image=False, n_head=4))
+
+
+# ---- checkpoints and the server ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    mx.random.seed(4)
+    policy = tiny_transformer_policy(image=True)
+    path = tmp_path_factory.mktemp("transformer") / "t.safetensors"
+    ema = tree_map(lambda p: p + 0.01, policy.parameters())
+    save_policy(policy, path, ema_params=ema, training_step=7, provenance={"name": "tiny transformer"})
+    return policy, path
+
+
+def test_checkpoint_round_trip_is_bit_exact(saved):
+    policy, path = saved
+    doc = read_checkpoint(path).metadata
+    assert doc["policy_type"] == doc["config"]["type"] == "diffusion_transformer"
+    assert "down_dims" not in doc["config"] and doc["config"]["n_layer"] == 2
+    loaded = load_policy(path, use_ema=False)
+    assert isinstance(loaded, DiffusionTransformerPolicy) and loaded.config == policy.config
+    assert not loaded.training  # a loaded policy runs no dropout
+    want, got = dict(tree_flatten(policy.parameters())), dict(tree_flatten(loaded.parameters()))
+    assert want.keys() == got.keys()
+    for k in want:
+        assert want[k].dtype == got[k].dtype and np.array_equal(np.array(want[k]), np.array(got[k])), k
+    obs = observation(policy)
+    for kind, steps in (("ddim", 5), ("ddpm", 12)):
+        a = policy.predict_action(obs, scheduler=kind, num_inference_steps=steps, seed=11)
+        b = loaded.predict_action(obs, scheduler=kind, num_inference_steps=steps, seed=11)
+        assert np.array_equal(a["action_pred"], b["action_pred"])
+    ema = load_policy(path)  # the EMA weights by default
+    assert np.array_equal(np.array(ema.transformer.head.bias), np.array(policy.transformer.head.bias) + 0.01)
+
+
+def test_a_checkpoint_whose_type_disagrees_with_its_config_is_refused(saved, tmp_path):
+    _, path = saved
+    ckpt = read_checkpoint(path)
+    doc = {**ckpt.metadata, "policy_type": "diffusion_unet"}
+    doc.pop("content_sha256")
+    bad = tmp_path / "bad.safetensors"
+    write_safetensors_atomic(bad, ckpt.tensors, doc)
+    with pytest.raises(CheckpointMetadataError, match="policy_type 'diffusion_unet' disagrees"):
+        load_policy(bad)
+
+
+def test_served_end_to_end_and_swapped_with_a_unet(saved, tmp_path):
+    policy, path = saved
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "t.safetensors").write_bytes(path.read_bytes())
+    save_policy(tiny_policy(image=False), root / "unet.safetensors")
+    reference = load_policy(root / "t.safetensors")
+    obs = {k: v[0] for k, v in observation(reference, batch=1, seed=2).items()}
+    with running_server(root, root / "t.safetensors") as srv:
+        client = RawClient(srv.zmq_endpoint)
+        try:
+            hello = client.call({"type": "hello", "id": 1, "protocol": PROTOCOL_VERSION})
+            assert hello["ok"] and hello["model"]["name"] == "tiny transformer"
+            assert hello["action"] == {"dim": 2, "horizon": 8, "n_action_steps": 4}
+            for options in ({"seed": 5}, {"seed": 6, "scheduler": "ddpm", "num_inference_steps": 10}):
+                reply = client.call({"type": "infer", "id": 2, "obs": obs, "options": options})
+                assert reply["ok"], reply
+                kwargs = {k: v for k, v in options.items() if k != "seed"}
+                want = reference.predict_action(
+                    {k: v[None] for k, v in obs.items()}, seed=options["seed"], **kwargs
+                )
+                np.testing.assert_allclose(reply["action"], want["action"][0], rtol=1e-4, atol=1e-3)
+            batched = client.call({"type": "infer", "id": 3, "obs": observation(reference, batch=3)})
+            assert batched["ok"] and batched["action"].shape == (3, 4, 2)
+            # Hot swap to a UNet checkpoint (another architecture) and back.
+            for name, version in (("unet.safetensors", 2), ("t.safetensors", 3)):
+                status, _ = http("POST", srv.http_url + "/v1/models/load", {"path": name})
+                assert status == 202 and srv.manager.wait_for_load(120), srv.manager.last_error
+                assert http("GET", srv.http_url + "/v1/models")[1]["active"]["version"] == version
+            reply = client.call({"type": "infer", "id": 4, "obs": obs, "options": {"seed": 5}})
+            assert reply["ok"] and reply["model"]["version"] == 3
+        finally:
+            client.close()
