@@ -26,6 +26,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from policy_core import backends
 from policy_core.backends.base import Backend, BackendUnavailable
@@ -133,6 +134,22 @@ class DiffusionPolicy(nn.Module, ABC):
     def _conditioning_inputs(self) -> list[Any]:
         """The arrays the compiled conditioning reads as inputs rather than constants of its trace."""
         return [self.rgb_encoders]
+
+    def _undecayed_parameters(self) -> set[str]:
+        """The denoiser's parameters upstream's optimizer gives no weight decay (none for the UNet: its
+        AdamW decays every parameter)."""
+        return set()
+
+    def parameter_groups(self) -> dict[str, str]:
+        """Each trainable parameter's group in upstream's optimizer: ``obs_encoder`` (the image encoders),
+        ``decay`` or ``no_decay`` (the denoiser's)."""
+        undecayed = self._undecayed_parameters()
+        return {
+            name: "obs_encoder"
+            if name.startswith("rgb_encoders.")
+            else ("no_decay" if name in undecayed else "decay")
+            for name, _ in tree_flatten(self.trainable_parameters())
+        }
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -468,6 +485,12 @@ class DiffusionTransformerPolicy(DiffusionPolicy):
     def _conditioning_inputs(self) -> list[Any]:
         # The memory is computed in the compiled conditioning: the transformer's arrays are inputs too.
         return [*super()._conditioning_inputs(), self.transformer.state]
+
+    def _undecayed_parameters(self) -> set[str]:
+        # Upstream's get_optim_groups: biases, LayerNorm weights and the position embeddings.
+        decayed = set(self.transformer.decayed_parameters())
+        names = (name for name, _ in tree_flatten(self.transformer.parameters()))
+        return {f"transformer.{name}" for name in names if name not in decayed}
 
     def _loop_tables(self, kind: str, num_steps: int) -> tuple[mx.array]:
         """The schedule's timesteps (S,)."""
