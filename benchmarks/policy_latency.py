@@ -14,7 +14,12 @@ import json
 import time
 from pathlib import Path
 
-CONFIGS = {"lowdim": "configs/pusht_lowdim.yaml", "image": "configs/pusht_image.yaml"}
+CONFIGS = {
+    "lowdim": "configs/pusht_lowdim.yaml",
+    "image": "configs/pusht_image.yaml",
+    "transformer_lowdim": "configs/pusht_transformer_lowdim.yaml",
+    "transformer_image": "configs/pusht_transformer_image.yaml",
+}
 SAMPLERS = {"ddim10": ("ddim", 10), "ddim16": ("ddim", 16), "ddpm100": ("ddpm", 100)}
 
 

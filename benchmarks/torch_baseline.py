@@ -1,16 +1,18 @@
 """Diffusion Policy inference in PyTorch, device-aware: the baseline ``benchmarks.compare_torch`` times
 our MLX policy against.
 
-The architecture is upstream's (real-stanford/diffusion_policy): ``ConditionalUnet1D`` and, for image
-observations, robomimic's ResNet18-GroupNorm + SpatialSoftmax VisualCore, written compactly from the
-documented architectures with upstream's state-dict names (``tests/convert_reference.py`` imports the
+The architecture is upstream's (real-stanford/diffusion_policy): ``ConditionalUnet1D`` or
+``TransformerForDiffusion`` (built from PyTorch's own transformer layers, as upstream builds it) and, for
+image observations, robomimic's ResNet18-GroupNorm + SpatialSoftmax VisualCore, written compactly from
+the documented architectures with upstream's state-dict names (``tests/convert_reference.py`` imports the
 same classes for the converter parity tests). ``TorchPolicy.predict_action`` does per request what our
-``DiffusionUnetPolicy.predict_action`` does: normalise the observations (affine), encode images (uint8
-HWC -> float CHW in [0, 1] -> [-1, 1] -> centre crop -> ResNet -> keypoints -> Linear + ReLU), build the
-global conditioning, run the DDIM (eta 0) or DDPM (fixed_small) loop with diffusers' semantics
-(coefficients precomputed as tensors on the device), unnormalise and slice the action window. The
-denoiser is upstream's full UNet forward per step (our MLX policy hoists the FiLM projections of the
-observation out of the loop; this baseline does not, as upstream does not).
+``DiffusionPolicy.predict_action`` does: normalise the observations (affine), encode images (uint8 HWC ->
+float CHW in [0, 1] -> [-1, 1] -> centre crop -> ResNet -> keypoints -> Linear + ReLU), build the
+conditioning (global for the UNet, one token per observation step for the transformer), run the DDIM
+(eta 0) or DDPM (fixed_small) loop with diffusers' semantics (coefficients precomputed as tensors on the
+device), unnormalise and slice the action window. The denoiser is upstream's full forward per step (our
+MLX policy hoists the FiLM projections of the observation, and the transformer's memory, out of the
+loop; this baseline does not, as upstream does not).
 
 Variants: float32 or bfloat16 (weights and activations cast, as our ``dtype: bfloat16``; the sampler
 state stays float32), eager or ``torch.compile`` of the per-step denoiser (``mode="reduce-overhead"``,
@@ -151,6 +153,71 @@ class Unet(nn.Module):
         for resnet, resnet2, up in self.up_modules:
             x = up(resnet2(resnet(torch.cat([x, skips.pop()], dim=1), cond), cond))
         return self.final_conv(x).transpose(1, 2)
+
+
+# ---- TransformerForDiffusion (upstream names) --------------------------------------------------------
+
+
+class TransformerForDiffusion(nn.Module):
+    """Upstream's TransformerForDiffusion with the step and the observations as the memory
+    (``time_as_cond``, ``obs_as_cond``). forward: sample (B, T, input_dim), timesteps (B,), cond (B, To,
+    cond_dim) -> (B, T, output_dim). Causal masks as upstream's additive buffers ``mask`` / ``memory_mask``
+    (action t sees actions <= t, the step token and observation steps <= t)."""
+
+    def __init__(
+        self, input_dim, output_dim, horizon, n_obs_steps, cond_dim, n_layer, n_head, n_emb, p_drop_emb,
+        p_drop_attn, causal_attn, n_cond_layers,
+    ):  # fmt: skip
+        super().__init__()
+        self._dummy_variable = nn.Parameter(torch.zeros(0))  # upstream's ModuleAttrMixin
+        self.input_emb = nn.Linear(input_dim, n_emb)
+        self.pos_emb = nn.Parameter(torch.zeros(1, horizon, n_emb))
+        self.drop = nn.Dropout(p_drop_emb)
+        self.time_emb = SinusoidalPosEmb(n_emb)
+        self.cond_obs_emb = nn.Linear(cond_dim, n_emb)
+        self.cond_pos_emb = nn.Parameter(torch.zeros(1, 1 + n_obs_steps, n_emb))
+        layer = {"d_model": n_emb, "nhead": n_head, "dim_feedforward": 4 * n_emb, "dropout": p_drop_attn,
+                 "activation": "gelu", "batch_first": True, "norm_first": True}  # fmt: skip
+        if n_cond_layers > 0:
+            self.encoder = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(**layer), n_cond_layers, enable_nested_tensor=False
+            )
+        else:
+            self.encoder = nn.Sequential(nn.Linear(n_emb, 4 * n_emb), nn.Mish(), nn.Linear(4 * n_emb, n_emb))
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), n_layer)
+        if causal_attn:
+            t = torch.arange(horizon)[:, None]
+            allowed = {
+                "mask": t >= torch.arange(horizon)[None],
+                "memory_mask": t >= torch.arange(1 + n_obs_steps) - 1,
+            }
+            for name, where in allowed.items():
+                self.register_buffer(name, torch.zeros(where.shape).masked_fill(~where, float("-inf")))
+        else:
+            self.mask = self.memory_mask = None
+        self.ln_f = nn.LayerNorm(n_emb)
+        self.head = nn.Linear(n_emb, output_dim)
+
+    def forward(self, sample, timesteps, cond):
+        step = self.time_emb(timesteps).to(sample.dtype)[:, None]
+        memory = self.encoder(
+            self.drop(torch.cat([step, self.cond_obs_emb(cond)], dim=1) + self.cond_pos_emb)
+        )
+        x = self.drop(self.input_emb(sample) + self.pos_emb[:, : sample.shape[1]])
+        x = self.decoder(x, memory, tgt_mask=self.mask, memory_mask=self.memory_mask)
+        return self.head(self.ln_f(x))
+
+
+def transformer_from_config(
+    section: dict[str, Any], action_dim: int, cond_dim: int
+) -> TransformerForDiffusion:
+    """The transformer of a ``type: diffusion_transformer`` policy section (our config's defaults)."""
+    return TransformerForDiffusion(
+        action_dim, action_dim, int(section.get("horizon", 16)), int(section.get("n_obs_steps", 2)), cond_dim,
+        int(section.get("n_layer", 8)), int(section.get("n_head", 4)), int(section.get("n_emb", 256)),
+        float(section.get("p_drop_emb", 0.0)), float(section.get("p_drop_attn", 0.3)),
+        bool(section.get("causal_attn", True)), int(section.get("n_cond_layers", 0)),
+    )  # fmt: skip
 
 
 # ---- ResNet18 trunk (torchvision names, as Sequential children 0..7) ---------------------------------
@@ -348,10 +415,11 @@ def default_normalizer(section: dict[str, Any]) -> dict[str, tuple[np.ndarray, n
 class TorchPolicy(nn.Module):
     """Upstream Diffusion Policy inference for one of our ``policy:`` config sections.
 
-    Parameters are ``unet.*`` (upstream ConditionalUnet1D names) and ``encoders.<key>.*`` (robomimic
-    VisualCore names) per rgb key. ``normalizer``: {key: (scale, offset)} for every observation key and
-    ``action`` (defaults: ``default_normalizer``). ``compile``: wrap the per-step denoiser in
-    ``torch.compile`` (reduce-overhead on CUDA, default mode elsewhere).
+    Parameters are ``unet.*`` (upstream ConditionalUnet1D names) or ``transformer.*`` (upstream
+    TransformerForDiffusion names, for ``type: diffusion_transformer``) and ``encoders.<key>.*``
+    (robomimic VisualCore names) per rgb key. ``normalizer``: {key: (scale, offset)} for every
+    observation key and ``action`` (defaults: ``default_normalizer``). ``compile``: wrap the per-step
+    denoiser in ``torch.compile`` (reduce-overhead on CUDA, default mode elsewhere).
     """
 
     def __init__(
@@ -386,15 +454,19 @@ class TorchPolicy(nn.Module):
                 feature_dim += 64
             else:
                 feature_dim += m["shape"][0]
-        self.unet = Unet(
-            self.action_dim,
-            feature_dim * self.n_obs_steps,
-            int(section.get("diffusion_step_embed_dim", 256)),
-            [int(d) for d in section.get("down_dims", (256, 512, 1024))],
-            int(section.get("kernel_size", 5)),
-            int(section.get("n_groups", 8)),
-            bool(section.get("cond_predict_scale", True)),
-        )
+        self.is_transformer = section.get("type", "diffusion_unet") == "diffusion_transformer"
+        if self.is_transformer:
+            self.transformer = transformer_from_config(section, self.action_dim, feature_dim)
+        else:
+            self.unet = Unet(
+                self.action_dim,
+                feature_dim * self.n_obs_steps,
+                int(section.get("diffusion_step_embed_dim", 256)),
+                [int(d) for d in section.get("down_dims", (256, 512, 1024))],
+                int(section.get("kernel_size", 5)),
+                int(section.get("n_groups", 8)),
+                bool(section.get("cond_predict_scale", True)),
+            )
         self.device = torch.device(device)
         self.dtype = TORCH_DTYPES[dtype]
         self.eval().to(self.device, self.dtype)
@@ -404,11 +476,11 @@ class TorchPolicy(nn.Module):
             for k in [*self.obs_meta, "action"]
         }
         self.compiled = compile
-        denoise = self.unet
+        denoise = self.transformer if self.is_transformer else self.unet
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-            denoise = torch.compile(self.unet, mode=mode, fullgraph=True, dynamic=False)
-        # Past Module.__setattr__: the per-step denoiser is no second copy of the UNet in the state dict.
+            denoise = torch.compile(denoise, mode=mode, fullgraph=True, dynamic=False)
+        # Past Module.__setattr__: the per-step denoiser is no second copy of the network in the state dict.
         object.__setattr__(self, "denoise", denoise)
         self.generator = torch.Generator(self.device)
         self._schedules: dict[tuple[str, int, int], Schedule] = {}
@@ -422,6 +494,12 @@ class TorchPolicy(nn.Module):
     def _tensor(self, x: Any) -> torch.Tensor:
         t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
         return t.to(self.device, non_blocking=True)
+
+    def condition(self, obs: dict[str, Any]) -> torch.Tensor:
+        """What the denoiser conditions on: ``global_cond`` for the UNet, the per-step features (B, To,
+        features) for the transformer."""
+        features = self.global_cond(obs)
+        return features.reshape(features.shape[0], self.n_obs_steps, -1) if self.is_transformer else features
 
     def global_cond(self, obs: dict[str, Any]) -> torch.Tensor:
         """Raw (B, n_obs_steps, ...) observations, images uint8 or [0, 1] float HWC -> (B, To * features)."""
@@ -452,7 +530,7 @@ class TorchPolicy(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """As ``DiffusionUnetPolicy.predict_action``: ``action`` (B, n_action_steps, A) and ``action_pred``
         (B, horizon, A), float32 on the device (not synchronised)."""
-        gcond = self.global_cond(obs)
+        gcond = self.condition(obs)
         batch = gcond.shape[0]
         sched = self.schedule(scheduler, num_inference_steps, batch)
         shape = (batch, self.horizon, self.action_dim)

@@ -19,7 +19,13 @@ from policy_core.checkpoint import (  # noqa: E402
 )
 from policy_core.config import ConfigError, PolicyConfig  # noqa: E402
 from policy_core.normalizer import LinearNormalizer  # noqa: E402
-from policy_core.policy import DiffusionUnetPolicy, ObservationError, build_policy  # noqa: E402
+from policy_core.policy import (  # noqa: E402
+    DiffusionPolicy,
+    DiffusionTransformerPolicy,
+    DiffusionUnetPolicy,
+    ObservationError,
+    build_policy,
+)
 
 __all__ = [
     "Checkpoint",
@@ -28,6 +34,8 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointVersionError",
     "ConfigError",
+    "DiffusionPolicy",
+    "DiffusionTransformerPolicy",
     "DiffusionUnetPolicy",
     "LinearNormalizer",
     "ObservationError",

@@ -46,7 +46,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from policy_core.config import ConfigError, ObsEncoderConfig, PolicyConfig
 from policy_core.normalizer import LinearNormalizer
-from policy_core.policy import MX_DTYPES, DiffusionUnetPolicy
+from policy_core.policy import MX_DTYPES, POLICY_CLASSES, DiffusionPolicy, build_policy
 from policy_core.schedulers import SchedulerConfig
 
 log = logging.getLogger("dpmlx.checkpoint")
@@ -54,7 +54,6 @@ log = logging.getLogger("dpmlx.checkpoint")
 FORMAT = "dpmlx-policy"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: no header hash (read with a warning)
-POLICY_TYPE = "diffusion_unet"
 # Ours are 10-200 KB (config and tensor table); the bound caps what a hostile file costs to parse.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 HEADER_HASH = "header_sha256"
@@ -492,7 +491,7 @@ def validate_metadata(doc: dict[str, Any], path: str | os.PathLike) -> PolicyCon
     unknown = [k for k in doc if k not in _DOC_TYPES]
     if missing or unknown:
         raise invalid(f"missing key(s) {missing}, unknown key(s) {unknown}")
-    if doc["policy_type"] != POLICY_TYPE:
+    if doc["policy_type"] not in POLICY_CLASSES:
         raise CheckpointVersionError(f"{path}: unknown policy type {doc['policy_type']!r}")
     for key, hint in _DOC_TYPES.items():
         why = _type_error(doc[key], hint)
@@ -512,6 +511,8 @@ def validate_metadata(doc: dict[str, Any], path: str | os.PathLike) -> PolicyCon
     differ = sorted(k for k in stored.keys() | derived.keys() if stored.get(k, ...) != derived.get(k, ...))
     if differ:
         raise invalid(f"config field(s) {differ} are missing or not what the config means")
+    if doc["policy_type"] != config.type:
+        raise invalid(f"policy_type {doc['policy_type']!r} disagrees with the config's type {config.type!r}")
     for key, want in _schema_of(config).items():
         if doc[key] != want:
             raise invalid(f"{key} {doc[key]!r} disagrees with the config ({want!r})")
@@ -536,12 +537,12 @@ def key_mismatch(expected: Iterable[str], got: Iterable[str]) -> str | None:
     )
 
 
-def policy_metadata(policy: DiffusionUnetPolicy) -> dict[str, Any]:
+def policy_metadata(policy: DiffusionPolicy) -> dict[str, Any]:
     """The schema part of the metadata document, derived from the policy config."""
     cfg = policy.config
     return {
         "format_version": FORMAT_VERSION,
-        "policy_type": POLICY_TYPE,
+        "policy_type": cfg.type,
         "config": cfg.to_dict(),
         **_schema_of(cfg),
         "normalizer_keys": policy.normalizer.keys(),
@@ -549,7 +550,7 @@ def policy_metadata(policy: DiffusionUnetPolicy) -> dict[str, Any]:
 
 
 def save_policy(
-    policy: DiffusionUnetPolicy,
+    policy: DiffusionPolicy,
     path: str | os.PathLike,
     *,
     ema_params: dict[str, Any] | None = None,
@@ -605,7 +606,7 @@ def _normalizer(ckpt: Checkpoint, config: PolicyConfig) -> LinearNormalizer:
     return normalizer
 
 
-def _load_weights(policy: DiffusionUnetPolicy, ckpt: Checkpoint, use_ema: bool) -> None:
+def _load_weights(policy: DiffusionPolicy, ckpt: Checkpoint, use_ema: bool) -> None:
     """Check every tensor against the policy's parameters, then (only then) assign them."""
     stored_dtype = MX_DTYPES[ckpt.metadata["config"]["dtype"]]
     source = "ema" if use_ema and ckpt.metadata["has_ema"] else "model"
@@ -632,10 +633,10 @@ def _load_weights(policy: DiffusionUnetPolicy, ckpt: Checkpoint, use_ema: bool) 
 
 def policy_from_checkpoint(
     ckpt: Checkpoint, *, use_ema: bool = True, dtype: str | None = None
-) -> DiffusionUnetPolicy:
+) -> DiffusionPolicy:
     """Build the policy a verified checkpoint describes and load its weights, checking every tensor."""
     config = _config(ckpt, dtype)
-    policy = DiffusionUnetPolicy(config, _normalizer(ckpt, config))
+    policy = build_policy(config, _normalizer(ckpt, config))
     # The random initial weights are replaced unevaluated; MLX's global key still holds the chain of
     # splits that drew them, growing by ~90 KB with every policy loaded until something evaluates it.
     mx.eval(mx.random.state)
@@ -644,7 +645,7 @@ def policy_from_checkpoint(
 
 
 def load_into(
-    policy: DiffusionUnetPolicy, ckpt: Checkpoint, *, use_ema: bool = True, dtype: str | None = None
+    policy: DiffusionPolicy, ckpt: Checkpoint, *, use_ema: bool = True, dtype: str | None = None
 ) -> bool:
     """Give ``policy`` a verified checkpoint's weights and normalizer if the checkpoint's config (with the
     ``dtype`` override) equals the policy's; return whether it did. The policy's compiled functions take
@@ -661,7 +662,7 @@ def load_into(
 
 def load_policy(
     path: str | os.PathLike, *, use_ema: bool = True, dtype: str | None = None
-) -> DiffusionUnetPolicy:
+) -> DiffusionPolicy:
     """Load a policy checkpoint, EMA weights when present (unless ``use_ema=False``).
 
     ``dtype`` ("float32" | "bfloat16" | "float16") overrides the stored weight dtype. Raises a

@@ -3,6 +3,11 @@
 ``shape_meta`` follows upstream Diffusion Policy: ``obs: {key: {shape, type}}`` with ``type`` ``low_dim``
 or ``rgb`` (rgb shapes written channel-first ``[C, H, W]`` as upstream), and ``action: {shape: [D]}``.
 Observations passed to the policy are channel-last ``(H, W, C)``, as cameras deliver them.
+
+``type`` picks the denoiser: ``diffusion_unet`` (ConditionalUnet1D) or ``diffusion_transformer``
+(TransformerForDiffusion). Its fields sit beside the others, flat, as upstream's hybrid image policies take
+them; a config names the fields of its own denoiser only (``DENOISER_FIELDS``), and the other's defaults
+mean nothing for it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,15 @@ from policy_core.schedulers import SchedulerConfig
 DTYPES = ("float32", "bfloat16", "float16")
 SAMPLERS = ("ddpm", "ddim")
 POOLS = ("spatial_softmax", "avg")
+DENOISER_FIELDS = {
+    "diffusion_unet": (
+        "down_dims", "kernel_size", "n_groups", "diffusion_step_embed_dim", "cond_predict_scale",
+    ),
+    "diffusion_transformer": (
+        "n_layer", "n_head", "n_emb", "p_drop_emb", "p_drop_attn", "causal_attn", "time_as_cond",
+        "obs_as_cond", "n_cond_layers",
+    ),
+}  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -56,6 +70,7 @@ class ObsEncoderConfig:
 class PolicyConfig:
     obs: dict[str, ObsFeature]
     action_dim: int
+    type: str = "diffusion_unet"
     horizon: int = 16
     n_obs_steps: int = 2
     n_action_steps: int = 8
@@ -64,6 +79,16 @@ class PolicyConfig:
     n_groups: int = 8
     diffusion_step_embed_dim: int = 256
     cond_predict_scale: bool = True
+    # TransformerForDiffusion, upstream's hybrid image policy's defaults.
+    n_layer: int = 8
+    n_head: int = 4
+    n_emb: int = 256
+    p_drop_emb: float = 0.0
+    p_drop_attn: float = 0.3
+    causal_attn: bool = True
+    time_as_cond: bool = True
+    obs_as_cond: bool = True
+    n_cond_layers: int = 0
     noise_scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sampler: str = "ddpm"
     num_inference_steps: int | None = None  # None: num_train_timesteps
@@ -86,11 +111,8 @@ class PolicyConfig:
                 raise ConfigError(f"shape_meta.obs.{key}.shape must be [D] for low_dim, got {feat.shape}")
         if self.action_dim < 1:
             raise ConfigError("shape_meta.action.shape must be [D] with D >= 1")
-        levels = len(self.down_dims)
-        if self.horizon % (2 ** (levels - 1)) != 0:
-            raise ConfigError(
-                f"horizon {self.horizon} must be divisible by {2 ** (levels - 1)} for down_dims"
-            )
+        if self.type not in DENOISER_FIELDS:
+            raise ConfigError(f"type must be one of {tuple(DENOISER_FIELDS)}, got {self.type!r}")
         if not 1 <= self.n_obs_steps <= self.horizon:
             raise ConfigError("n_obs_steps must be in [1, horizon]")
         if not 1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1:
@@ -106,10 +128,41 @@ class PolicyConfig:
         steps = self.num_inference_steps
         if steps is not None and not 1 <= steps <= self.noise_scheduler.num_train_timesteps:
             raise ConfigError("num_inference_steps must be in [1, noise_scheduler.num_train_timesteps]")
+        if self.type == "diffusion_unet":
+            self._check_unet()
+        else:
+            self._check_transformer()
+
+    def _check_unet(self) -> None:
+        levels = len(self.down_dims)
+        if self.horizon % (2 ** (levels - 1)) != 0:
+            raise ConfigError(
+                f"horizon {self.horizon} must be divisible by {2 ** (levels - 1)} for down_dims"
+            )
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ConfigError("kernel_size must be odd (upstream pads by kernel_size // 2 on each side)")
         if any(d % self.n_groups for d in self.down_dims) or self.down_dims[0] % 8:
             raise ConfigError("down_dims must be divisible by n_groups (and down_dims[0] by 8)")
+
+    def _check_transformer(self) -> None:
+        for name in ("n_layer", "n_head"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_cond_layers < 0:
+            raise ConfigError(f"n_cond_layers must be >= 0 (0: an MLP encoder), got {self.n_cond_layers}")
+        if self.n_emb < 4 or self.n_emb % 2:
+            # The step's sinusoidal embedding is n_emb / 2 sines and as many cosines.
+            raise ConfigError(f"n_emb must be even and at least 4, got {self.n_emb}")
+        if self.n_emb % self.n_head:
+            raise ConfigError(f"n_emb ({self.n_emb}) must be divisible by n_head ({self.n_head})")
+        for name in ("p_drop_emb", "p_drop_attn"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        # Upstream's other variants condition on observations by inpainting them into the trajectory.
+        if not self.obs_as_cond:
+            raise ConfigError("obs_as_cond: false (inpainting observations) is not supported")
+        if not self.time_as_cond:
+            raise ConfigError("time_as_cond: false (the encoder-only, inpainting variant) is not supported")
 
     @property
     def image_keys(self) -> list[str]:
@@ -123,7 +176,12 @@ class PolicyConfig:
     def from_dict(cls, d: dict[str, Any]) -> PolicyConfig:
         """Build from a plain dict (a YAML ``policy:`` section); unknown keys are errors, not ignored."""
         d = dict(d)
-        d.pop("type", None)  # "diffusion_unet": the only policy type so far
+        kind = d.get("type", "diffusion_unet")
+        if kind not in DENOISER_FIELDS:
+            raise ConfigError(f"type must be one of {tuple(DENOISER_FIELDS)}, got {kind!r}")
+        foreign = sorted({f for t, names in DENOISER_FIELDS.items() if t != kind for f in names} & set(d))
+        if foreign:
+            raise ConfigError(f"field(s) {foreign} are not fields of a policy of type {kind!r}")
         shape_meta = d.pop("shape_meta", None)
         if not isinstance(shape_meta, dict) or "obs" not in shape_meta or "action" not in shape_meta:
             raise ConfigError("shape_meta with 'obs' and 'action' is required")
@@ -159,16 +217,21 @@ class PolicyConfig:
         return cls(obs=obs, action_dim=action_shape[0], **d)
 
     def to_dict(self) -> dict[str, Any]:
-        """Inverse of ``from_dict`` (JSON-serialisable)."""
+        """Inverse of ``from_dict`` (JSON-serialisable): the fields of this config's denoiser only."""
         d = asdict(self)
-        d.pop("obs")
-        d.pop("action_dim")
+        for name in ("obs", "action_dim", "type"):
+            d.pop(name)
+        for kind, names in DENOISER_FIELDS.items():
+            if kind != self.type:
+                for name in names:
+                    d.pop(name)
         d["noise_scheduler"] = self.noise_scheduler.to_dict()
-        d["down_dims"] = list(self.down_dims)
+        if "down_dims" in d:
+            d["down_dims"] = list(self.down_dims)
         enc = d["obs_encoder"]
         enc["crop_shape"] = list(enc["crop_shape"]) if enc["crop_shape"] is not None else None
         d["shape_meta"] = {
             "obs": {k: {"shape": list(f.shape), "type": f.type} for k, f in self.obs.items()},
             "action": {"shape": [self.action_dim]},
         }
-        return {"type": "diffusion_unet", **d}
+        return {"type": self.type, **d}

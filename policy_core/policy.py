@@ -1,13 +1,17 @@
-"""Diffusion Policy with a ConditionalUnet1D denoiser and global observation conditioning.
+"""Diffusion Policy, with either of upstream's denoisers: ``DiffusionUnetPolicy`` (ConditionalUnet1D,
+observations as global FiLM conditioning) and ``DiffusionTransformerPolicy`` (TransformerForDiffusion,
+observations as cross-attention memory). ``build_policy`` picks the class from the config's ``type``.
 
-One class serves low-dimensional (state/keypoint) and image (+ state) observations: every ``rgb`` key
-goes through a ResNet18-GN encoder, every ``low_dim`` key is used as is, and the per-step features are
-concatenated in ``shape_meta.obs`` order and flattened over the ``n_obs_steps`` axis, as upstream.
+Both serve low-dimensional (state/keypoint) and image (+ state) observations: every ``rgb`` key goes
+through a ResNet18-GN encoder, every ``low_dim`` key is used as is, and the per-step features are
+concatenated in ``shape_meta.obs`` order, as upstream (the UNet flattens them over the ``n_obs_steps``
+axis; the transformer takes one token per step).
 
-A request flows observations -> conditioning -> a sampler -> actions. The conditioning is one compiled
-call: the observations are normalized and encoded, and the UNet blocks' FiLM rows of every denoising step
-are computed at once (their step part once per schedule, their observation part once per request). The
-denoising loop then runs on the first of the policy's backends that takes the request
+A request flows observations -> conditioning -> a sampler -> actions, in ``DiffusionPolicy``, the same for
+both. The conditioning is one compiled call: the observations are normalized and encoded, and what the
+denoiser needs at every step of the loop is computed at once (the UNet blocks' FiLM rows, their step part
+once per schedule and their observation part once per request; the transformer decoder's memory keys and
+values). The denoising loop then runs on the first of the policy's backends that takes the request
 (``policy_core.backends``); the actions are unnormalized on the host and returned as NumPy.
 """
 
@@ -15,16 +19,19 @@ from __future__ import annotations
 
 import secrets
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from policy_core import backends
 from policy_core.backends.base import Backend, BackendUnavailable
 from policy_core.config import PolicyConfig
+from policy_core.nets.transformer import TransformerForDiffusion
 from policy_core.nets.unet import ConditionalUnet1D, mish
 from policy_core.nets.vision import RgbEncoder
 from policy_core.normalizer import LinearNormalizer
@@ -57,7 +64,15 @@ def _as_float32(value: Any) -> mx.array:
 _normal_draw = mx.compile(lambda key, *shape: mx.random.normal(shape, key=key))
 
 
-class DiffusionUnetPolicy(nn.Module):
+class DiffusionPolicy(nn.Module, ABC):
+    """What the policies of both denoisers share: observations, noise, the sampling loop's dispatch to
+    the backends, and the training loss. A subclass builds its network (``_build_network``), says what
+    its network conditions on (``_network_cond``) and computes the conditioning of the loop
+    (``_loop_tables``, ``_loop_conditioning``).
+
+    Built in eval mode (no dropout in a direct call of the network); the trainer switches to training
+    mode for its steps. Inference never runs dropout, in either mode."""
+
     def __init__(self, config: PolicyConfig, normalizer: LinearNormalizer | None = None):
         super().__init__()
         self.config = config
@@ -70,37 +85,75 @@ class DiffusionUnetPolicy(nn.Module):
             key: RgbEncoder(config.obs[key].hwc_shape, enc.crop_shape, enc.pool, enc.num_keypoints, enc.norm)
             for key in encoder_keys
         }
-        feature_dim = sum(
-            self._encoder_for(k).output_dim if f.is_image else f.shape[0] for k, f in config.obs.items()
-        )
-        self.unet = ConditionalUnet1D(
-            input_dim=config.action_dim,
-            global_cond_dim=feature_dim * config.n_obs_steps,
-            diffusion_step_embed_dim=config.diffusion_step_embed_dim,
-            down_dims=config.down_dims,
-            kernel_size=config.kernel_size,
-            n_groups=config.n_groups,
-            cond_predict_scale=config.cond_predict_scale,
+        self._build_network(
+            sum(self._encoder_for(k).output_dim if f.is_image else f.shape[0] for k, f in config.obs.items())
         )
         if config.dtype != "float32":
             self.set_dtype(MX_DTYPES[config.dtype])
+        self.eval()
         # The training-time forward process (add_noise) is the same for either sampler.
         self.noise_scheduler = make_scheduler("ddpm", config.noise_scheduler)
         # Set past Module.__setattr__ so these stay out of the module's state tree. The compiled
-        # conditioning reads the image encoders' arrays as inputs (its FiLM tables are arguments), so a
-        # weight update (EMA copy, hot load) is seen without flattening the whole state on every call. It
-        # holds the ``rgb_encoders`` dict itself, so it is compiled for the dict in place when called and
-        # again after a new dict is assigned (``_compiled_conditioning``).
+        # conditioning reads the image encoders' arrays as inputs (``_conditioning_inputs``), so a weight
+        # update (EMA copy, hot load) is seen without flattening the whole state on every call. It holds
+        # the ``rgb_encoders`` dict itself, so it is compiled for the dict in place when called and again
+        # after a new dict is assigned (``_compiled_conditioning``).
         object.__setattr__(self, "_compiled_conditioning_fn", None)
         object.__setattr__(self, "_compiled_encoders", None)
-        object.__setattr__(self, "_backends", backends.for_unet(self.unet))
+        object.__setattr__(self, "_backends", self._network_backends())
         object.__setattr__(self, "_schedulers", {})
-        object.__setattr__(self, "_film_cache", (None, {}))
-        object.__setattr__(self, "_film_arrays", SeenArrays())
+
+    # ---- the denoiser, per subclass ---------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def network(self) -> nn.Module:
+        """The denoiser: ``network(sample, timesteps, cond)`` is its reference forward pass."""
+
+    @abstractmethod
+    def _build_network(self, feature_dim: int) -> None:
+        """Create the denoiser for ``feature_dim`` observation features per step."""
+
+    @abstractmethod
+    def _network_backends(self) -> list[Backend]:
+        """The backends that run this denoiser here, in the order they are asked."""
+
+    @abstractmethod
+    def _network_cond(self, features: mx.array) -> mx.array:
+        """Observation features (B, n_obs_steps, F) -> what the denoiser conditions on."""
+
+    @abstractmethod
+    def _loop_tables(self, kind: str, num_steps: int) -> tuple[mx.array, ...]:
+        """Arrays of a schedule that ``_loop_conditioning`` takes as arguments (computed outside it)."""
+
+    @abstractmethod
+    def _loop_conditioning(self, cond: mx.array, *tables: mx.array) -> mx.array:
+        """The denoiser's conditioning at every step of the loop (S, ...), from ``_network_cond``'s output:
+        what ``Backend.sample`` takes. Traced in the compiled conditioning."""
+
+    def _conditioning_inputs(self) -> list[Any]:
+        """The arrays the compiled conditioning reads as inputs rather than constants of its trace."""
+        return [self.rgb_encoders]
+
+    def _undecayed_parameters(self) -> set[str]:
+        """The denoiser's parameters upstream's optimizer gives no weight decay (none for the UNet: its
+        AdamW decays every parameter)."""
+        return set()
+
+    def parameter_groups(self) -> dict[str, str]:
+        """Each trainable parameter's group in upstream's optimizer: ``obs_encoder`` (the image encoders),
+        ``decay`` or ``no_decay`` (the denoiser's)."""
+        undecayed = self._undecayed_parameters()
+        return {
+            name: "obs_encoder"
+            if name.startswith("rgb_encoders.")
+            else ("no_decay" if name in undecayed else "decay")
+            for name, _ in tree_flatten(self.trainable_parameters())
+        }
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.unet.final_conv[1].weight.dtype
+        return self.network.dtype
 
     def _encoder_for(self, key: str) -> RgbEncoder:
         shared = self.config.obs_encoder.share_rgb_model
@@ -155,7 +208,8 @@ class DiffusionUnetPolicy(nn.Module):
     def encode_obs(
         self, nobs: list[mx.array], random_crop: bool = False, inference: bool = False
     ) -> mx.array:
-        """Normalized (B, T, ...) observations -> global conditioning (B, T * feature_dim).
+        """Normalized (B, T, ...) observations -> what the denoiser conditions on: the per-step features
+        (B, T, feature_dim), flattened to global conditioning (B, T * feature_dim) for the UNet.
 
         ``inference`` runs the image trunks in the form the preferred backend offers (the same results,
         no gradients), where it offers one."""
@@ -168,7 +222,7 @@ class DiffusionUnetPolicy(nn.Module):
                 y = encoder(x.reshape(batch * steps, *x.shape[2:]), random_crop, trunk)
                 x = y.reshape(batch, steps, -1)
             features.append(x)
-        return mx.concatenate(features, axis=-1).reshape(batch, -1)
+        return self._network_cond(mx.concatenate(features, axis=-1))
 
     # ---- sampling -------------------------------------------------------------------------------
 
@@ -180,62 +234,23 @@ class DiffusionUnetPolicy(nn.Module):
             self._schedulers[key] = scheduler
         return self._schedulers[key]
 
-    def _film_tables(self, kind: str, num_steps: int) -> tuple[mx.array, mx.array]:
-        """Every residual block's ``cond_encoder`` (a Linear of [step embedding, observation features])
-        split in two: ``step_rows`` (steps, sum of the blocks' m) float32, the step columns applied to
-        the schedule's step embeddings plus the biases, and ``obs_weight`` (sum m, global_cond_dim), the
-        observation columns stacked. The step part is the same for every request of a schedule, so it is
-        computed once per schedule and weights (two evaluations when built); a request multiplies its
-        features by ``obs_weight`` (one product for all blocks). Rebuilt whenever a block's or the step
-        encoder's arrays are other objects than those it was built from (``SeenArrays``: after an update,
-        a load, or a new trace of a compiled function that takes the state as inputs); an item write
-        into a weight array in place would not be seen."""
-        unet = self.unet
-        layers = [blk.cond_encoder for blk in unet.residual_blocks()]
-        linears = (*layers, *unet.diffusion_step_encoder)
-        arrays = [a for layer in linears for a in (layer["weight"], layer["bias"])]
-        obs_weight, step_rows = self._film_cache
-        if not self._film_arrays.same(arrays):
-            weight = mx.concatenate([layer["weight"] for layer in layers])
-            obs_weight = mx.contiguous(weight[:, unet.step_embed_dim :])
-            mx.eval(obs_weight)
-            step_rows = {}
-            object.__setattr__(self, "_film_cache", (obs_weight, step_rows))
-            self._film_arrays.remember(arrays)
-        key = (kind, num_steps)
-        if key not in step_rows:
-            if len(step_rows) >= FILM_SCHEDULES_CACHED:
-                del step_rows[next(iter(step_rows))]  # the schedule cached first
-            weight = mx.concatenate([layer["weight"][:, : unet.step_embed_dim] for layer in layers])
-            bias = mx.concatenate([layer["bias"] for layer in layers])
-            embedding = unet.encode_timesteps(mx.array(self._scheduler(kind, num_steps).timesteps))
-            f32 = mx.float32
-            step_rows[key] = mx.addmm(bias.astype(f32), mish(embedding).astype(f32), weight.astype(f32).T)
-            mx.eval(step_rows[key])
-        return step_rows[key], obs_weight
-
     def _conditioning(
-        self,
-        obs: dict[str, mx.array],
-        affines: list[tuple[mx.array, mx.array]],
-        step_rows: mx.array,
-        obs_weight: mx.array,
+        self, obs: dict[str, mx.array], affines: list[tuple[mx.array, mx.array]], *tables: mx.array
     ) -> mx.array:
-        """Raw observations -> the FiLM rows of every step at once, (steps, B, sum of the blocks' m)
-        float32: ``step_rows`` (``_film_tables``) plus the observation features' part, mish(features)
-        times ``obs_weight``, one product for every block. Compiled with the normalisation
-        (``affines``), so a request's elementwise work is fused kernels; what can change between calls
-        is an input, never a constant of the trace."""
-        global_cond = self.encode_obs(self.normalize_obs(obs, affines), inference=True)
-        obs_rows = (mish(global_cond) @ obs_weight.T).astype(mx.float32)
-        return step_rows[:, None] + obs_rows[None]
+        """Raw observations -> the denoiser's conditioning of every step at once (``_loop_conditioning``,
+        given the schedule's ``tables``). Compiled with the normalisation (``affines``), so a request's
+        elementwise work is fused kernels; what can change between calls is an input, never a constant
+        of the trace."""
+        cond = self.encode_obs(self.normalize_obs(obs, affines), inference=True)
+        return self._loop_conditioning(cond, *tables)
 
     def _compiled_conditioning(self) -> Callable[..., mx.array]:
-        """``_conditioning`` compiled with the ``rgb_encoders`` dict's arrays as inputs, rebuilt when that
-        attribute is another dict than the one it was built for: the old function would keep reading
-        the old dict's encoders (an identity check, not a flattening of the state, on every request)."""
+        """``_conditioning`` compiled with the ``rgb_encoders`` dict's arrays (``_conditioning_inputs``) as
+        inputs, rebuilt when that attribute is another dict than the one it was built for: the old
+        function would keep reading the old dict's encoders (an identity check, not a flattening of the
+        state, on every request)."""
         if self._compiled_encoders is not self.rgb_encoders:
-            compiled = mx.compile(self._conditioning, inputs=[self.rgb_encoders])
+            compiled = mx.compile(self._conditioning, inputs=self._conditioning_inputs())
             object.__setattr__(self, "_compiled_conditioning_fn", compiled)
             object.__setattr__(self, "_compiled_encoders", self.rgb_encoders)
         return self._compiled_conditioning_fn
@@ -253,7 +268,8 @@ class DiffusionUnetPolicy(nn.Module):
         takes the request. A backend that gives up on a request it took (``BackendUnavailable``) declines
         later ones; the request reruns on the next."""
         scheduler = self._scheduler(kind, num_steps)
-        films = self._compiled_conditioning()(obs, self._obs_affines(), *self._film_tables(kind, num_steps))
+        tables = self._loop_tables(kind, num_steps)
+        conditioning = self._compiled_conditioning()(obs, self._obs_affines(), *tables)
         batch, horizon = x.shape[:2]
         failed = None
         for backend in self._backends:
@@ -262,7 +278,7 @@ class DiffusionUnetPolicy(nn.Module):
             if failed is not None:
                 warnings.warn(f"{failed}; this and later requests run on the {backend.name}", stacklevel=2)
             try:
-                return backend.sample(scheduler, x, films, step_noise)
+                return backend.sample(scheduler, x, conditioning, step_noise)
             except BackendUnavailable as error:
                 failed = error
         raise AssertionError("the generic backend takes every request")
@@ -349,22 +365,155 @@ class DiffusionUnetPolicy(nn.Module):
         to = cfg.n_obs_steps
         nobs = self.normalize_obs({k: _as_mx(v)[:, :to] for k, v in batch["obs"].items()})
         naction = self.normalizer.normalize("action", _as_mx(batch["action"]).astype(mx.float32))
-        global_cond = self.encode_obs(nobs, random_crop=True)
+        cond = self.encode_obs(nobs, random_crop=True)
         sched = cfg.noise_scheduler
         if noise is None:
             noise = mx.random.normal(naction.shape)
         if timesteps is None:
             timesteps = mx.random.randint(0, sched.num_train_timesteps, (naction.shape[0],))
         noisy = self.noise_scheduler.add_noise(naction, noise, timesteps)
-        pred = self.unet(noisy.astype(self.dtype), timesteps, global_cond).astype(mx.float32)
+        pred = self.network(noisy.astype(self.dtype), timesteps, cond).astype(mx.float32)
         target = noise if sched.prediction_type == "epsilon" else naction
         return mx.mean(mx.square(pred - target))
 
 
+class DiffusionUnetPolicy(DiffusionPolicy):
+    """Upstream's DiffusionUnetHybridImagePolicy / DiffusionUnetLowdimPolicy (global conditioning)."""
+
+    def __init__(self, config: PolicyConfig, normalizer: LinearNormalizer | None = None):
+        super().__init__(config, normalizer)
+        object.__setattr__(self, "_film_cache", (None, {}))
+        object.__setattr__(self, "_film_arrays", SeenArrays())
+
+    @property
+    def network(self) -> ConditionalUnet1D:
+        return self.unet
+
+    def _build_network(self, feature_dim: int) -> None:
+        config = self.config
+        self.unet = ConditionalUnet1D(
+            input_dim=config.action_dim,
+            global_cond_dim=feature_dim * config.n_obs_steps,
+            diffusion_step_embed_dim=config.diffusion_step_embed_dim,
+            down_dims=config.down_dims,
+            kernel_size=config.kernel_size,
+            n_groups=config.n_groups,
+            cond_predict_scale=config.cond_predict_scale,
+        )
+
+    def _network_backends(self) -> list[Backend]:
+        return backends.for_unet(self.unet)
+
+    def _network_cond(self, features: mx.array) -> mx.array:
+        return features.reshape(features.shape[0], -1)
+
+    def _loop_tables(self, kind: str, num_steps: int) -> tuple[mx.array, mx.array]:
+        """Every residual block's ``cond_encoder`` (a Linear of [step embedding, observation features])
+        split in two: ``step_rows`` (steps, sum of the blocks' m) float32, the step columns applied to
+        the schedule's step embeddings plus the biases, and ``obs_weight`` (sum m, global_cond_dim), the
+        observation columns stacked. The step part is the same for every request of a schedule, so it is
+        computed once per schedule and weights (two evaluations when built); a request multiplies its
+        features by ``obs_weight`` (one product for all blocks). Rebuilt whenever a block's or the step
+        encoder's arrays are other objects than those it was built from (``SeenArrays``: after an update,
+        a load, or a new trace of a compiled function that takes the state as inputs); an item write
+        into a weight array in place would not be seen."""
+        unet = self.unet
+        layers = [blk.cond_encoder for blk in unet.residual_blocks()]
+        linears = (*layers, *unet.diffusion_step_encoder)
+        arrays = [a for layer in linears for a in (layer["weight"], layer["bias"])]
+        obs_weight, step_rows = self._film_cache
+        if not self._film_arrays.same(arrays):
+            weight = mx.concatenate([layer["weight"] for layer in layers])
+            obs_weight = mx.contiguous(weight[:, unet.step_embed_dim :])
+            mx.eval(obs_weight)
+            step_rows = {}
+            object.__setattr__(self, "_film_cache", (obs_weight, step_rows))
+            self._film_arrays.remember(arrays)
+        key = (kind, num_steps)
+        if key not in step_rows:
+            if len(step_rows) >= FILM_SCHEDULES_CACHED:
+                del step_rows[next(iter(step_rows))]  # the schedule cached first
+            weight = mx.concatenate([layer["weight"][:, : unet.step_embed_dim] for layer in layers])
+            bias = mx.concatenate([layer["bias"] for layer in layers])
+            embedding = unet.encode_timesteps(mx.array(self._scheduler(kind, num_steps).timesteps))
+            f32 = mx.float32
+            step_rows[key] = mx.addmm(bias.astype(f32), mish(embedding).astype(f32), weight.astype(f32).T)
+            mx.eval(step_rows[key])
+        return step_rows[key], obs_weight
+
+    def _loop_conditioning(
+        self, global_cond: mx.array, step_rows: mx.array, obs_weight: mx.array
+    ) -> mx.array:
+        """The FiLM rows of every step at once, (steps, B, sum of the blocks' m) float32: ``step_rows``
+        (``_loop_tables``) plus the observation features' part, mish(features) times ``obs_weight``, one
+        product for every block."""
+        obs_rows = (mish(global_cond) @ obs_weight.T).astype(mx.float32)
+        return step_rows[:, None] + obs_rows[None]
+
+
+class DiffusionTransformerPolicy(DiffusionPolicy):
+    """Upstream's DiffusionTransformerHybridImagePolicy / DiffusionTransformerLowdimPolicy with the
+    observations as conditioning (``obs_as_cond``): one memory token per observation step."""
+
+    @property
+    def network(self) -> TransformerForDiffusion:
+        return self.transformer
+
+    def _build_network(self, feature_dim: int) -> None:
+        config = self.config
+        self.transformer = TransformerForDiffusion(
+            input_dim=config.action_dim,
+            output_dim=config.action_dim,
+            horizon=config.horizon,
+            n_obs_steps=config.n_obs_steps,
+            cond_dim=feature_dim,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            n_emb=config.n_emb,
+            p_drop_emb=config.p_drop_emb,
+            p_drop_attn=config.p_drop_attn,
+            causal_attn=config.causal_attn,
+            n_cond_layers=config.n_cond_layers,
+        )
+
+    def _network_backends(self) -> list[Backend]:
+        return backends.for_transformer(self.transformer)
+
+    def _network_cond(self, features: mx.array) -> mx.array:
+        return features
+
+    def _conditioning_inputs(self) -> list[Any]:
+        # The memory is computed in the compiled conditioning: the transformer's arrays are inputs too.
+        return [*super()._conditioning_inputs(), self.transformer.state]
+
+    def _undecayed_parameters(self) -> set[str]:
+        # Upstream's get_optim_groups: biases, LayerNorm weights and the position embeddings.
+        decayed = set(self.transformer.decayed_parameters())
+        names = (name for name, _ in tree_flatten(self.transformer.parameters()))
+        return {f"transformer.{name}" for name in names if name not in decayed}
+
+    def _loop_tables(self, kind: str, num_steps: int) -> tuple[mx.array]:
+        """The schedule's timesteps (S,)."""
+        return (mx.array(self._scheduler(kind, num_steps).timesteps),)
+
+    def _loop_conditioning(self, cond: mx.array, timesteps: mx.array) -> mx.array:
+        """Every decoder layer's memory keys and values at every step, (S, B, L, 2, H, 1 + To, D) in the
+        model's dtype."""
+        transformer = self.transformer
+        return transformer.memory_keys_values(transformer.step_tokens(timesteps), cond)
+
+
+POLICY_CLASSES: dict[str, type[DiffusionPolicy]] = {
+    "diffusion_unet": DiffusionUnetPolicy,
+    "diffusion_transformer": DiffusionTransformerPolicy,
+}
+
+
 def build_policy(
     config: PolicyConfig | dict[str, Any], normalizer: LinearNormalizer | None = None
-) -> DiffusionUnetPolicy:
-    """Build a policy from a ``PolicyConfig`` or a plain dict (a YAML ``policy:`` section)."""
+) -> DiffusionPolicy:
+    """Build the policy of a ``PolicyConfig`` or a plain dict (a YAML ``policy:`` section): the class of
+    its ``type``."""
     if not isinstance(config, PolicyConfig):
         config = PolicyConfig.from_dict(config)
-    return DiffusionUnetPolicy(config, normalizer)
+    return POLICY_CLASSES[config.type](config, normalizer)

@@ -63,7 +63,7 @@ class BatchingConfig:
     def buckets(self, exact: Iterable[int] = ()) -> list[int]:
         """The sizes a batch is padded up to, so that only these few are compiled: powers of two, the
         largest ``max_batch``, and the sizes in ``exact`` (those a model runs as one CUDA kernel, whose
-        time grows with every padded row: ``DiffusionUnetPolicy.unpadded_batch_sizes``)."""
+        time grows with every padded row: ``DiffusionPolicy.unpadded_batch_sizes``)."""
         sizes = {self.max_batch, *(e for e in exact if 1 <= e <= self.max_batch)}
         b = 1
         while b < self.max_batch:

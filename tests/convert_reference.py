@@ -1,7 +1,7 @@
 """Compact PyTorch re-implementations of the policies the converters read, with the original state-dict
 names, plus writers for their on-disk layouts. Test-only: written from the documented architectures of
-real-stanford/diffusion_policy (ConditionalUnet1D, robomimic VisualCore), LeRobot (DiffusionModel,
-DiffusionRgbEncoder, normalization processors) and diffusers' DDIM step.
+real-stanford/diffusion_policy (ConditionalUnet1D, TransformerForDiffusion, robomimic VisualCore),
+LeRobot (DiffusionModel, DiffusionRgbEncoder, normalization processors) and diffusers' DDIM step.
 """
 
 from __future__ import annotations
@@ -15,18 +15,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.torch_baseline import Unet, VisualCore, center_crop, feature_hw, resnet18_trunk
+from benchmarks.torch_baseline import (
+    TransformerForDiffusion,
+    Unet,
+    VisualCore,
+    center_crop,
+    feature_hw,
+    resnet18_trunk,
+)
 
-# ConditionalUnet1D, the ResNet18 trunk and robomimic's VisualCore live in benchmarks/torch_baseline.py
-# (the PyTorch inference baseline of benchmarks/compare_torch.py), so there is one copy of each.
+# ConditionalUnet1D, TransformerForDiffusion, the ResNet18 trunk and robomimic's VisualCore live in
+# benchmarks/torch_baseline.py (the PyTorch inference baseline of benchmarks/compare_torch.py), so there
+# is one copy of each.
 
 # ---- Diffusion Policy hybrid and lowdim policies --------------------------------------------------------
 
 
 class HybridPolicy(nn.Module):
-    """DiffusionUnetHybridImagePolicy's module tree: obs_encoder (robomimic ObservationEncoder), model."""
+    """DiffusionUnetHybridImagePolicy's module tree: obs_encoder (robomimic ObservationEncoder), model;
+    DiffusionTransformerHybridImagePolicy's with ``transformer`` (TransformerForDiffusion's arguments
+    after input_dim, output_dim and cond_dim)."""
 
-    def __init__(self, obs_meta, action_dim, n_obs_steps, crop, bn, unet_kwargs):
+    def __init__(self, obs_meta, action_dim, n_obs_steps, crop, bn, unet_kwargs=None, transformer=None):
         super().__init__()
         self._dummy_variable = nn.Parameter(torch.zeros(0))
         self.obs_meta, self.crop = obs_meta, crop
@@ -35,7 +45,11 @@ class HybridPolicy(nn.Module):
             {k: VisualCore(crop, bn) for k, m in obs_meta.items() if m["type"] == "rgb"}
         )
         feat = sum(64 if m["type"] == "rgb" else m["shape"][0] for m in obs_meta.values())
-        self.model = Unet(action_dim, feat * n_obs_steps, **unet_kwargs)
+        if transformer is not None:
+            self.model = TransformerForDiffusion(action_dim, action_dim, cond_dim=feat, **transformer)
+        else:
+            self.model = Unet(action_dim, feat * n_obs_steps, **unet_kwargs)
+        self.n_obs_steps = n_obs_steps
         self.mask_generator = nn.Module()
         self.mask_generator._dummy_variable = nn.Parameter(torch.zeros(0))
         self.normalizer = nn.Module()
@@ -53,6 +67,26 @@ class HybridPolicy(nn.Module):
                 )  # feature_activation
             feats.append(x)
         return torch.cat(feats, dim=-1).reshape(batch, -1)
+
+    def cond(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The transformer's conditioning: the features per observation step (B, To, F)."""
+        return self.global_cond(nobs).reshape(-1, self.n_obs_steps, self.model.cond_obs_emb.in_features)
+
+
+class TransformerLowdimPolicy(nn.Module):
+    """DiffusionTransformerLowdimPolicy(obs_as_cond=True)'s module tree."""
+
+    def __init__(self, obs_dim, action_dim, transformer):
+        super().__init__()
+        self._dummy_variable = nn.Parameter(torch.zeros(0))
+        self.model = TransformerForDiffusion(action_dim, action_dim, cond_dim=obs_dim, **transformer)
+        self.mask_generator = nn.Module()
+        self.mask_generator._dummy_variable = nn.Parameter(torch.zeros(0))
+        self.normalizer = nn.Module()
+        self.normalizer.params_dict = nn.ParameterDict()
+
+    def cond(self, nobs):
+        return nobs["obs"]
 
 
 class LowdimPolicy(nn.Module):
@@ -199,7 +233,7 @@ def randomize(module: nn.Module, seed: int) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, nn.GroupNorm | nn.BatchNorm2d):
+            if isinstance(m, nn.GroupNorm | nn.BatchNorm2d | nn.LayerNorm):
                 m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=gen))
                 m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
             if isinstance(m, nn.BatchNorm2d):
@@ -214,6 +248,14 @@ def randomize(module: nn.Module, seed: int) -> nn.Module:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (1.5 / fan_in) ** 0.5)
                 if m.bias is not None:
                     m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+            if isinstance(m, nn.MultiheadAttention):
+                m.in_proj_weight.copy_(
+                    torch.randn(m.in_proj_weight.shape, generator=gen) * (1.5 / m.embed_dim) ** 0.5
+                )
+                m.in_proj_bias.copy_(0.1 * torch.randn(m.in_proj_bias.shape, generator=gen))
+            if isinstance(m, TransformerForDiffusion):
+                for p in (m.pos_emb, m.cond_pos_emb):
+                    p.copy_(0.5 * torch.randn(p.shape, generator=gen))
     return module.eval()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from policy_core import LinearNormalizer, build_policy
+from policy_core.config import DENOISER_FIELDS
 from policy_core.normalizer import fit_limits, image_range
 
 
@@ -30,6 +31,14 @@ def tiny_config(image: bool = True, **overrides) -> dict:
     return config
 
 
+def tiny_transformer_config(image: bool = True, **overrides) -> dict:
+    """``tiny_config`` with a two-layer transformer denoiser (dropout on, as upstream trains it)."""
+    config = {k: v for k, v in tiny_config(image).items() if k not in DENOISER_FIELDS["diffusion_unet"]}
+    config.update(type="diffusion_transformer", n_layer=2, n_head=2, n_emb=16, p_drop_attn=0.1)
+    config.update(overrides)
+    return config
+
+
 def fitted_normalizer(config: dict, seed: int = 0) -> LinearNormalizer:
     rng = np.random.default_rng(seed)
     norm = LinearNormalizer({"action": fit_limits(rng.uniform(0, 512, (200, 2)))})
@@ -43,6 +52,11 @@ def fitted_normalizer(config: dict, seed: int = 0) -> LinearNormalizer:
 
 def tiny_policy(image: bool = True, seed: int = 0, **overrides):
     config = tiny_config(image, **overrides)
+    return build_policy(config, fitted_normalizer(config, seed))
+
+
+def tiny_transformer_policy(image: bool = True, seed: int = 0, **overrides):
+    config = tiny_transformer_config(image, **overrides)
     return build_policy(config, fitted_normalizer(config, seed))
 
 

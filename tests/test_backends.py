@@ -5,7 +5,7 @@ import pytest
 from helpers import observation, tiny_policy
 
 from policy_core.backends.base import Backend, BackendUnavailable
-from policy_core.backends.generic import GenericBackend
+from policy_core.backends.generic import GenericBackend, UnetTrunk
 
 
 class Recording(Backend):
@@ -15,7 +15,7 @@ class Recording(Backend):
     name = "recording backend"
 
     def __init__(self, unet, max_batch: int, unpadded: bool = False, fail: bool = False):
-        self.generic = GenericBackend(unet)
+        self.generic = GenericBackend(UnetTrunk(unet))
         self.max_batch, self.unpadded, self.fail = max_batch, unpadded, fail
         self.batches: list[int] = []
         self.failed = False
@@ -23,12 +23,12 @@ class Recording(Backend):
     def supports(self, batch, horizon, scheduler) -> bool:
         return batch <= self.max_batch and not self.failed
 
-    def sample(self, scheduler, x, films, step_noise) -> np.ndarray:
+    def sample(self, scheduler, x, conditioning, step_noise) -> np.ndarray:
         self.batches.append(x.shape[0])
         if self.fail:
             self.failed = True
             raise BackendUnavailable("the recording backend gave up")
-        return self.generic.sample(scheduler, x, films, step_noise)
+        return self.generic.sample(scheduler, x, conditioning, step_noise)
 
 
 # Pixels: backends' float32 rounding differs by ~1e-3 px on a GPU; a wrong sampler is off by pixels.

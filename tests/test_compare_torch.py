@@ -1,7 +1,7 @@
 """benchmarks/compare_torch.py: the MLX-vs-PyTorch latency comparison runs end to end (on a tiny model),
 and its PyTorch baseline computes what our policy computes: for the same weights, observation and noise,
-``TorchPolicy``'s UNet output, global conditioning and DDIM / DDPM action chunks equal ours within 1e-4
-relative error (fp32). PyTorch is an optional test dependency: these tests skip without it.
+``TorchPolicy``'s denoiser output (UNet or transformer), conditioning and DDIM / DDPM action chunks equal
+ours within 1e-4 relative error (fp32). PyTorch is an optional test dependency: these tests skip without it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,21 @@ import pytest
 pytest.importorskip("torch", reason="the comparison's baseline is a PyTorch model")
 
 from benchmarks import compare_torch, policy_latency  # noqa: E402
-from policy_core.convert.common import load_weights, rename, resnet_rules, unet_rules  # noqa: E402
+from policy_core.convert.common import (  # noqa: E402
+    load_weights,
+    rename,
+    resnet_rules,
+    transformer_rules,
+    unet_rules,
+)
 
 TOL = 1e-4
 TINY = ["down_dims=[32,64]", "diffusion_step_embed_dim=32"]  # horizon 16, kernel 5, 8 groups as shipped
+TINY_TRANSFORMER = ["n_layer=2", "n_emb=32", "n_head=2"]  # horizon 10, causal, MLP memory as the configs
+
+
+def _tiny(name: str) -> list[str]:
+    return TINY_TRANSFORMER if name.startswith("transformer") else TINY
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +117,19 @@ def _pair(torch, name: str, tmp_path):
 
     from benchmarks.torch_baseline import TorchPolicy, load_policy_section
 
-    path = compare_torch.config_file(name, [compare_torch.parse_override(s) for s in TINY], tmp_path)
+    path = compare_torch.config_file(name, [compare_torch.parse_override(s) for s in _tiny(name)], tmp_path)
     with compare_torch._registered(name, path):
         policy = policy_latency._policy(name, "float32")
     normalizer = {k: (f.scale, f.offset) for k, f in policy.normalizer.features.items()}
     theirs = TorchPolicy(load_policy_section(path), normalizer=normalizer)
     ref.randomize(theirs, seed=3)
-    rules, ignore = unet_rules("unet.", lerobot=False), []
+    if theirs.is_transformer:
+        rules, ignore = (
+            transformer_rules("transformer."),
+            [r"transformer\.(_dummy_variable|mask|memory_mask)"],
+        )
+    else:
+        rules, ignore = unet_rules("unet.", lerobot=False), []
     for key in policy.config.image_keys:
         p = f"encoders\\.{key}\\."
         rules += resnet_rules(f"encoders.{key}.backbone.nets.", key)
@@ -126,7 +143,7 @@ def _pair(torch, name: str, tmp_path):
     return policy, theirs
 
 
-@pytest.mark.parametrize("name", ["lowdim", "image"])
+@pytest.mark.parametrize("name", ["lowdim", "image", "transformer_lowdim", "transformer_image"])
 def test_torch_baseline_matches_mlx(name, torch, tmp_path):
     from convert_reference import rel_err
 
@@ -137,13 +154,14 @@ def test_torch_baseline_matches_mlx(name, torch, tmp_path):
     x_t = rng.standard_normal((2, cfg.horizon, cfg.action_dim)).astype(np.float32)
     errors = {}
     gc = policy.encode_obs(policy.normalize_obs(obs))
+    net = theirs.transformer if theirs.is_transformer else theirs.unet
     with torch.inference_mode():
-        gc_theirs = theirs.global_cond(obs)
-        errors["global_cond"] = rel_err(gc, gc_theirs.numpy())
-        errors["unet"] = max(
+        gc_theirs = theirs.condition(obs)
+        errors["cond"] = rel_err(gc, gc_theirs.numpy())
+        errors["denoiser"] = max(
             rel_err(
-                policy.unet(mx.array(x_t), mx.full((2,), t), gc),
-                theirs.unet(torch.from_numpy(x_t), torch.full((2,), t), gc_theirs).numpy(),
+                policy.network(mx.array(x_t), mx.full((2,), t), gc),
+                net(torch.from_numpy(x_t), torch.full((2,), t), gc_theirs).numpy(),
             )
             for t in (0, 37, 99)
         )

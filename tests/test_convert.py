@@ -1,8 +1,9 @@
 """Checkpoint converters: numerical parity with PyTorch reference models in the original on-disk layouts.
 
-For the same weights, observation and x_T, the converted policy's denoiser output and its DDIM action
-chunk must match the PyTorch implementation within 1e-4 relative error (fp32). The reference models
-(tests/convert_reference.py) need torch, an optional test dependency: those tests skip without it.
+For the same weights, observation and x_T, the converted policy's denoiser output (UNet or transformer)
+and its DDIM action chunk must match the PyTorch implementation within 1e-4 relative error (fp32). The
+reference models (tests/convert_reference.py) need torch, an optional test dependency: those tests skip
+without it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _images(rng, n_cams: int) -> np.ndarray:
     return rng.integers(0, 256, (B, TO, n_cams, *IMAGE, 3), dtype=np.uint8)
 
 
-def _check(name, policy, global_cond_ref, unet_ref, unnormalize_ref, obs, torch, ref) -> dict[str, float]:
+def _check(name, policy, global_cond_ref, net_ref, unnormalize_ref, obs, torch, ref) -> dict[str, float]:
     """Denoiser outputs at a few timesteps and the full DDIM chunk, ours vs the reference."""
     rng = np.random.default_rng(1)
     x_t = rng.standard_normal((B, HORIZON, ACTION_DIM)).astype(np.float32)
@@ -61,13 +62,13 @@ def _check(name, policy, global_cond_ref, unet_ref, unnormalize_ref, obs, torch,
     with torch.no_grad():
         denoise = max(
             ref.rel_err(
-                policy.unet(mx.array(x_t), mx.full((B,), t), gc),
-                unet_ref(torch.from_numpy(x_t), torch.full((B,), t), gc_ref).numpy(),
+                policy.network(mx.array(x_t), mx.full((B,), t), gc),
+                net_ref(torch.from_numpy(x_t), torch.full((B,), t), gc_ref).numpy(),
             )
             for t in TIMESTEPS
         )
         chunk_ref = ref.ddim_sample(
-            lambda x, t: unet_ref(x, t, gc_ref), torch.from_numpy(x_t), 100, DDIM_STEPS
+            lambda x, t: net_ref(x, t, gc_ref), torch.from_numpy(x_t), 100, DDIM_STEPS
         )
         chunk_ref = unnormalize_ref(chunk_ref).numpy()
     got = policy.predict_action(obs, noise=x_t, scheduler="ddim", num_inference_steps=DDIM_STEPS)
@@ -433,14 +434,173 @@ def test_dp_lowdim_matches_pytorch(use_ema, lowdim_ckpt, torch, ref, tmp_path):
     )
 
 
+# ---- Diffusion Policy transformer policies --------------------------------------------------------------
+
+# TransformerForDiffusion's arguments past input/output/cond dims; dropout on, as upstream trains it (the
+# converted policy must not apply it).
+TRANSFORMER = {"horizon": HORIZON, "n_obs_steps": TO, "n_layer": 2, "n_head": 2, "n_emb": 32,
+               "p_drop_emb": 0.1, "p_drop_attn": 0.3, "causal_attn": True, "n_cond_layers": 0}  # fmt: skip
+DP_TRANSFORMER_CASES = {
+    "dp_transformer_hybrid_gn": dict(kind="hybrid", order=["image", "agent_pos"], bn=False),
+    "dp_transformer_hybrid_state_first_bn": dict(kind="hybrid", order=["agent_pos", "image"], bn=True),
+    "dp_transformer_lowdim": dict(kind="lowdim"),
+    # A transformer memory encoder and full attention (no mask buffers in the checkpoint).
+    "dp_transformer_lowdim_encoder_full_attention": dict(
+        kind="lowdim", overrides={"n_cond_layers": 1, "causal_attn": False}
+    ),
+}
+_TARGETS = {
+    "hybrid": (f"{DP}policy.diffusion_transformer_hybrid_image_policy.DiffusionTransformerHybridImagePolicy",
+               "train_diffusion_transformer_hybrid_workspace.TrainDiffusionTransformerHybridWorkspace"),
+    "lowdim": (f"{DP}policy.diffusion_transformer_lowdim_policy.DiffusionTransformerLowdimPolicy",
+               "train_diffusion_transformer_lowdim_workspace.TrainDiffusionTransformerLowdimWorkspace"),
+}  # fmt: skip
+LOWDIM_OBS = ([0, 0, -1, 5, 100], [512, 512, 1, 6, 300])
+
+
+def _transformer_source(torch, ref, path: Path, case: dict, **policy_overrides):
+    """An upstream transformer workspace checkpoint: its cfg, EMA and plain weights, and normalizer."""
+    kwargs = {**TRANSFORMER, **case.get("overrides", {})}
+    arch = {k: v for k, v in kwargs.items() if k not in ("horizon", "n_obs_steps")}
+    target, workspace = _TARGETS[case["kind"]]
+    if case["kind"] == "hybrid":
+        shape_meta = {
+            "obs": {k: {"shape": [3, *IMAGE], "type": "rgb"} if k == "image"
+                    else {"shape": [2], "type": "low_dim"} for k in case["order"]},
+            "action": {"shape": [ACTION_DIM]},
+        }  # fmt: skip
+        policy_cfg = {"_target_": target, "shape_meta": shape_meta, "crop_shape": list(CROP),
+                      "obs_encoder_group_norm": not case["bn"], "eval_fixed_crop": True, **arch,
+                      "time_as_cond": True, "obs_as_cond": True, "pred_action_steps_only": False}  # fmt: skip
+        norm = {"agent_pos": _limits([13.5, 32.9], [496.1, 511.0]), "image": IMAGE_RANGE,
+                "action": _limits([12, 25], [511, 511])}  # fmt: skip
+
+        def module():
+            return ref.HybridPolicy(shape_meta["obs"], ACTION_DIM, TO, CROP, case["bn"], transformer=kwargs)
+    else:
+        shape_meta = {}
+        model_cfg = {"_target_": f"{DP}model.diffusion.transformer_for_diffusion.TransformerForDiffusion",
+                     "input_dim": ACTION_DIM, "output_dim": ACTION_DIM, "horizon": HORIZON, "n_obs_steps": TO,
+                     "cond_dim": 5, **arch, "time_as_cond": True, "obs_as_cond": True}  # fmt: skip
+        policy_cfg = {"_target_": target, "model": model_cfg, "obs_dim": 5, "action_dim": ACTION_DIM,
+                      "obs_as_cond": True, "pred_action_steps_only": False}  # fmt: skip
+        norm = {"obs": _limits(*LOWDIM_OBS), "action": _limits([12, 25], [511, 511])}
+
+        def module():
+            return ref.TransformerLowdimPolicy(5, ACTION_DIM, kwargs)
+
+    cfg = dp_cfg({**policy_cfg, **policy_overrides}, shape_meta, workspace)
+    del cfg["policy"]["obs_as_global_cond"]  # a UNet field
+    models = []
+    for seed in (30, 31):  # ema_model, model
+        m = module()
+        ref.set_dp_normalizer(ref.randomize(m, seed), norm)
+        models.append(m)
+    return write_dp_ckpt(torch, path, cfg, *models), models, norm
+
+
+@pytest.mark.parametrize("name", list(DP_TRANSFORMER_CASES))
+def test_dp_transformer_matches_pytorch(name, torch, ref, tmp_path):
+    case = DP_TRANSFORMER_CASES[name]
+    ckpt, (ema, _), norm = _transformer_source(torch, ref, tmp_path / "t.ckpt", case)
+    convert(ckpt, tmp_path / "out.safetensors")
+    policy = load_policy(tmp_path / "out.safetensors")
+    assert policy.config.type == "diffusion_transformer" and not policy.training
+    rng = np.random.default_rng(0)
+
+    def n(key, x):
+        return x * torch.from_numpy(norm[key]["scale"]) + torch.from_numpy(norm[key]["offset"])
+
+    if case["kind"] == "hybrid":
+        assert list(policy.config.obs) == case["order"]
+        image = _images(rng, 1)[:, :, 0]
+        state = rng.uniform(20, 490, (B, TO, 2)).astype(np.float32)
+        obs = {"image": image, "agent_pos": state}
+
+        def cond():
+            chw = torch.from_numpy(image.transpose(0, 1, 4, 2, 3).astype(np.float32) / 255.0)
+            return ema.cond({"image": n("image", chw), "agent_pos": n("agent_pos", torch.from_numpy(state))})
+    else:
+        obs = {"obs": rng.uniform(*LOWDIM_OBS, (B, TO, 5)).astype(np.float32)}
+
+        def cond():
+            return ema.cond({"obs": n("obs", torch.from_numpy(obs["obs"]))})
+
+    def unnormalize(a):
+        return (a - torch.from_numpy(norm["action"]["offset"])) / torch.from_numpy(norm["action"]["scale"])
+
+    _check(name, policy, cond, ema.model, unnormalize, obs, torch, ref)
+    prov = read_checkpoint(tmp_path / "out.safetensors").metadata["provenance"]
+    assert prov["weights"] == "ema_model" and prov["policy_target"].startswith("DiffusionTransformer")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"obs_as_cond": False}, "policy.obs_as_cond"),
+        ({"pred_action_steps_only": True}, "policy.pred_action_steps_only"),
+        ({"n_emb_typo": 3}, "n_emb_typo"),
+    ],
+)
+def test_dp_transformer_unsupported_fields_are_named(overrides, field, torch, ref, tmp_path):
+    case = DP_TRANSFORMER_CASES["dp_transformer_lowdim"]
+    ckpt, _, _ = _transformer_source(torch, ref, tmp_path / "t.ckpt", case, **overrides)
+    with pytest.raises(ConversionError, match=field.replace(".", r"\.")):
+        convert(ckpt, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_dp_transformer_checkpoint_as_upstream_writes_it_reads_weights_only(torch, ref, tmp_path):
+    """An OmegaConf cfg pickled by dill, read with the weights-only allowlist (no --trust-pickle)."""
+    omegaconf = pytest.importorskip("omegaconf", reason="real upstream cfgs are OmegaConf objects")
+    dill = pytest.importorskip("dill", reason="upstream pickles its checkpoints with dill")
+    case = DP_TRANSFORMER_CASES["dp_transformer_hybrid_gn"]
+    ckpt, (ema, _), _ = _transformer_source(torch, ref, tmp_path / "t.ckpt", case)
+    payload = torch.load(ckpt, weights_only=False)
+    payload["cfg"] = omegaconf.OmegaConf.create(payload["cfg"])
+    torch.save(payload, ckpt, pickle_module=dill)
+    policy = convert(ckpt, tmp_path / "out.safetensors")[0].policy
+    want = ema.model.decoder.layers[1].multihead_attn.in_proj_weight.detach().numpy()
+    assert np.array_equal(np.array(policy.transformer.decoder.layers[1].multihead_attn.in_proj_weight), want)
+
+
+def test_dp_transformer_model_fields_are_checked(torch, ref, tmp_path):
+    case = DP_TRANSFORMER_CASES["dp_transformer_lowdim"]
+    ckpt, _, _ = _transformer_source(torch, ref, tmp_path / "t.ckpt", case)
+    payload = torch.load(ckpt, weights_only=False)
+    payload["cfg"]["policy"]["model"]["time_as_cond"] = False  # the encoder-only variant
+    torch.save(payload, ckpt)
+    with pytest.raises(ConversionError, match="time_as_cond"):
+        convert(ckpt, tmp_path / "out.safetensors")
+    payload["cfg"]["policy"]["model"].update(time_as_cond=True, n_head=3)
+    torch.save(payload, ckpt)
+    with pytest.raises(ConversionError, match=r"n_emb \(32\) must be divisible by n_head \(3\)"):
+        convert(ckpt, tmp_path / "out.safetensors")
+
+
+def test_dp_transformer_mask_buffers_are_checked(torch, ref, tmp_path):
+    """Upstream's causal masks travel as buffers: one that is not the configuration's is refused."""
+    case = DP_TRANSFORMER_CASES["dp_transformer_lowdim"]
+    ckpt, _, _ = _transformer_source(torch, ref, tmp_path / "t.ckpt", case)
+    payload = torch.load(ckpt, weights_only=False)
+    payload["state_dicts"]["ema_model"]["model.memory_mask"].zero_()  # every action sees every step
+    torch.save(payload, ckpt)
+    with pytest.raises(ConversionError, match=r"model\.memory_mask is not the causal mask"):
+        convert(ckpt, tmp_path / "out.safetensors")
+    payload["cfg"]["policy"]["model"]["causal_attn"] = False
+    del payload["state_dicts"]["ema_model"]["model.memory_mask"]
+    torch.save(payload, ckpt)
+    with pytest.raises(ConversionError, match=r"model\.mask is present but causal_attn is False"):
+        convert(ckpt, tmp_path / "out.safetensors")
+
+
 # ---- unsupported sources fail with typed errors naming the field ----------------------------------
 
 
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"_target_": f"{DP}policy.diffusion_transformer_lowdim_policy.DiffusionTransformerLowdimPolicy"},
-         "policy._target_"),
+        ({"_target_": f"{DP}policy.bet_lowdim_policy.BETLowdimPolicy"}, "policy._target_"),
         ({"obs_as_local_cond": True}, "policy.obs_as_local_cond"),
         ({"obs_as_global_cond": False}, "policy.obs_as_global_cond"),
         ({"oa_step_convention": False}, "policy.oa_step_convention"),

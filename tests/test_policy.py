@@ -362,7 +362,7 @@ def test_inference_conditioning_runs_image_trunks_in_the_preferred_backends_form
     # The inference conditioning asks for it.
     calls.clear()
     obs = {k: mx.array(v) for k, v in observation(policy, batch=2).items()}
-    policy._conditioning(obs, policy._obs_affines(), *policy._film_tables("ddim", 2))
+    policy._conditioning(obs, policy._obs_affines(), *policy._loop_tables("ddim", 2))
     assert calls
 
 

@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 from server_helpers import running_server, wait_for
 
 from policy_core import CheckpointCorruptError, ConfigError, load_policy, read_checkpoint
+from policy_core.config import DENOISER_FIELDS
 from trainer.data import BatchSpec, SequenceSampler, batches, prefetch
 from trainer.pusht_data import generate, save
 from trainer.train import Trainer, ema_decay
@@ -191,6 +192,89 @@ def test_image_policy_trains(dataset, tmp_path):
     assert np.isfinite(trainer.history[-1]["loss"]) and np.isfinite(trainer.history[-1]["val_loss"])
     ckpt = read_checkpoint(tmp_path / "latest.safetensors")
     assert ckpt.metadata["obs_schema"]["image"] == {"shape": [2, 96, 96, 3], "dtype": "uint8"}
+
+
+def transformer_config(dataset: Path, image: bool = False, **train) -> dict:
+    """``tiny_config`` with a tiny transformer denoiser (dropout on), lowdim or image."""
+    config = tiny_config(dataset, **train)
+    policy = {k: v for k, v in config["policy"].items() if k not in DENOISER_FIELDS["diffusion_unet"]}
+    policy.update(type="diffusion_transformer", horizon=10, n_layer=2, n_head=2, n_emb=16, p_drop_attn=0.1)
+    if image:
+        policy["shape_meta"]["obs"] = {
+            "image": {"shape": [3, 96, 96], "type": "rgb"},
+            "agent_pos": {"shape": [2], "type": "low_dim"},
+        }
+        policy["obs_encoder"] = {"crop_shape": [84, 84]}
+        config["data"]["task"] = "pusht_image"
+    config["policy"] = policy
+    return config
+
+
+def test_transformer_policy_trains_and_resumes_exactly(dataset, tmp_path):
+    """Dropout, EMA and the decay groups through the compiled step; resuming reproduces it bit for bit."""
+    n = 4
+    config = transformer_config(dataset, num_steps=2 * n, val_every=n, checkpoint_every=n, lr=3e-3)
+    config["train"].update(betas=[0.9, 0.95], weight_decay=0.1, warmup_steps=2)
+    straight = Trainer(config, tmp_path / "straight")
+    straight.run(progress=False)
+    first = Trainer(config, tmp_path / "resumed")
+    first.run(n, progress=False)
+    second = Trainer(config, tmp_path / "resumed", resume=True)
+    second.run(progress=False)
+    for a, b in (
+        (params(straight.policy.parameters()), params(second.policy.parameters())),
+        (params(straight.ema), params(second.ema)),
+        (params(straight.optimizer.state), params(second.optimizer.state)),
+    ):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert np.isfinite(straight.history[-1]["val_loss"])
+    policy = load_policy(tmp_path / "straight" / "latest.safetensors")
+    assert policy.config.type == "diffusion_transformer"
+    assert policy.predict_action({"keypoint": np.zeros((1, 2, 20), np.float32)}, seed=0)["action"].shape == (
+        1,
+        8,
+        2,
+    )
+
+
+def test_weight_decay_by_upstreams_groups(dataset, tmp_path):
+    config = transformer_config(dataset, image=True, weight_decay=1e-3, obs_encoder_weight_decay=1e-6)
+    decays = dict(tree_flatten(Trainer(config, tmp_path)._weight_decays()))
+    assert decays["transformer.decoder.layers.0.multihead_attn.in_proj_weight"] == 1e-3
+    assert decays["transformer.decoder.layers.0.norm1.weight"] == 0.0
+    assert decays["transformer.pos_emb"] == decays["transformer.head.bias"] == 0.0
+    assert decays["rgb_encoders.image.trunk.conv1.weight"] == 1e-6
+    # The UNet's AdamW decays every parameter, its image encoder included unless told otherwise.
+    unet = tiny_config(dataset, weight_decay=1e-4)
+    assert set(dict(tree_flatten(Trainer(unet, tmp_path / "unet")._weight_decays())).values()) == {1e-4}
+
+
+def test_adamw_groups_with_one_decay_is_mlx_adamw():
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+
+    from trainer.optim import AdamWGroups
+    from trainer.train import cosine_with_warmup
+
+    mx.random.seed(0)
+    models = [nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)) for _ in range(2)]
+    models[1].update(models[0].parameters())
+    schedule = cosine_with_warmup(1e-2, 2, 10)
+    kwargs = {"learning_rate": schedule, "betas": [0.9, 0.95], "bias_correction": True}
+    optimizers = [
+        optim.AdamW(weight_decay=0.1, **kwargs),
+        AdamWGroups(weight_decay=tree_map(lambda _: 0.1, models[1].parameters()), **kwargs),
+    ]
+    x = mx.random.normal((16, 4))
+    for model, optimizer in zip(models, optimizers, strict=True):
+        loss_and_grad = nn.value_and_grad(model, lambda x, m=model: (m(x) ** 2).mean())
+        for _ in range(5):
+            optimizer.update(model, loss_and_grad(x)[1])
+            mx.eval(model.parameters(), optimizer.state)
+    a, b = params(models[0].parameters()), params(models[1].parameters())
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert params(optimizers[0].state).keys() == params(optimizers[1].state).keys()
 
 
 def test_train_cli(dataset, tmp_path):

@@ -11,10 +11,10 @@ import numpy as np
 
 from clients.policy_client import ObservationHistory
 from clients.sim.pusht import PushTEnv
-from policy_core.policy import DiffusionUnetPolicy
+from policy_core.policy import DiffusionPolicy
 
 
-def rollout_score(policy: DiffusionUnetPolicy, seeds: list[int], max_steps: int = 300) -> float:
+def rollout_score(policy: DiffusionPolicy, seeds: list[int], max_steps: int = 300) -> float:
     """Mean over ``seeds`` of each episode's maximum reward."""
     cfg = policy.config
     env = PushTEnv(obs_keys=tuple(cfg.obs), max_episode_steps=max_steps)

@@ -1,9 +1,12 @@
 """``dpmlx train``: offline training that writes hot-loadable policy checkpoints.
 
-Upstream's recipe: AdamW (lr 1e-4, betas 0.95/0.999, weight decay 1e-6, bias-corrected as torch's),
-cosine schedule with linear warm-up (diffusers' get_cosine_schedule_with_warmup, stepped per batch), an
-EMA of the weights (power 0.75, max 0.9999; served by default), optional gradient clipping. The whole
-train step (loss, gradients, clipping, optimizer update, RNG) is one ``mx.compile``d function.
+Upstream's recipe: AdamW (UNet: lr 1e-4, betas 0.95/0.999, weight decay 1e-6; transformer: betas
+0.9/0.95 and weight decay on the weights of its Linear layers and attention projections only, upstream's
+get_optim_groups; bias-corrected as torch's), the image encoders at ``obs_encoder_weight_decay``, cosine
+schedule with linear warm-up (diffusers' get_cosine_schedule_with_warmup, stepped per batch), an EMA of the
+weights (power 0.75, max 0.9999; served by default), optional gradient clipping. The whole train step
+(loss, gradients, dropout, clipping, optimizer update, RNG) is one ``mx.compile``d function; the policy is
+in training mode for it and in eval mode for the validation loss (no dropout), as upstream.
 
 Checkpoints (policy_core format) carry the weights, the EMA weights and the optimizer state (moments
 and step), so ``--resume`` continues exactly: the data order and the training noise (MLX's RNG is
@@ -32,7 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from policy_core import ConfigError, build_policy, read_checkpoint, save_policy
 from policy_core.checkpoint import remove_stale_temp_files
@@ -46,6 +49,7 @@ from trainer.data import (
     split_episodes,
     task_arrays,
 )
+from trainer.optim import AdamWGroups
 
 
 @dataclass
@@ -56,7 +60,8 @@ class TrainConfig:
     lr: float = 1.0e-4
     betas: tuple[float, float] = (0.95, 0.999)
     eps: float = 1.0e-8
-    weight_decay: float = 1.0e-6
+    weight_decay: float = 1.0e-6  # the denoiser's decayed group (upstream's transformer_weight_decay)
+    obs_encoder_weight_decay: float | None = None  # the image encoders' (None: weight_decay)
     warmup_steps: int = 500
     ema: bool = True
     ema_power: float = 0.75
@@ -85,7 +90,7 @@ class TrainConfig:
 # Fields that shape the optimisation's trajectory: --resume continues exactly only if they stay as they
 # were (a new num_steps would stretch the cosine schedule mid-run).
 RESUME_FIXED = ("seed", "batch_size", "num_steps", "lr", "warmup_steps", "betas", "eps", "weight_decay",
-                "ema", "ema_power", "ema_max", "grad_clip")  # fmt: skip
+                "obs_encoder_weight_decay", "ema", "ema_power", "ema_max", "grad_clip")  # fmt: skip
 
 
 @dataclass
@@ -238,14 +243,15 @@ class Trainer:
                 f"batch_size {self.train.batch_size} is not divisible by {self.world} processes"
             )
 
-        self.optimizer = optim.AdamW(
+        self.optimizer = AdamWGroups(
             learning_rate=cosine_with_warmup(self.train.lr, self.train.warmup_steps, self.train.num_steps),
+            weight_decay=self._weight_decays(),
             betas=list(self.train.betas),
             eps=self.train.eps,
-            weight_decay=self.train.weight_decay,
             bias_correction=True,  # as torch.optim.AdamW
         )
         self.optimizer.init(self.policy.trainable_parameters())
+        self.policy.train()  # dropout in the train step (the policy is built in eval mode)
         self.ema = tree_map(lambda p: p, self.policy.parameters()) if self.train.ema else None
         self.step = 0
         self.best: list[tuple[float, Path]] = []
@@ -255,6 +261,18 @@ class Trainer:
             self._restore(self.out_dir / "latest.safetensors")
         self._compile()
         self._compiled = False  # until the first step has run (mx.compile traces it then)
+
+    def _weight_decays(self) -> dict:
+        """The weight decay of every trainable parameter, by its group (``parameter_groups``)."""
+        train = self.train
+        encoder = train.obs_encoder_weight_decay
+        rates = {
+            "decay": train.weight_decay,
+            "no_decay": 0.0,
+            "obs_encoder": train.weight_decay if encoder is None else encoder,
+        }
+        groups = self.policy.parameter_groups()
+        return tree_map_with_path(lambda path, _: rates[groups[path]], self.policy.trainable_parameters())
 
     # ---- the compiled step ------------------------------------------------------------------------
 
@@ -369,7 +387,13 @@ class Trainer:
         mx.random.seed(self.train.seed + 1)  # the same noise at every evaluation
         spec = BatchSpec(min(self.train.batch_size, len(self.val_sampler)), self.train.seed, self.obs_steps)
         stream = batches(self.arrays, self.val_sampler, spec)
-        losses = [float(self.policy.compute_loss(next(stream)).item()) for _ in range(self.train.val_batches)]
+        self.policy.eval()
+        try:
+            losses = [
+                float(self.policy.compute_loss(next(stream)).item()) for _ in range(self.train.val_batches)
+            ]
+        finally:
+            self.policy.train()
         return float(np.mean(losses))
 
     def rollout_score(self) -> float:

@@ -20,9 +20,11 @@ class BackendUnavailable(RuntimeError):
 class Backend(ABC):
     """One way to run a policy's denoising loop on this machine.
 
-    The policy computes a request's conditioning (the UNet blocks' FiLM rows of every step) and hands it
-    to the first of its backends whose ``supports`` accepts the request. The first backend of the list
-    also prepares the request's inputs (``host_array``, ``image_trunk``)."""
+    The policy computes a request's conditioning of every step, in the form its denoiser defines (the UNet
+    blocks' FiLM rows; the transformer decoder's memory keys and values), and hands it to the first of its
+    backends whose ``supports`` accepts the request. A policy's backends are built for its network
+    (``policy_core.backends.for_unet``, ``for_transformer``). The first backend of the list also prepares
+    the request's inputs (``host_array``, ``image_trunk``)."""
 
     name: str
     """What it is, in words (a warning names the backend a request falls back to)."""
@@ -36,10 +38,13 @@ class Backend(ABC):
         """Whether this backend can run a request of this shape and sampler here and now."""
 
     @abstractmethod
-    def sample(self, scheduler: Scheduler, x: mx.array, films: mx.array, step_noise: mx.array) -> np.ndarray:
+    def sample(
+        self, scheduler: Scheduler, x: mx.array, conditioning: mx.array, step_noise: mx.array
+    ) -> np.ndarray:
         """Every step of ``scheduler``'s schedule (``set_timesteps`` done) from x_T ``x`` (B, T, A) float32:
-        ``films`` (S, B, sum of the blocks' m) float32 FiLM rows per step, ``step_noise`` (S, B, T, A).
-        Returns the normalized trajectory (B, T, A) as float32 NumPy."""
+        ``conditioning`` (S, ...) the network's conditioning of each step (for the UNet (S, B, sum of the
+        blocks' m) float32 FiLM rows), ``step_noise`` (S, B, T, A). Returns the normalized trajectory
+        (B, T, A) as float32 NumPy."""
 
     def image_trunk(self, trunk: ResNet18Trunk) -> Callable[[mx.array], mx.array] | None:
         """A faster inference form of an image encoder's trunk (same results, no gradients), or None to

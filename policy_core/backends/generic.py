@@ -2,52 +2,113 @@
 
 The loop runs in ``mx.compile``d chunks of up to ``STEPS_PER_CALL`` steps that take the scheduler's
 coefficients as inputs, so one trace serves every step count and position in the schedule (DDIM-10 is one
-call, DDPM-100 ten) and the scheduler's update is compiled with the UNet. MLX re-specialises a chunk per
-batch size and dtype. Shorter chunks pay more host time per step, longer ones trace longer (an unrolled
-100-step trace took over a minute: benchmarks/NOTES.md).
+call, DDPM-100 ten) and the scheduler's update is compiled with the denoiser. MLX re-specialises a chunk
+per batch size and dtype. Shorter chunks pay more host time per step, longer ones trace longer (an
+unrolled 100-step trace took over a minute: benchmarks/NOTES.md).
+
+A denoiser runs in the loop as a ``Trunk``: the network's step given its share of the request's
+conditioning (``UnetTrunk``: the blocks' FiLM rows; ``TransformerTrunk``: the decoder layers' memory keys
+and values).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import partial
 from itertools import accumulate
+from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from policy_core.backends import matmul_unet
 from policy_core.backends.base import Backend
+from policy_core.nets.transformer import TransformerForDiffusion
 from policy_core.nets.unet import ConditionalUnet1D
 from policy_core.schedulers import Scheduler
 
 STEPS_PER_CALL = 10
 """Denoising steps per compiled call: longer chunks trace longer, shorter ones pay more host overhead."""
 
-Trunk = Callable[[ConditionalUnet1D, mx.array, list[mx.array]], mx.array]
+Denoise = Callable[[ConditionalUnet1D, mx.array, list[mx.array]], mx.array]
 """``ConditionalUnet1D.forward_film`` in some form: (unet, x (B, T, A), per-block FiLM rows) -> output."""
 
 
-class GenericBackend(Backend):
-    """The chunked sampler of one ``ConditionalUnet1D``, with the trunk in the form ``trunk`` (by default
+class Trunk(ABC):
+    """A denoiser as the chunked sampler runs it: one step of the network given that step's share of the
+    conditioning the policy computed for the request (``Backend.sample``'s ``conditioning``)."""
+
+    module: nn.Module
+    """The network: its arrays are inputs of the compiled chunks, so replaced weights are read."""
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The dtype the network computes in."""
+        return self.module.dtype
+
+    @abstractmethod
+    def split(self, conditioning: mx.array) -> Any:
+        """A chunk's conditioning (S, ...) in the form ``__call__`` takes a step of (once per chunk)."""
+
+    @abstractmethod
+    def __call__(self, x: mx.array, conditioning: Any, j: int) -> mx.array:
+        """The network's output for x (B, T, A) in ``dtype`` at step ``j`` of the chunk."""
+
+
+class UnetTrunk(Trunk):
+    """A ``ConditionalUnet1D`` given the blocks' FiLM rows, its trunk in the form ``denoise`` (by default
     ``matmul_unet``'s, built for batch 1 on the CPU and Metal)."""
+
+    def __init__(self, unet: ConditionalUnet1D, denoise: Denoise = matmul_unet.denoise):
+        self.module = unet
+        self._denoise = denoise
+
+    def split(self, conditioning: mx.array) -> list[mx.array]:
+        """(S, B, sum of the blocks' m) float32 -> one (S, B, m) per block, in the UNet's dtype."""
+        widths = [blk.cond_encoder.weight.shape[0] for blk in self.module.residual_blocks()]
+        films = mx.split(conditioning, list(accumulate(widths[:-1])), axis=-1)
+        return [f.astype(self.dtype) for f in films]
+
+    def __call__(self, x: mx.array, conditioning: list[mx.array], j: int) -> mx.array:
+        return self._denoise(self.module, x, [f[j] for f in conditioning])
+
+
+class TransformerTrunk(Trunk):
+    """A ``TransformerForDiffusion``'s decoder given the memory's keys and values
+    (``memory_keys_values``): the memory is computed once per request, not once per step."""
+
+    def __init__(self, transformer: TransformerForDiffusion):
+        self.module = transformer
+
+    def split(self, conditioning: mx.array) -> mx.array:
+        return conditioning.astype(self.dtype)
+
+    def __call__(self, x: mx.array, conditioning: mx.array, j: int) -> mx.array:
+        return self.module.decode(x, conditioning[j])
+
+
+class GenericBackend(Backend):
+    """The chunked sampler of one denoiser, run as ``trunk``."""
 
     name = "chunked sampler"
 
-    def __init__(self, unet: ConditionalUnet1D, trunk: Trunk = matmul_unet.denoise):
-        self.unet = unet
-        self._trunk = trunk
+    def __init__(self, trunk: Trunk):
+        self.trunk = trunk
         self._compiled: dict[type, Callable[..., mx.array]] = {}
 
     def supports(self, batch: int, horizon: int, scheduler: Scheduler) -> bool:
         return True
 
-    def sample(self, scheduler: Scheduler, x: mx.array, films: mx.array, step_noise: mx.array) -> np.ndarray:
+    def sample(
+        self, scheduler: Scheduler, x: mx.array, conditioning: mx.array, step_noise: mx.array
+    ) -> np.ndarray:
         steps = self._compiled_steps(scheduler)
         coeffs = scheduler.coefficient_table()
         for start in range(0, len(scheduler.timesteps), STEPS_PER_CALL):
             chunk = slice(start, start + STEPS_PER_CALL)
-            x = steps(x, films[chunk], step_noise[chunk], coeffs[chunk])
+            x = steps(x, conditioning[chunk], step_noise[chunk], coeffs[chunk])
         self.evaluate(x)
         return np.array(x)
 
@@ -55,31 +116,30 @@ class GenericBackend(Backend):
         mx.eval(x)
 
     def _compiled_steps(self, scheduler: Scheduler) -> Callable[..., mx.array]:
-        """The chunk for this kind of scheduler, compiled with the UNet's arrays as inputs, so that
+        """The chunk for this kind of scheduler, compiled with the network's arrays as inputs, so that
         replaced weights (an EMA copy, a hot load) are read rather than baked into the trace. ``update``
         depends on the scheduler's kind and config only, the same for every schedule of a policy."""
         kind = type(scheduler)
         if kind not in self._compiled:
             steps = partial(self._steps, scheduler.update)
-            self._compiled[kind] = mx.compile(steps, inputs=[self.unet.state])
+            self._compiled[kind] = mx.compile(steps, inputs=[self.trunk.module.state])
         return self._compiled[kind]
 
     def _steps(
         self,
         update: Callable[..., mx.array],
         x: mx.array,
-        films: mx.array,
+        conditioning: mx.array,
         step_noise: mx.array,
         coeffs: mx.array,
     ) -> mx.array:
-        """``len(coeffs)`` consecutive denoising steps: films (S, B, sum m) the blocks' FiLM rows,
+        """``len(coeffs)`` consecutive denoising steps: conditioning (S, ...) the steps' conditioning,
         step_noise (S, ...), coeffs (S, 5) the scheduler's per-step coefficients."""
-        unet = self.unet
-        dtype = unet.final_conv[1].weight.dtype
-        widths = [blk.cond_encoder.weight.shape[0] for blk in unet.residual_blocks()]
-        films = [f.astype(dtype) for f in mx.split(films, list(accumulate(widths[:-1])), axis=-1)]
+        trunk = self.trunk
+        dtype = trunk.dtype
+        conditioning = trunk.split(conditioning)
         for j in range(coeffs.shape[0]):
-            model_output = self._trunk(unet, x.astype(dtype), [f[j] for f in films])
+            model_output = trunk(x.astype(dtype), conditioning, j)
             step_coeffs = tuple(coeffs[j, c] for c in range(coeffs.shape[1]))
             # Noise is passed to every step: the table's std is 0 where a step adds none (DDPM's last),
             # and deterministic DDIM ignores it (so it is never computed).

@@ -22,8 +22,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from policy_core.checkpoint import key_mismatch
 from policy_core.config import ConfigError, PolicyConfig
+from policy_core.nets.transformer import TransformerForDiffusion
 from policy_core.normalizer import FeatureNorm, LinearNormalizer
-from policy_core.policy import DiffusionUnetPolicy
+from policy_core.policy import DiffusionPolicy, build_policy
 from policy_core.schedulers import SchedulerConfig
 
 Rule = tuple[str, str]  # (full-match regex over a source name, re.Match.expand template of our name)
@@ -38,7 +39,7 @@ class ConversionError(ValueError):
 class Converted:
     """A converted policy (weights and normalizer loaded) plus the provenance to store with it."""
 
-    policy: DiffusionUnetPolicy
+    policy: DiffusionPolicy
     provenance: dict[str, Any]
 
 
@@ -101,9 +102,9 @@ def feature_norm(
     return FeatureNorm(scale.astype(np.float32), offset.astype(np.float32), **f32)
 
 
-def build(config: dict[str, Any], normalizer: LinearNormalizer, where: str) -> DiffusionUnetPolicy:
+def build(config: dict[str, Any], normalizer: LinearNormalizer, where: str) -> DiffusionPolicy:
     try:
-        return DiffusionUnetPolicy(PolicyConfig.from_dict(config), normalizer)
+        return build_policy(PolicyConfig.from_dict(config), normalizer)
     except ConfigError as e:
         raise ConversionError(f"{where}: the converted config is not supported: {e}") from None
 
@@ -138,7 +139,9 @@ def rename(
 
 
 def _to_mlx_layout(module: nn.Module, w: np.ndarray) -> np.ndarray:
-    if w.ndim < 3:  # Linear weights, biases and norm parameters share PyTorch's layout
+    # Linear weights, biases, norm parameters and the transformer's (1, T, E) position embeddings share
+    # PyTorch's layout.
+    if w.ndim < 3 or isinstance(module, TransformerForDiffusion):
         return w
     if isinstance(module, nn.ConvTranspose1d):
         return w.transpose(1, 2, 0)  # torch (in, out, k) -> (out, k, in)
@@ -206,7 +209,7 @@ def _fill_groups(pattern: str, groups: dict[int, str]) -> str | None:
 
 
 def load_weights(
-    policy: DiffusionUnetPolicy,
+    policy: DiffusionPolicy,
     weights: Mapping[str, np.ndarray],
     where: str,
     rules: Iterable[Rule] = (),
@@ -267,6 +270,41 @@ def unet_rules(prefix: str, *, lerobot: bool) -> list[Rule]:
         (rf"{p}{crb}\.blocks\.([01])\.block\.1\.{wb}", r"unet.\1.blocks.\2.norm.\3"),
         (rf"{p}((?:down|up)_modules\.\d+)\.2\.conv\.{wb}", r"unet.\1.2.\2"),
     ]
+
+
+def transformer_rules(prefix: str) -> list[Rule]:
+    """Upstream TransformerForDiffusion -> ``transformer.*``: the same module names (PyTorch's
+    Transformer{En,De}coderLayer and MultiheadAttention, the MLP memory encoder's Linears at 0 and 2)."""
+    p = re.escape(prefix)
+    wb = r"(weight|bias)"
+    layer = r"((?:encoder|decoder)\.layers\.\d+)"
+    attention = rf"{layer}\.(self_attn|multihead_attn)"
+    return [
+        (rf"{p}(pos_emb|cond_pos_emb)", r"transformer.\1"),
+        (rf"{p}(input_emb|cond_obs_emb|ln_f|head)\.{wb}", r"transformer.\1.\2"),
+        (rf"{p}encoder\.([02])\.{wb}", r"transformer.encoder.\1.\2"),
+        (rf"{p}{attention}\.(in_proj_weight|in_proj_bias)", r"transformer.\1.\2.\3"),
+        (rf"{p}{attention}\.out_proj\.{wb}", r"transformer.\1.\2.out_proj.\3"),
+        (rf"{p}{layer}\.(linear[12]|norm[123])\.{wb}", r"transformer.\1.\2.\3"),
+    ]
+
+
+def check_attention_masks(
+    sd: Mapping[str, np.ndarray], prefix: str, transformer: TransformerForDiffusion, where: str
+) -> None:
+    """Upstream's causal ``mask`` and ``memory_mask`` buffers (additive: 0 where attention looks, -inf
+    elsewhere) must be the masks our transformer computes, and present exactly when it is causal."""
+    for name, ours in zip(("mask", "memory_mask"), transformer.masks(), strict=True):
+        theirs = sd.get(prefix + name)
+        if ours is None or theirs is None:
+            if ours is not None or theirs is not None:
+                raise ConversionError(
+                    f"{where}: {prefix}{name} is {'absent' if theirs is None else 'present'}"
+                    f" but causal_attn is {ours is not None}"
+                )
+            continue
+        if theirs.shape != tuple(ours.shape) or not np.array_equal(theirs == 0, np.array(ours)):
+            raise ConversionError(f"{where}: {prefix}{name} is not the causal mask of this configuration")
 
 
 def resnet_rules(prefix: str, key: str) -> list[Rule]:

@@ -10,7 +10,9 @@ pickle naming anything else is refused before it is read, naming the type; ``tru
 
 Supported policies: ``DiffusionUnetHybridImagePolicy`` (robomimic ResNet18 encoder, GroupNorm or
 BatchNorm, spatial softmax; observation features concatenated in ``shape_meta.obs`` order) and
-``DiffusionUnetLowdimPolicy`` with global conditioning (observation key ``obs``).
+``DiffusionUnetLowdimPolicy`` with global conditioning (observation key ``obs``), and their transformer
+counterparts ``DiffusionTransformerHybridImagePolicy`` and ``DiffusionTransformerLowdimPolicy`` with the
+observations as conditioning (``obs_as_cond``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from policy_core.convert.common import (
     Converted,
     Rule,
     build,
+    check_attention_masks,
     check_keypoint_grid,
     feature_norm,
     get,
@@ -38,16 +41,35 @@ from policy_core.convert.common import (
     rename,
     resnet_rules,
     scheduler_config,
+    transformer_rules,
     trunk_feature_hw,
     unet_rules,
 )
 from policy_core.normalizer import LinearNormalizer
+from policy_core.policy import DiffusionTransformerPolicy
 
 HYBRID, LOWDIM = "DiffusionUnetHybridImagePolicy", "DiffusionUnetLowdimPolicy"
-_HYBRID_FIELDS = {
+T_HYBRID, T_LOWDIM = "DiffusionTransformerHybridImagePolicy", "DiffusionTransformerLowdimPolicy"
+_IMAGE_FIELDS = {
     "_target_", "shape_meta", "noise_scheduler", "horizon", "n_action_steps", "n_obs_steps",
-    "num_inference_steps", "obs_as_global_cond", "crop_shape", "diffusion_step_embed_dim", "down_dims",
-    "kernel_size", "n_groups", "cond_predict_scale", "obs_encoder_group_norm", "eval_fixed_crop",
+    "num_inference_steps", "crop_shape", "obs_encoder_group_norm", "eval_fixed_crop",
+}  # fmt: skip
+_HYBRID_FIELDS = _IMAGE_FIELDS | {
+    "obs_as_global_cond", "diffusion_step_embed_dim", "down_dims", "kernel_size", "n_groups",
+    "cond_predict_scale",
+}  # fmt: skip
+# TransformerForDiffusion's arguments, with the hybrid image policy's defaults (our config's names).
+_TRANSFORMER_DEFAULTS = {
+    "n_layer": 8, "n_head": 4, "n_emb": 256, "p_drop_emb": 0.0, "p_drop_attn": 0.3, "causal_attn": True,
+    "time_as_cond": True, "n_cond_layers": 0,
+}  # fmt: skip
+_T_HYBRID_FIELDS = _IMAGE_FIELDS | set(_TRANSFORMER_DEFAULTS) | {"obs_as_cond", "pred_action_steps_only"}
+_T_LOWDIM_FIELDS = {
+    "_target_", "model", "noise_scheduler", "horizon", "obs_dim", "action_dim", "n_action_steps",
+    "n_obs_steps", "num_inference_steps", "obs_as_cond", "pred_action_steps_only",
+}  # fmt: skip
+_T_MODEL_FIELDS = set(_TRANSFORMER_DEFAULTS) | {
+    "_target_", "input_dim", "output_dim", "horizon", "n_obs_steps", "cond_dim", "obs_as_cond",
 }  # fmt: skip
 _LOWDIM_FIELDS = {
     "_target_", "model", "noise_scheduler", "horizon", "obs_dim", "action_dim", "n_action_steps",
@@ -57,6 +79,8 @@ _LOWDIM_FIELDS = {
 _SCHEDULERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
 # Policy state-dict entries that hold no weights: ModuleAttrMixin's empty device probes.
 _ALWAYS_IGNORED = [r"_dummy_variable", r"mask_generator\._dummy_variable", r"normalizer\.params_dict\..*"]
+# TransformerForDiffusion's own device probe, and its attention masks (checked, not loaded).
+_TRANSFORMER_IGNORED = [r"model\._dummy_variable", r"model\.(mask|memory_mask)"]
 
 
 # What the pickles of upstream workspace checkpoints hold besides tensors and plain containers (found by
@@ -171,8 +195,10 @@ def _check_fields(policy_cfg: Mapping[str, Any], known: set[str], where: str) ->
         raise ConversionError(f"{where}: policy field(s) {extra} are not supported")
 
 
-def _require(cfg: Mapping[str, Any], path: str, want: bool, where: str) -> None:
-    if get(cfg, path, bool, where) != want:
+def _require(cfg: Mapping[str, Any], path: str, want: bool, where: str, default: bool | None = None) -> None:
+    """``path`` must be ``want``; ``default``: upstream's value where the config lacks the field."""
+    kwargs = {} if default is None else {"default": default}
+    if get(cfg, path, bool, where, **kwargs) != want:
         raise ConversionError(f"{where}: {path}={not want} is not supported (only {want})")
 
 
@@ -209,11 +235,11 @@ def _base_config(cfg: Mapping[str, Any], where: str, control_hz: float | None) -
     return config
 
 
-def _hybrid(
+def _image_policy(
     cfg: Mapping[str, Any], sd: Mapping[str, np.ndarray], where: str, config: dict[str, Any]
 ) -> tuple[list[Rule], list[str], dict[str, int], dict[str, Any]]:
-    _check_fields(get(cfg, "policy", Mapping, where), _HYBRID_FIELDS, where)
-    _require(cfg, "policy.obs_as_global_cond", True, where)
+    """What the UNet and transformer hybrid image policies share: ``shape_meta`` and the robomimic
+    observation encoder (its rules, its buffers checked), the normalizer's dimensions."""
     shape_meta = get(cfg, "policy.shape_meta", Mapping, where)
     obs_meta = get(shape_meta, "obs", Mapping, f"{where}: policy.shape_meta")
     obs = {}
@@ -229,13 +255,6 @@ def _hybrid(
     group_norm = get(cfg, "policy.obs_encoder_group_norm", bool, where, default=False)
     config.update(
         shape_meta={"obs": obs, "action": {"shape": [action_dim]}},
-        down_dims=[
-            int(d) for d in get(cfg, "policy.down_dims", (list, tuple), where, default=(256, 512, 1024))
-        ],
-        kernel_size=get(cfg, "policy.kernel_size", int, where, default=5),
-        n_groups=get(cfg, "policy.n_groups", int, where, default=8),
-        diffusion_step_embed_dim=get(cfg, "policy.diffusion_step_embed_dim", int, where, default=256),
-        cond_predict_scale=get(cfg, "policy.cond_predict_scale", bool, where, default=True),
         obs_encoder={
             "crop_shape": list(crop) if crop else None,
             "pool": "spatial_softmax",
@@ -244,7 +263,7 @@ def _hybrid(
             "norm": "group" if group_norm else "batch",
         },
     )
-    rules = unet_rules("model.", lerobot=False)
+    rules: list[Rule] = []
     ignore = [r".*\.num_batches_tracked"]
     for key, attr in obs.items():
         if attr["type"] != "rgb":
@@ -270,6 +289,73 @@ def _hybrid(
     dims = {key: attr["shape"][0] for key, attr in obs.items()} | {"action": action_dim}
     notes = {"eval_fixed_crop": get(cfg, "policy.eval_fixed_crop", bool, where, default=False)}
     return rules, ignore, dims, notes
+
+
+def _hybrid(
+    cfg: Mapping[str, Any], sd: Mapping[str, np.ndarray], where: str, config: dict[str, Any]
+) -> tuple[list[Rule], list[str], dict[str, int], dict[str, Any]]:
+    _check_fields(get(cfg, "policy", Mapping, where), _HYBRID_FIELDS, where)
+    _require(cfg, "policy.obs_as_global_cond", True, where)
+    rules, ignore, dims, notes = _image_policy(cfg, sd, where, config)
+    config.update(
+        down_dims=[
+            int(d) for d in get(cfg, "policy.down_dims", (list, tuple), where, default=(256, 512, 1024))
+        ],
+        kernel_size=get(cfg, "policy.kernel_size", int, where, default=5),
+        n_groups=get(cfg, "policy.n_groups", int, where, default=8),
+        diffusion_step_embed_dim=get(cfg, "policy.diffusion_step_embed_dim", int, where, default=256),
+        cond_predict_scale=get(cfg, "policy.cond_predict_scale", bool, where, default=True),
+    )
+    return unet_rules("model.", lerobot=False) + rules, ignore, dims, notes
+
+
+def _transformer_fields(section: Mapping[str, Any], path: str, where: str) -> dict[str, Any]:
+    """TransformerForDiffusion's arguments from ``section`` (upstream's defaults where absent)."""
+    fields = {}
+    for name, default in _TRANSFORMER_DEFAULTS.items():
+        kind = float if isinstance(default, float) else type(default)
+        fields[name] = get(section, name, kind, f"{where}: {path}", default=default)
+    return {"type": "diffusion_transformer", **fields}
+
+
+def _transformer_hybrid(
+    cfg: Mapping[str, Any], sd: Mapping[str, np.ndarray], where: str, config: dict[str, Any]
+) -> tuple[list[Rule], list[str], dict[str, int], dict[str, Any]]:
+    _check_fields(get(cfg, "policy", Mapping, where), _T_HYBRID_FIELDS, where)
+    _require(cfg, "policy.obs_as_cond", True, where, default=True)
+    _require(cfg, "policy.pred_action_steps_only", False, where, default=False)
+    rules, ignore, dims, notes = _image_policy(cfg, sd, where, config)
+    config.update(_transformer_fields(get(cfg, "policy", Mapping, where), "policy", where))
+    return transformer_rules("model.") + rules, ignore + _TRANSFORMER_IGNORED, dims, notes
+
+
+def _transformer_lowdim(
+    cfg: Mapping[str, Any], sd: Mapping[str, np.ndarray], where: str, config: dict[str, Any]
+) -> tuple[list[Rule], list[str], dict[str, int], dict[str, Any]]:
+    _check_fields(get(cfg, "policy", Mapping, where), _T_LOWDIM_FIELDS, where)
+    # Without obs_as_cond upstream inpaints the observations into the trajectory (input_dim obs + action).
+    _require(cfg, "policy.obs_as_cond", True, where, default=False)
+    _require(cfg, "policy.pred_action_steps_only", False, where, default=False)
+    obs_dim = get(cfg, "policy.obs_dim", int, where)
+    action_dim = get(cfg, "policy.action_dim", int, where)
+    model = get(cfg, "policy.model", Mapping, where)
+    mwhere = f"{where}: policy.model"
+    _check_fields(model, _T_MODEL_FIELDS, mwhere)
+    for name, want in (
+        ("input_dim", action_dim), ("output_dim", action_dim), ("cond_dim", obs_dim),
+        ("horizon", config["horizon"]), ("n_obs_steps", config["n_obs_steps"]),
+    ):  # fmt: skip
+        if get(model, name, int, mwhere) != want:
+            raise ConversionError(f"{mwhere}: {name} must be {want} (the policy's, observations as cond)")
+    config.update(
+        shape_meta={
+            "obs": {"obs": {"shape": [obs_dim], "type": "low_dim"}},
+            "action": {"shape": [action_dim]},
+        },
+        **_transformer_fields(model, "policy.model", where),
+    )
+    rules = transformer_rules("model.")
+    return rules, list(_TRANSFORMER_IGNORED), {"obs": obs_dim, "action": action_dim}, {}
 
 
 def _lowdim(
@@ -320,13 +406,22 @@ def convert_upstream(
     sd = {k: _to_numpy(v) for k, v in state_dicts[which].items()}
 
     target = get(cfg, "policy._target_", str, where).rsplit(".", 1)[-1]
-    converters = {HYBRID: _hybrid, LOWDIM: _lowdim}
+    converters = {
+        HYBRID: _hybrid,
+        LOWDIM: _lowdim,
+        T_HYBRID: _transformer_hybrid,
+        T_LOWDIM: _transformer_lowdim,
+    }
     if target not in converters:
-        raise ConversionError(f"{where}: policy._target_ {target!r} is not supported ({HYBRID}, {LOWDIM})")
+        raise ConversionError(
+            f"{where}: policy._target_ {target!r} is not supported ({', '.join(converters)})"
+        )
     config = _base_config(cfg, where, control_hz)
     rules, ignore, dims, notes = converters[target](cfg, sd, where, config)
 
     policy = build(config, _normalizer(sd, dims, where), where)
+    if isinstance(policy, DiffusionTransformerPolicy):
+        check_attention_masks(sd, "model.", policy.transformer, f"{where}: state_dicts[{which!r}]")
     mapped, _ = rename(sd, rules, ignore + _ALWAYS_IGNORED, f"{where}: state_dicts[{which!r}]")
     load_weights(policy, mapped, f"{where}: state_dicts[{which!r}]", rules)
     provenance = {

@@ -165,6 +165,10 @@ class ConditionalUnet1D(nn.Module):
             nn.Conv1d(down_dims[0], input_dim, 1),
         ]
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.final_conv[1].weight.dtype
+
     def residual_blocks(self) -> list[ConditionalResidualBlock1D]:
         """All FiLM blocks in forward order; ``forward_film`` consumes one film per entry."""
         blocks = [b for level in self.down_modules for b in level[:2]]

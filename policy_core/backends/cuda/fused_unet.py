@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from policy_core.backends.cuda.device import LAUNCH_LOCK, available
-from policy_core.backends.generic import GenericBackend
+from policy_core.backends.generic import GenericBackend, UnetTrunk
 from policy_core.nets.unet import (
     MODULE_OPS,
     ConditionalResidualBlock1D,
@@ -262,7 +262,7 @@ class FusedUnetBackend(GenericBackend):
     persistent sampler kernel does not take."""
 
     def __init__(self, unet: ConditionalUnet1D):
-        super().__init__(unet, denoise)
+        super().__init__(UnetTrunk(unet, denoise))
 
     def supports(self, batch: int, horizon: int, scheduler: Scheduler) -> bool:
         return available()
