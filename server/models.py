@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from policy_core.policy import ObservationError
+from policy_core.rtc import ActionPrefix
 from proto.messages import ErrorCode, InferOptions, ProtocolError, Request
 from server.metrics import Metrics
 
@@ -94,6 +95,22 @@ class PendingInfer:
     @property
     def rows(self) -> int:
         return next(iter(self.obs.values())).shape[0]
+
+
+def _row_prefixes(batch: list[PendingInfer], rows: int) -> list[ActionPrefix | None] | None:
+    """Each row's real-time chunking prefix (None for rows without one, padding rows included), or None
+    where no request of the batch has one."""
+    if all(p.request.options.prefix is None for p in batch):
+        return None
+    prefixes: list[ActionPrefix | None] = []
+    for p in batch:
+        options = p.request.options
+        if options.prefix is None:
+            prefixes += [None] * p.rows
+            continue
+        actions = options.prefix if p.batched else options.prefix[None]
+        prefixes += [ActionPrefix(a, options.delay, **options.rtc) for a in actions]
+    return prefixes + [None] * (rows - len(prefixes))
 
 
 def load_error_message(path: Path, error: Exception) -> str:
@@ -273,7 +290,12 @@ class ModelWorker(threading.Thread):
                     [step_noise, mx.zeros((steps, padded - rows, *step_noise.shape[2:]))], axis=1
                 )
             out = policy.predict_action(
-                obs, scheduler=kind, num_inference_steps=steps, noise=x_init, step_noise=step_noise
+                obs,
+                scheduler=kind,
+                num_inference_steps=steps,
+                noise=x_init,
+                step_noise=step_noise,
+                prefixes=_row_prefixes(batch, padded),
             )
             action_pred = out["action_pred"][:rows]
             if not np.isfinite(action_pred).all():
