@@ -6,6 +6,7 @@ import pytest
 from helpers import observation, tiny_policy
 from test_backends import Recording
 
+from policy_core.backends import matmul_unet
 from policy_core.backends.generic import GenericBackend
 from policy_core.rtc import ActionPrefix, prefix_weights
 from policy_core.schedulers import make_scheduler
@@ -229,3 +230,14 @@ def test_backends_that_do_not_inpaint_hand_such_requests_on():
     assert recording.batches == []
     _sample(policy, obs)
     assert recording.batches == [1]
+
+
+def test_the_guided_trunk_has_the_modules_values_and_vector_jacobian_product():
+    unet = _policy().unet
+    x = mx.random.normal((2, 8, 2), key=mx.random.key(1))
+    films = [mx.random.normal((2, b.cond_encoder.weight.shape[0])) for b in unet.residual_blocks()]
+    cotangent = mx.random.normal((2, 8, 2), key=mx.random.key(2))
+    fast = mx.vjp(lambda x: matmul_unet.denoise_for_gradients(unet, x, films), [x], [cotangent])
+    reference = mx.vjp(lambda x: unet.forward_film(x, films), [x], [cotangent])
+    for got, want in zip((fast[0][0], fast[1][0]), (reference[0][0], reference[1][0]), strict=True):
+        assert mx.abs(got - want).max().item() < 1e-5 * max(1.0, mx.abs(want).max().item())

@@ -41,14 +41,21 @@ Trunk = Callable[[ConditionalUnet1D, mx.array, list[mx.array]], mx.array]
 
 class GenericBackend(Backend):
     """The chunked sampler of one ``ConditionalUnet1D``, with the trunk in the form ``trunk`` (by default
-    ``matmul_unet``'s, built for batch 1 on the CPU and Metal)."""
+    ``matmul_unet``'s, built for batch 1 on the CPU and Metal) and, where guidance differentiates it, in
+    the form ``guided_trunk``."""
 
     name = "chunked sampler"
     inpaints = True  # the trunk is MLX operations, which mx.value_and_grad differentiates
 
-    def __init__(self, unet: ConditionalUnet1D, trunk: Trunk = matmul_unet.denoise):
+    def __init__(
+        self,
+        unet: ConditionalUnet1D,
+        trunk: Trunk = matmul_unet.denoise,
+        guided_trunk: Trunk = matmul_unet.denoise_for_gradients,
+    ):
         self.unet = unet
         self._trunk = trunk
+        self._guided_trunk = guided_trunk
         self._compiled: dict[tuple, Callable[..., mx.array]] = {}
 
     def supports(self, batch: int, horizon: int, scheduler: Scheduler) -> bool:
@@ -149,16 +156,14 @@ class GenericBackend(Backend):
             sqrt_beta, sqrt_alpha = step_coeffs[0], step_coeffs[1]  # the step's level, either scheduler
             x = mx.where(replace > 0, sqrt_alpha * target + sqrt_beta * step_noise[j], x)
             step_films = [f[j] for f in films]
-
-            def denoise(x: mx.array, step_films: list[mx.array] = step_films) -> mx.array:
-                return self._trunk(unet, x.astype(dtype), step_films).astype(mx.float32)
-
             if not guided:
-                model_output = denoise(x)
+                model_output = self._trunk(unet, x.astype(dtype), step_films).astype(mx.float32)
             else:
 
-                def loss(x: mx.array, level: tuple = (sqrt_beta, sqrt_alpha)) -> tuple[mx.array, mx.array]:
-                    output = denoise(x)
+                def loss(
+                    x: mx.array, films: list = step_films, level: tuple = (sqrt_beta, sqrt_alpha)
+                ) -> tuple:
+                    output = self._guided_trunk(unet, x.astype(dtype), films).astype(mx.float32)
                     x0 = (x - level[0] * output) / level[1] if epsilon else output
                     return 0.5 * mx.sum(guide * mx.square(target - x0)), output
 
