@@ -15,7 +15,7 @@ from server_helpers import running_server
 from clients.policy_client import PolicyClient
 from clients.runner import ActionChunkRunner
 from clients.sim.cli import add_eval_arguments
-from clients.sim.eval_pusht import evaluate, second_differences
+from clients.sim.eval_pusht import evaluate, main, second_differences
 from policy_core import build_policy, save_policy
 from proto.codec import pack, unpack
 
@@ -201,3 +201,11 @@ def test_the_delayed_evaluator_is_deterministic_for_a_seed_and_delay(tmp_path):
         assert all(e["starved_ticks"] > 0 for e in first["per_episode"])  # sync holds while it waits
         other = _eval(srv.zmq_endpoint, "rtc", 1)
         assert other["per_episode"] != _eval(srv.zmq_endpoint, "rtc", 2)["per_episode"]
+
+
+def test_a_delay_with_the_wall_clock_is_refused_before_any_connection(capsys):
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args(["--server", "tcp://127.0.0.1:1", "--realtime", "--delay", "2"])
+    assert main(args) == 2
+    assert "--delay must be >= 0 and is simulated: not with --realtime" in capsys.readouterr().err

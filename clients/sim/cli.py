@@ -29,10 +29,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser, demo: bool = False) -> N
         default="sync",
         help="how chunks follow each other: sync (wait for each, holding still), naive (switch when it "
         "arrives), ensemble (temporal ensembling), rtc (real-time chunking, guided inpainting), "
-        "rtc-replace (replacement inpainting)",
+        "rtc-replace (replacement inpainting); with --realtime the loop always prefetches (sync = naive)",
     )
-    parser.add_argument("--rtc-schedule", choices=["exp", "linear", "hard"], help="rtc: prefix weights")
-    parser.add_argument("--rtc-max-guidance", type=float, help="rtc: the guidance weight's clip")
+    parser.add_argument(
+        "--rtc-schedule",
+        choices=["exp", "linear", "hard"],
+        help="rtc: prefix weights (default: the server's, exp)",
+    )
+    parser.add_argument(
+        "--rtc-max-guidance", type=float, help="rtc: the guidance weight's clip (default: the server's, 40)"
+    )
     parser.add_argument("--steps", type=int, help="num_inference_steps (default: the model's)")
     parser.add_argument("--scheduler", choices=["ddim", "ddpm"], help="sampler (default: the model's)")
     parser.add_argument(

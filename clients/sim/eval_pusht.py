@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        runner_options(args)
+    except ValueError as e:  # contradictory arguments
+        print(f"dpmlx eval pusht: {e}", file=sys.stderr)
+        return 2
     report = evaluate(args)
     print(
         f"\nPushT over {report['episodes']} episodes from seed {report['start_seed']}: "
