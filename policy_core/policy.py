@@ -363,9 +363,9 @@ class DiffusionUnetPolicy(nn.Module):
         ):
             if tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
+        inpainting = None if prefixes is None else self._inpainting(prefixes, batch)
         # The preferred backend may write them into arrays it keeps (on CUDA, host memory the GPU reads):
         # one request at a time per policy (the server's worker per model).
-        inpainting = None if prefixes is None else self._inpainting(prefixes, batch)
         obs = {k: self._backends[0].host_array(k, obs[k]) for k in cfg.obs}
         naction = self._sample(kind, steps, obs, x_init, noise_per_step, inpainting)
         action_pred = self.normalizer.unnormalize("action", naction)
