@@ -20,7 +20,7 @@ from __future__ import annotations
 import secrets
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -29,12 +29,13 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from policy_core import backends
-from policy_core.backends.base import Backend, BackendUnavailable
+from policy_core.backends.base import Backend, BackendUnavailable, Inpainting
 from policy_core.config import PolicyConfig
 from policy_core.nets.transformer import TransformerForDiffusion
 from policy_core.nets.unet import ConditionalUnet1D, mish
 from policy_core.nets.vision import RgbEncoder
 from policy_core.normalizer import LinearNormalizer
+from policy_core.rtc import ActionPrefix
 from policy_core.schedulers import Scheduler, make_scheduler
 from policy_core.seen_arrays import SeenArrays
 
@@ -262,26 +263,60 @@ class DiffusionPolicy(nn.Module, ABC):
         obs: dict[str, mx.array],
         x: mx.array,
         step_noise: mx.array,
+        inpainting: Inpainting | None = None,
     ) -> np.ndarray:
         """Raw observations -> the normalized action trajectory (B, horizon, action_dim), float32 on the
         host: the conditioning as one compiled call, then the denoising loop on the first backend that
-        takes the request. A backend that gives up on a request it took (``BackendUnavailable``) declines
-        later ones; the request reruns on the next."""
+        takes the request (and, with ``inpainting``, that ``inpaints``). A backend that gives up on a
+        request it took (``BackendUnavailable``) declines later ones; the request reruns on the next."""
         scheduler = self._scheduler(kind, num_steps)
         tables = self._loop_tables(kind, num_steps)
         conditioning = self._compiled_conditioning()(obs, self._obs_affines(), *tables)
         batch, horizon = x.shape[:2]
+        known = () if inpainting is None else (inpainting,)
         failed = None
         for backend in self._backends:
-            if not backend.supports(batch, horizon, scheduler):
+            if (known and not backend.inpaints) or not backend.supports(batch, horizon, scheduler):
                 continue
             if failed is not None:
                 warnings.warn(f"{failed}; this and later requests run on the {backend.name}", stacklevel=2)
             try:
-                return backend.sample(scheduler, x, conditioning, step_noise)
+                return backend.sample(scheduler, x, conditioning, step_noise, *known)
             except BackendUnavailable as error:
                 failed = error
         raise AssertionError("the generic backend takes every request")
+
+    def _inpainting(self, prefixes: Sequence[ActionPrefix | None], batch: int) -> Inpainting | None:
+        """The rows' prefixes as a backend's ``Inpainting`` over the normalized trajectory, or None where
+        no row constrains anything (a plain request). Prefix row i is ``action_pred[n_obs_steps - 1 + i]``,
+        the chunk's action i."""
+        cfg = self.config
+        if len(prefixes) != batch:
+            raise ValueError(f"{len(prefixes)} prefixes for a batch of {batch}")
+        start, action = cfg.n_obs_steps - 1, self.normalizer["action"]
+        shape = (batch, cfg.horizon)
+        target = np.zeros((*shape, cfg.action_dim), np.float32)
+        guide, replace = np.zeros((*shape, 1), np.float32), np.zeros((*shape, 1), np.float32)
+        max_guidance = np.ones((batch, 1, 1), np.float32)
+        for row, prefix in enumerate(prefixes):
+            if prefix is None:
+                continue
+            k, dim = prefix.actions.shape
+            if dim != cfg.action_dim or k > cfg.horizon - start:
+                raise ValueError(
+                    f"prefix has shape {(k, dim)}, expected at most ({cfg.horizon - start}, {cfg.action_dim})"
+                )
+            target[row, start : start + k] = prefix.actions * action.scale + action.offset
+            if prefix.method == "guided":
+                guide[row, start : start + k, 0] = prefix.weights()
+                max_guidance[row] = prefix.max_guidance
+            else:
+                replace[row, start : start + prefix.delay] = 1.0
+        guided = bool(guide.any())
+        if not guided and not replace.any():
+            return None
+        arrays = (mx.array(a) for a in (target, guide, max_guidance, replace))
+        return Inpainting(*arrays, guided=guided)
 
     def _backend_for(self, batch: int, horizon: int, scheduler: Scheduler) -> Backend:
         return next(b for b in self._backends if b.supports(batch, horizon, scheduler))
@@ -312,6 +347,7 @@ class DiffusionPolicy(nn.Module, ABC):
         seed: int | None = None,
         noise: Any = None,
         step_noise: Any = None,
+        prefixes: Sequence[ActionPrefix | None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Sample an action chunk. obs: {key: (B, n_obs_steps, ...)}, images channel-last.
 
@@ -320,8 +356,10 @@ class DiffusionPolicy(nn.Module, ABC):
         per-step noise reproducible; ``noise`` is an explicit x_T (B, horizon, action_dim) and
         ``step_noise`` explicit per-step noise (steps, B, horizon, action_dim), both overriding what the
         seed would give (a server batching several requests passes each request's own). ``scheduler``
-        ("ddim" | "ddpm") switches the sampler without reloading weights. One call at a time per policy:
-        a backend may write the observations into arrays it keeps.
+        ("ddim" | "ddpm") switches the sampler without reloading weights. ``prefixes`` (one per row, None
+        for a plain row) makes the chunks continue known actions (real-time chunking, ``policy_core.rtc``);
+        a row's frozen actions come back as given where its method is "replace". One call at a time per
+        policy: a backend may write the observations into arrays it keeps.
         """
         cfg = self.config
         batch = self.validate_obs(obs)
@@ -341,12 +379,16 @@ class DiffusionPolicy(nn.Module, ABC):
         ):
             if tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
+        inpainting = None if prefixes is None else self._inpainting(prefixes, batch)
         # The preferred backend may write them into arrays it keeps (on CUDA, host memory the GPU reads):
         # one request at a time per policy (the server's worker per model).
         obs = {k: self._backends[0].host_array(k, obs[k]) for k in cfg.obs}
-        naction = self._sample(kind, steps, obs, x_init, noise_per_step)
+        naction = self._sample(kind, steps, obs, x_init, noise_per_step, inpainting)
         action_pred = self.normalizer.unnormalize("action", naction)
         start = cfg.n_obs_steps - 1
+        for row, prefix in enumerate(prefixes if inpainting is not None else ()):
+            if prefix is not None and prefix.method == "replace":  # as given, not unnormalize's rounding
+                action_pred[row, start : start + prefix.delay] = prefix.actions[: prefix.delay]
         return {"action": action_pred[:, start : start + cfg.n_action_steps], "action_pred": action_pred}
 
     # ---- training -------------------------------------------------------------------------------

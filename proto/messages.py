@@ -13,6 +13,10 @@ import numpy as np
 PROTOCOL_VERSION = 1
 REQUEST_TYPES = ("hello", "infer", "reset", "ping")
 SCHEDULERS = ("ddim", "ddpm")
+# Real-time chunking (options.prefix / delay / rtc): the choices and the defaults the server applies.
+RTC_SCHEDULES = ("exp", "linear", "hard")
+RTC_METHODS = ("guided", "replace")
+RTC_DEFAULTS = {"schedule": "exp", "max_guidance": 40.0, "method": "guided"}
 
 
 class ErrorCode:
@@ -44,9 +48,14 @@ class InferOptions:
     scheduler: str | None = None
     seed: int | None = None
     n_action_steps: int | None = None  # actions to return; more than the model's default reach further
+    # Real-time chunking: the actions still to execute, (k, A) or (B, k, A) float32, the chunk's first
+    # action first; how many of them pass before the chunk is used; {schedule, max_guidance, method}.
+    prefix: np.ndarray | None = None
+    delay: int = 0
+    rtc: dict[str, Any] = field(default_factory=lambda: dict(RTC_DEFAULTS))
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys may share a batch (the seed is per request)."""
+        """Requests with equal keys may share a batch (the seed, prefix and rtc options are per row)."""
         return (self.num_inference_steps, self.scheduler)
 
 
@@ -67,14 +76,10 @@ def _parse_options(raw: Any) -> InferOptions:
         return InferOptions()
     if not isinstance(raw, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "options must be a map")
-    known = {"num_inference_steps", "scheduler", "seed", "n_action_steps", "prev_actions", "inference_delay"}
+    known = {"num_inference_steps", "scheduler", "seed", "n_action_steps", "prefix", "delay", "rtc"}
     unknown = set(raw) - known
     if unknown:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown option(s): {sorted(map(str, unknown))}")
-    if "prev_actions" in raw or "inference_delay" in raw:
-        raise ProtocolError(
-            ErrorCode.BAD_REQUEST, "prev_actions / inference_delay are reserved for real-time chunking"
-        )
     steps, scheduler, seed = raw.get("num_inference_steps"), raw.get("scheduler"), raw.get("seed")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "options.num_inference_steps must be a positive int")
@@ -87,7 +92,53 @@ def _parse_options(raw: Any) -> InferOptions:
         isinstance(n_actions, bool) or not isinstance(n_actions, int) or n_actions < 1
     ):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "options.n_action_steps must be a positive int")
-    return InferOptions(steps, scheduler, seed, n_actions)
+    prefix, delay = _parse_prefix(raw.get("prefix"), raw.get("delay"))
+    return InferOptions(steps, scheduler, seed, n_actions, prefix, delay, _parse_rtc(raw.get("rtc")))
+
+
+def _parse_prefix(prefix: Any, delay: Any) -> tuple[np.ndarray | None, int]:
+    """options.prefix and options.delay checked without the model: float32, finite, 0 <= delay <= k."""
+    if delay is None:
+        delay = 0
+    if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "options.delay must be an int >= 0")
+    if prefix is None:
+        if delay:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"options.delay {delay} > k = 0: no options.prefix")
+        return None, 0
+    if not isinstance(prefix, np.ndarray) or prefix.ndim not in (2, 3):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "options.prefix must be a float32 array [k, action_dim] or [B, k, action_dim]",
+        )
+    if prefix.dtype != np.float32:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"options.prefix must be float32, got {prefix.dtype}")
+    if not np.isfinite(prefix).all():
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "options.prefix contains NaN or Inf")
+    k = prefix.shape[-2]
+    if delay > k:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"options.delay {delay} > k = {k}, the prefix's length")
+    return prefix, delay
+
+
+def _parse_rtc(raw: Any) -> dict[str, Any]:
+    """options.rtc with the defaults filled in."""
+    if raw is None:
+        return dict(RTC_DEFAULTS)
+    if not isinstance(raw, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "options.rtc must be a map")
+    unknown = set(raw) - set(RTC_DEFAULTS)
+    if unknown:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown options.rtc key(s): {sorted(map(str, unknown))}")
+    rtc = {**RTC_DEFAULTS, **raw}
+    for key, choices in (("schedule", RTC_SCHEDULES), ("method", RTC_METHODS)):
+        if not isinstance(rtc[key], str) or rtc[key] not in choices:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"options.rtc.{key} must be one of {choices}")
+    beta = rtc["max_guidance"]
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "options.rtc.max_guidance must be a finite number > 0")
+    rtc["max_guidance"] = float(beta)
+    return rtc
 
 
 def parse_request(msg: Any) -> Request:

@@ -20,6 +20,9 @@ import zmq
 from proto.codec import DecodeError, pack, unpack
 from proto.messages import (
     PROTOCOL_VERSION,
+    RTC_DEFAULTS,
+    RTC_METHODS,
+    RTC_SCHEDULES,
     ErrorCode,
     ProtocolError,
     Request,
@@ -160,7 +163,7 @@ class ZmqFrontend(threading.Thread):
             if request.type == "ping":
                 self._send(envelope, {"type": "ping", "id": rid, "ok": True, "protocol": PROTOCOL_VERSION})
             elif request.type == "reset":
-                # The server keeps no per-client state yet; reserved for real-time chunking.
+                # The server keeps no per-client state: real-time chunking's prefix comes with each request.
                 self._send(envelope, {"type": "reset", "id": rid, "ok": True})
             elif request.type == "hello":
                 self._send(envelope, self._hello(rid))
@@ -195,6 +198,14 @@ class ZmqFrontend(threading.Thread):
             "control_hz": meta["control_hz"],
             "max_message_bytes": self.max_message_bytes,
             "max_batch": self._active().batching.max_batch,
+            "capabilities": {
+                "rtc": {
+                    "schedules": list(RTC_SCHEDULES),
+                    "methods": list(RTC_METHODS),
+                    "defaults": RTC_DEFAULTS,
+                    "max_prefix": meta["action"]["horizon"] - meta["n_obs_steps"] + 1,
+                }
+            },
         }
 
     def _check_range(
@@ -247,6 +258,22 @@ class ZmqFrontend(threading.Thread):
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f"n_action_steps must be <= {max_actions} (horizon - n_obs_steps + 1)"
             )
+        prefix = options.prefix
+        if prefix is not None:
+            # [k, dim] for one robot, [B, k, dim] for a batch; k at most the actions a chunk holds.
+            expected = "[B, k, action_dim]" if batched else "[k, action_dim]"
+            if prefix.ndim != (3 if batched else 2) or (batched and prefix.shape[0] != rows):
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST,
+                    f"options.prefix has shape {list(prefix.shape)}, expected {expected}",
+                )
+            k, dim = prefix.shape[-2:]
+            if dim != meta["action"]["dim"] or k > max_actions:
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST,
+                    f"options.prefix has shape {list(prefix.shape)}: action_dim must be "
+                    f"{meta['action']['dim']} and k <= {max_actions} (horizon - n_obs_steps + 1)",
+                )
         worker.submit(
             PendingInfer(
                 request,

@@ -38,6 +38,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from policy_core.policy import ObservationError
+from policy_core.rtc import ActionPrefix
 from proto.messages import ErrorCode, InferOptions, ProtocolError, Request, error_reply
 from server.metrics import Metrics
 
@@ -132,6 +133,22 @@ class PendingInfer:
     @property
     def rows(self) -> int:
         return next(iter(self.obs.values())).shape[0]
+
+
+def _row_prefixes(batch: list[PendingInfer], rows: int) -> list[ActionPrefix | None] | None:
+    """Each row's real-time chunking prefix (None for rows without one, padding rows included), or None
+    where no request of the batch has one."""
+    if all(p.request.options.prefix is None for p in batch):
+        return None
+    prefixes: list[ActionPrefix | None] = []
+    for p in batch:
+        options = p.request.options
+        if options.prefix is None:
+            prefixes += [None] * p.rows
+            continue
+        actions = options.prefix if p.batched else options.prefix[None]
+        prefixes += [ActionPrefix(a, options.delay, **options.rtc) for a in actions]
+    return prefixes + [None] * (rows - len(prefixes))
 
 
 def load_error_message(path: Path, error: Exception) -> str:
@@ -445,7 +462,12 @@ class ModelWorker:
                     [step_noise, mx.zeros((steps, padded - rows, *step_noise.shape[2:]))], axis=1
                 )
             out = policy.predict_action(
-                obs, scheduler=kind, num_inference_steps=steps, noise=x_init, step_noise=step_noise
+                obs,
+                scheduler=kind,
+                num_inference_steps=steps,
+                noise=x_init,
+                step_noise=step_noise,
+                prefixes=_row_prefixes(batch, padded),
             )
             action_pred = out["action_pred"][:rows]
             finite = np.isfinite(action_pred).all(axis=(1, 2))  # rows are independent: judged one by one

@@ -8,10 +8,14 @@ MLX's conv weight layout (out, k, in) is already ``W`` after a free reshape: not
 a hot-loaded or EMA weight is used as is.
 
 Same parameters and results as ``ConditionalUnet1D.forward_film`` (tests hold them to 1e-5); training
-keeps the module path.
+keeps the module path. ``denoise_for_gradients`` is the same trunk with mish's derivative written as one
+expression, for the guided sampler's backward pass.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -71,7 +75,27 @@ def upsample1d(x: mx.array, conv: nn.ConvTranspose1d) -> mx.array:
     return y.reshape(out_channels, batch, 2 * length)
 
 
-def group_norm_mish(x: mx.array, norm: nn.GroupNorm) -> mx.array:
+@mx.custom_function
+def differentiable_mish(x: mx.array) -> mx.array:
+    """``mish`` with a vector-Jacobian product of one fused expression (below)."""
+    return mish(x)
+
+
+@differentiable_mish.vjp
+def _mish_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
+    """mish'(x) = t + x (1 - t^2) sigmoid(x), t = tanh(softplus(x)), from mish's one exp: MLX's derivative
+    of each of mish's operations made a guided step's backward pass ~20% slower on the CPU."""
+    x32 = x.astype(mx.float32)
+    e = mx.exp(mx.minimum(x32, 20.0))
+    n = e * (e + 2.0)
+    t = n / (n + 2.0)
+    return (cotangent.astype(mx.float32) * (t + x32 * (1.0 - t * t) * e / (1.0 + e))).astype(x.dtype)
+
+
+Activation = Callable[[mx.array], mx.array]
+
+
+def group_norm_mish(x: mx.array, norm: nn.GroupNorm, activation: Activation = mish) -> mx.array:
     """mish(GroupNorm(x)) on (C, B, T), torch semantics, statistics in float32."""
     channels, batch, length = x.shape
     groups = norm.num_groups
@@ -81,20 +105,22 @@ def group_norm_mish(x: mx.array, norm: nn.GroupNorm) -> mx.array:
     centred = xg - mean
     var = mx.square(centred).sum(axis=(1, 3), keepdims=True) / count
     y = (centred * mx.rsqrt(var + norm.eps)).reshape(channels, batch, length)
-    return mish(y * norm.weight[:, None, None] + norm.bias[:, None, None]).astype(x.dtype)
+    return activation(y * norm.weight[:, None, None] + norm.bias[:, None, None]).astype(x.dtype)
 
 
-def _block(x: mx.array, block: Conv1dBlock) -> mx.array:
-    return group_norm_mish(conv1d(x, block.conv), block.norm)
+def _block(x: mx.array, block: Conv1dBlock, activation: Activation = mish) -> mx.array:
+    return group_norm_mish(conv1d(x, block.conv), block.norm, activation)
 
 
-def _residual_block(x: mx.array, block: ConditionalResidualBlock1D, film: mx.array) -> mx.array:
+def _residual_block(
+    x: mx.array, block: ConditionalResidualBlock1D, film: mx.array, activation: Activation = mish
+) -> mx.array:
     """film: (B, 2*out or out), the block's FiLM vector."""
-    out = _block(x, block.blocks[0])
+    out = _block(x, block.blocks[0], activation)
     film = film.T[:, :, None]
     channels = block.out_channels
     out = film[:channels] * out + film[channels:] if block.cond_predict_scale else out + film
-    out = _block(out, block.blocks[1])
+    out = _block(out, block.blocks[1], activation)
     residual = x if isinstance(block.residual_conv, nn.Identity) else conv1d(x, block.residual_conv)
     return out + residual
 
@@ -109,6 +135,12 @@ CHANNELS_FIRST_OPS = TrunkOps(
     conv=_conv,
     concat=lambda x, skip: mx.concatenate([x, skip], axis=0),
 )
+GRADIENT_OPS = TrunkOps(
+    residual_block=partial(_residual_block, activation=differentiable_mish),
+    conv_block=partial(_block, activation=differentiable_mish),
+    conv=_conv,
+    concat=CHANNELS_FIRST_OPS.concat,
+)
 
 
 def denoise(unet: ConditionalUnet1D, sample: mx.array, films: list[mx.array]) -> mx.array:
@@ -117,3 +149,8 @@ def denoise(unet: ConditionalUnet1D, sample: mx.array, films: list[mx.array]) ->
     sample: (B, T, input_dim); films: one (B, 2*out or out) per residual block, in forward order.
     """
     return unet.forward_film(sample.transpose(2, 0, 1), films, CHANNELS_FIRST_OPS).transpose(1, 2, 0)
+
+
+def denoise_for_gradients(unet: ConditionalUnet1D, sample: mx.array, films: list[mx.array]) -> mx.array:
+    """``denoise`` with ``differentiable_mish``: the same values, a cheaper backward pass."""
+    return unet.forward_film(sample.transpose(2, 0, 1), films, GRADIENT_OPS).transpose(1, 2, 0)

@@ -261,6 +261,8 @@ class FusedUnetBackend(GenericBackend):
     """The generic chunked sampler with this module's trunk: on CUDA, the batches and samplers the
     persistent sampler kernel does not take."""
 
+    inpaints = False  # its kernels have no vector-Jacobian product: the generic backend guides
+
     def __init__(self, unet: ConditionalUnet1D):
         super().__init__(UnetTrunk(unet, denoise))
 
