@@ -204,7 +204,9 @@ class TransformerForDiffusion(nn.Module):
             self.drop(torch.cat([step, self.cond_obs_emb(cond)], dim=1) + self.cond_pos_emb)
         )
         x = self.drop(self.input_emb(sample) + self.pos_emb[:, : sample.shape[1]])
-        x = self.decoder(x, memory, tgt_mask=self.mask, memory_mask=self.memory_mask)
+        # tgt_is_causal: the mask is causal; saying so spares torch.compile a data-dependent check of it.
+        causal = self.mask is not None
+        x = self.decoder(x, memory, tgt_mask=self.mask, memory_mask=self.memory_mask, tgt_is_causal=causal)
         return self.head(self.ln_f(x))
 
 
