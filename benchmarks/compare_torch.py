@@ -459,8 +459,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="run the frameworks in turn this many times (median of rounds)"
     )
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/compare_torch.json"))
-    parser.add_argument("--png", type=Path, default=Path("benchmarks/results/compare_torch.png"))
+    parser.add_argument("--json", type=Path, default=Path("runs/compare_torch.json"))
+    parser.add_argument("--png", type=Path, default=Path("runs/compare_torch.png"))
     parser.add_argument(
         "--torch-compile", action="store_true", help="on a CPU, try torch.compile (default mode) too"
     )

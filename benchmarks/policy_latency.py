@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json",
         type=Path,
-        default=Path("benchmarks/results/policy_latency.json"),
+        default=Path("runs/policy_latency.json"),
         help="write the rows here",
     )
 

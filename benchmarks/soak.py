@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--swaps", type=int, default=6, help="hot loads, alternating between two copies")
     parser.add_argument("--timeout", type=float, default=10.0, help="client timeout per request, s")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/soak.json")
+    parser.add_argument("--json", type=Path, default=Path("runs/soak.json"))
     parser.add_argument(
         "--server-root", type=Path, default=ROOT, help="source tree whose dpmlx.py serves (A/B comparisons)"
     )

@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--zmq", default="tcp://127.0.0.1:5599")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/transport_overhead.json")
+    parser.add_argument("--json", type=Path, default=Path("runs/transport_overhead.json"))
     args = parser.parse_args()
 
     import numpy as np
