@@ -405,7 +405,8 @@ def test_worker_runs_the_sizes_of_the_models_kernel_unpadded(tmp_path, monkeypat
         return predict_action(self, obs, **options)
 
     monkeypatch.setattr(DiffusionUnetPolicy, "predict_action", recording)
-    worker = ModelWorker(tmp_path / "lowdim.safetensors", 1, BatchingConfig(), Metrics(), print, print)
+    batching = BatchingConfig(warmup="full")
+    worker = ModelWorker(tmp_path / "lowdim.safetensors", 1, batching, Metrics(), print, print)
     worker._load()
     assert rows_run == [1, 2, 3, 4, 8]  # the warm-up
     replies = []
