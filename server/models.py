@@ -115,9 +115,6 @@ _malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim"
 WARMUP_YIELD_S = 2.0
 
 
-WARMUP_MODES = ("lazy", "full")
-
-
 @contextmanager
 def _uncompiled(on: bool) -> Iterator[None]:
     """With ``on``, MLX's compiled functions run as plain operations: nothing is traced or compiled.
@@ -485,7 +482,7 @@ class ModelWorker:
         """Add to the load's breakdown (a new dict: /v1/stats may be reading the old one)."""
         self.startup = {**self.startup, **entries}
 
-    def _uncompiled(self, key: CompileKey) -> bool:
+    def _untraced(self, key: CompileKey) -> bool:
         """Whether ``key``'s path must run uncompiled: a lazy warm-up has not traced it yet."""
         return self.compiled is not None and key not in self.compiled
 
@@ -507,7 +504,7 @@ class ModelWorker:
                 raise LoadAborted("the server is shutting down")
             key = (rows, cfg.sampler, cfg.default_inference_steps, None)
             started = time.perf_counter()
-            with _uncompiled(self._uncompiled(key)):
+            with _uncompiled(self._untraced(key)):
                 actions = run_path(policy, schema, key)
             times[key_text(key)] = time.perf_counter() - started
             self._note(warmup_s=times)
@@ -601,7 +598,7 @@ class ModelWorker:
             padded = next(b for b in self.buckets if b >= rows)  # rows <= max_batch (front end)
             methods = {p.request.options.rtc["method"] for p in batch if p.request.options.prefix is not None}
             key = (padded, kind, steps, ("guided" if "guided" in methods else "replace") if methods else None)
-            uncompiled = self._uncompiled(key)
+            uncompiled = self._untraced(key)
             if uncompiled:
                 self.to_compile.setdefault(key)
             with _uncompiled(uncompiled):
