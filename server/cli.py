@@ -71,8 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="lazy: serve as soon as the weights are loaded and checked on one batch; requests whose "
         "compiled path is not ready run uncompiled while a background process fills MLX's kernel cache "
         "and the paths are traced between batches. full: compile every batch bucket first (/readyz "
-        "answers 503 until then). Hot loads of another architecture always warm up fully while the active "
-        "model serves (default: lazy)",
+        "answers 503 until then); paths first met later (another sampler, step count or real-time "
+        "chunking method) are compiled in the background all the same. Hot loads of another architecture "
+        "always warm up fully while the active model serves",
     )
     parser.add_argument(
         "--verbose",

@@ -20,8 +20,9 @@ Only the active and the previous model are resident, and the server's threads ar
 
 Warm-up (``--warmup``): ``full`` compiles the default sampler for every batch bucket before a model takes
 traffic. ``lazy`` (a load with no model serving: the start) checks the model on one uncompiled batch and
-serves at once: a request whose compiled path (``server.kernel_cache.CompileKey``) is not traced yet runs
-MLX's operations uncompiled (the same results, slower), while a process of its own runs the paths first
+serves at once. Either way, a request whose compiled path (``server.kernel_cache.CompileKey``: with
+``lazy`` any, with ``full`` another sampler, step count or real-time chunking method) is not traced yet
+runs MLX's operations uncompiled (the same results, slower), while a process of its own runs the paths
 met, filling MLX's kernel cache on disk with the compiler's work; then the worker traces each path
 against that cache, one at a time while it has nothing to do. No request waits for a compiler.
 """
@@ -267,9 +268,9 @@ class ModelWorker:
         self.policy = None
         # Where the load's time went, in seconds (replaced, never changed in place: /v1/stats reads it).
         self.startup: dict[str, Any] = {}
-        # Lazy warm-up: the paths traced so far (None: every path runs compiled, traced on first use) and
-        # those met but not yet traced, in order; the process filling the kernel cache for some of them.
-        self.compiled: set[CompileKey] | None = None
+        # The paths traced so far and those met but not yet traced, in order (a request of one runs
+        # uncompiled); the process filling the kernel cache for some of them.
+        self.compiled: set[CompileKey] = set()
         self.to_compile: dict[CompileKey, None] = {}
         # (process, its paths, when it started: None once its end is noted)
         self._cache_filler: tuple[subprocess.Popen, list[CompileKey], float | None] | None = None
@@ -450,14 +451,13 @@ class ModelWorker:
             # warms up fully while the active model serves.
             lazy = self.batching.warmup == "lazy" and self._active() is None
             self._note(warmup_mode="lazy" if lazy else "full")
-            self.compiled, self.to_compile = None, {}
+            keys = [(rows, cfg.sampler, cfg.default_inference_steps, None) for rows in self.buckets]
             if lazy:
-                self.compiled = set()
-                keys = [(rows, cfg.sampler, cfg.default_inference_steps, None) for rows in self.buckets]
-                self.to_compile = dict.fromkeys(keys)
+                self.compiled, self.to_compile = set(), dict.fromkeys(keys)
                 self._check_finite(policy, schema, self.buckets[:1])  # uncompiled: nothing is traced yet
             else:
                 # Compile the default sampler for every batch bucket, so the first request is fast.
+                self.compiled, self.to_compile = set(keys), {}
                 self._check_finite(policy, schema, self.buckets, yield_to=self._active())
         affine = {
             key: (
@@ -483,8 +483,8 @@ class ModelWorker:
         self.startup = {**self.startup, **entries}
 
     def _untraced(self, key: CompileKey) -> bool:
-        """Whether ``key``'s path must run uncompiled: a lazy warm-up has not traced it yet."""
-        return self.compiled is not None and key not in self.compiled
+        """Whether ``key``'s path must run uncompiled: it has not been traced yet."""
+        return key not in self.compiled
 
     def _check_finite(
         self, policy: Any, schema: dict[str, Any], buckets: list[int], yield_to: ModelWorker | None = None

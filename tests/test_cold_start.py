@@ -17,8 +17,8 @@ from server.kernel_cache import key_text, parse_key
 from server.models import BatchingConfig
 
 
-def _infer(client: RawClient, obs: dict, seed: int, rid: int) -> np.ndarray:
-    reply = client.call({"type": "infer", "id": rid, "obs": obs, "options": {"seed": seed}})
+def _infer(client: RawClient, obs: dict, seed: int, rid: int, **options) -> np.ndarray:
+    reply = client.call({"type": "infer", "id": rid, "obs": obs, "options": {"seed": seed, **options}})
     assert reply["ok"], reply
     return reply["action"]
 
@@ -115,6 +115,32 @@ def test_a_same_shape_hot_load_traces_nothing_and_the_stats_say_where_the_time_w
         {k: v[None] for k, v in obs.items()}, seed=5
     )
     np.testing.assert_allclose(answer, want["action"][0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_sampler_first_met_after_a_full_warm_up_is_compiled_in_the_background(tmp_path, monkeypatch):
+    policy = tiny_policy(image=False)
+    save_policy(policy, tmp_path / "m.safetensors")
+    filled = []
+
+    def quick_filler(path: Path, keys: list, dtype: str | None) -> list[str]:
+        filled.append([key_text(k) for k in keys])
+        return [sys.executable, "-c", "pass"]
+
+    monkeypatch.setattr(models_module, "_cache_filler_command", quick_filler)
+    obs = {k: v[0] for k, v in observation(policy, batch=1, seed=0).items()}
+    batching = BatchingConfig(max_batch=2, max_wait_ms=0, warmup="full")
+    with running_server(tmp_path, tmp_path / "m.safetensors", batching=batching) as srv:
+        assert not _active_startup(srv)["to_compile"]
+        client = RawClient(srv.zmq_endpoint)
+        first = _infer(client, obs, 4, 1, scheduler="ddpm", num_inference_steps=3)
+        assert _active_startup(srv)["uncompiled_batches"] == 1
+        assert wait_for(lambda: "compile_s" in _active_startup(srv), timeout=60)
+        second = _infer(client, obs, 4, 2, scheduler="ddpm", num_inference_steps=3)
+        client.close()
+        startup = _active_startup(srv)
+    assert filled == [["1:ddpm:3"]] and set(startup["compile_s"]) == {"1:ddpm:3"}
+    assert startup["uncompiled_batches"] == 1 and not startup["to_compile"]
+    np.testing.assert_array_equal(first, second)
 
 
 def test_compile_keys_read_back():
