@@ -272,6 +272,7 @@ class ModelWorker:
         # uncompiled); the process filling the kernel cache for some of them.
         self.compiled: set[CompileKey] = set()
         self.to_compile: dict[CompileKey, None] = {}
+        self._compiling = True  # whether paths met are compiled in the background (until that fails)
         # (process, its paths, when it started: None once its end is noted)
         self._cache_filler: tuple[subprocess.Popen, list[CompileKey], float | None] | None = None
 
@@ -351,8 +352,22 @@ class ModelWorker:
                     self._executing = False
             elif not self._tasks.empty() and not self._retired.is_set():
                 self._tasks.get()()  # a hosted load: only while nothing is queued here
-            elif self.to_compile and not self._retired.is_set() and self._active() in (None, self):
-                self._compile_next()  # a trace holds the GIL: not while another model serves
+            elif self._background_work():
+                try:
+                    self._compile_next()
+                except Exception:  # background work never stops the serving: paths stay uncompiled
+                    log.exception("v%d: compiling in the background failed; it stops", self.version)
+                    self._compiling = False
+
+    def _background_work(self) -> bool:
+        """Whether to take a step of the background compilation now: a trace holds the GIL, so not while
+        another model serves."""
+        return (
+            self._compiling
+            and bool(self.to_compile)
+            and not self._retired.is_set()
+            and self._active() in (None, self)
+        )
 
     def _refuse_queued(self) -> None:
         """Past the shutdown deadline: what is still queued is answered ``shutting_down``."""
@@ -489,8 +504,8 @@ class ModelWorker:
     def _check_finite(
         self, policy: Any, schema: dict[str, Any], buckets: list[int], yield_to: ModelWorker | None = None
     ) -> None:
-        """Run the default sampler on zero observations of each bucket size (compiling it, unless a lazy
-        warm-up has not traced it yet), refusing a policy whose actions are not finite. Each step waits
+        """Run the default sampler on zero observations of each bucket size (compiled where its path is in
+        ``compiled``, else uncompiled), refusing a policy whose actions are not finite. Each step waits
         until ``yield_to`` (the model serving now) has nothing to do: a trace holds the GIL, so it would
         stall every request in flight."""
         cfg = policy.config
@@ -512,9 +527,9 @@ class ModelWorker:
                 raise NonFiniteActions("the policy's actions for zero observations are not finite")
 
     def _compile_next(self) -> None:
-        """One step of a lazy warm-up, between batches: start a process that runs the paths met so far
-        (the compiler's seconds pass there, filling MLX's kernel cache), and once it has ended trace one of
-        those paths here, against the filled cache."""
+        """One step of the background compilation, between batches: start a process that runs the paths met
+        so far (the compiler's seconds pass there, filling MLX's kernel cache), and once it has ended trace
+        one of those paths here, against the filled cache."""
         if self._cache_filler is None:
             keys = list(self.to_compile)
             process = subprocess.Popen(

@@ -143,6 +143,22 @@ def test_a_sampler_first_met_after_a_full_warm_up_is_compiled_in_the_background(
     np.testing.assert_array_equal(first, second)
 
 
+def test_a_failing_background_compilation_leaves_the_paths_uncompiled(tmp_path, monkeypatch):
+    policy = tiny_policy(image=False)
+    save_policy(policy, tmp_path / "m.safetensors")
+    monkeypatch.setattr(models_module.ModelWorker, "_compile_next", lambda self: 1 / 0)
+    obs = {k: v[0] for k, v in observation(policy, batch=1, seed=0).items()}
+    with running_server(tmp_path, tmp_path / "m.safetensors") as srv:
+        client = RawClient(srv.zmq_endpoint)
+        first = _infer(client, obs, 1, 1)
+        assert wait_for(lambda: not srv.manager.active._compiling, timeout=30)
+        second = _infer(client, obs, 1, 2)
+        client.close()
+        startup = _active_startup(srv)
+    assert startup["uncompiled_batches"] == 2 and startup["to_compile"]
+    np.testing.assert_array_equal(first, second)
+
+
 def test_compile_keys_read_back():
     for text in ("1:ddim:10", "8:ddpm:100:guided", "2:ddim:16:replace"):
         assert key_text(parse_key(text)) == text
