@@ -89,7 +89,7 @@ def _demo(args: argparse.Namespace) -> int:
             model_root=SHIPPED_CHECKPOINT.parent,
         )
     )
-    print(f"loading the shipped PushT policy ({SHIPPED_CHECKPOINT.name}; warm-up compiles it)", flush=True)
+    print(f"loading the shipped PushT policy ({SHIPPED_CHECKPOINT.name})", flush=True)
     server.start()
     try:
         initial = server.initial_load

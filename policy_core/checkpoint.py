@@ -335,10 +335,10 @@ def _read_tensors(f: BinaryIO, data_start: int, spans: list[tuple]) -> dict[str,
     return tensors
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, timings: dict[str, float] | None = None) -> Checkpoint:
     """Read and verify a checkpoint file: structure, format version, header and content hashes, and the
     metadata document (``validate_metadata``). Memory: the tensors (the hash is computed in chunks before
-    any is read)."""
+    any is read). ``timings`` gets ``verify_s``, the seconds spent hashing (a server's start breakdown)."""
     path = Path(path)
 
     def corrupt(why: str) -> CheckpointCorruptError:
@@ -377,8 +377,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             spans = _tensor_spans(header, st.st_size - data_start, corrupt)
             # Hash first in fixed-size chunks: a file whose data is not what its header says costs no
             # memory, whatever its size.
+            hashing = time.perf_counter()
             if _data_sha256(f, st.st_size - data_start) != doc["content_sha256"]:
                 raise corrupt("content hash mismatch: tensor data is corrupt")
+            if timings is not None:
+                timings["verify_s"] = time.perf_counter() - hashing
             tensors = _read_tensors(f, data_start, spans) if spans else {}
         except EOFError:
             raise corrupt("truncated while reading (the file changed or is shorter than it says)") from None

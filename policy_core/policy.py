@@ -266,9 +266,10 @@ class DiffusionPolicy(nn.Module, ABC):
         inpainting: Inpainting | None = None,
     ) -> np.ndarray:
         """Raw observations -> the normalized action trajectory (B, horizon, action_dim), float32 on the
-        host: the conditioning as one compiled call, then the denoising loop on the first backend that
-        takes the request (and, with ``inpainting``, that ``inpaints``). A backend that gives up on a
-        request it took (``BackendUnavailable``) declines later ones; the request reruns on the next."""
+        host: the conditioning as one compiled call, then the denoising loop on the first backend that is
+        ``ready`` and takes the request (and, with ``inpainting``, that ``inpaints``). A backend that gives
+        up on a request it took (``BackendUnavailable``) declines later ones; the request reruns on the
+        next."""
         scheduler = self._scheduler(kind, num_steps)
         tables = self._loop_tables(kind, num_steps)
         conditioning = self._compiled_conditioning()(obs, self._obs_affines(), *tables)
@@ -276,7 +277,11 @@ class DiffusionPolicy(nn.Module, ABC):
         known = () if inpainting is None else (inpainting,)
         failed = None
         for backend in self._backends:
-            if (known and not backend.inpaints) or not backend.supports(batch, horizon, scheduler):
+            if (
+                (known and not backend.inpaints)
+                or not backend.ready()
+                or not backend.supports(batch, horizon, scheduler)
+            ):
                 continue
             if failed is not None:
                 warnings.warn(f"{failed}; this and later requests run on the {backend.name}", stacklevel=2)

@@ -203,7 +203,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         watch=args.watch,
         token=args.token or os.environ.get("DPMLX_TOKEN") or None,
         model_root=Path(root).resolve(),
-        batching=BatchingConfig(args.max_batch, args.max_wait_ms, args.max_queue, args.dtype),
+        batching=BatchingConfig(args.max_batch, args.max_wait_ms, args.max_queue, args.dtype, args.warmup),
         max_message_bytes=int(args.max_message_mb * 2**20),
         max_normalized_obs=args.max_normalized_obs,
         shutdown_timeout_s=args.shutdown_timeout,
@@ -212,6 +212,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 def serve_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.verbose:
+        log.setLevel(logging.DEBUG)
     cuda.use_direct_launches()
     server = Server(config_from_args(args))
     stop = threading.Event()
@@ -220,7 +222,7 @@ def serve_main(args: argparse.Namespace) -> int:
     server.start()
     log.info("ZeroMQ on %s, control plane on %s", server.zmq_endpoint, server.http_url)
     if server.initial_load is not None:
-        log.info("loading %s (validation and warm-up compilation)", server.config.checkpoint)
+        log.info("loading %s (--warmup %s)", server.config.checkpoint, server.config.batching.warmup)
     elif server.watch is not None and server.watch.newest() is None:
         log.info(
             "waiting for a checkpoint in %s%s: /readyz answers 503 until one is loaded",

@@ -65,6 +65,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "shutting_down (batches in flight finish)",
     )
     parser.add_argument(
+        "--warmup",
+        choices=["lazy", "full"],
+        default="lazy",
+        help="lazy: serve as soon as the weights are loaded and checked on one batch; requests whose "
+        "compiled path is not ready run uncompiled while a background process fills MLX's kernel cache "
+        "and the paths are traced between batches. full: compile every batch bucket first (/readyz "
+        "answers 503 until then); paths first met later (another sampler, step count or real-time "
+        "chunking method) are compiled in the background all the same. Hot loads of another architecture "
+        "always warm up fully while the active model serves",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="log where each load's time went (read, verify, weights, warm-up and traces per path)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         help="weight dtype of every loaded model (default: each checkpoint's own)",

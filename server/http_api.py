@@ -101,7 +101,7 @@ def create_app(manager: ModelManager, metrics: Metrics, token: str | None, model
 
     @app.get("/v1/stats")
     def stats() -> dict:
-        return {**metrics.stats(), "queue_depth": manager.queue_depth()}
+        return {**metrics.stats(), "queue_depth": manager.queue_depth(), "models": manager.startup()}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus_metrics() -> str:

@@ -17,6 +17,14 @@ Only the active and the previous model are resident, and the server's threads ar
     Another architecture is built anew; its warm-up compiles one bucket at a time, each only while the
     active model has nothing to do, and the old policy is dropped (its compiled functions with it).
   * A thread that ends releases its MLX state while it can still take the GIL (policy_core/threads.py).
+
+Warm-up (``--warmup``): ``full`` compiles the default sampler for every batch bucket before a model takes
+traffic. ``lazy`` (a load with no model serving: the start) checks the model on one uncompiled batch and
+serves at once. Either way, a request whose compiled path (``server.kernel_cache.CompileKey``: with
+``lazy`` any, with ``full`` another sampler, step count or real-time chunking method) is not traced yet
+runs MLX's operations uncompiled (the same results, slower), while a process of its own runs the paths
+met, filling MLX's kernel cache on disk with the compiler's work; then the worker traces each path
+against that cache, one at a time while it has nothing to do. No request waits for a compiler.
 """
 
 from __future__ import annotations
@@ -26,10 +34,13 @@ import ctypes.util
 import gc
 import logging
 import queue
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +51,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from policy_core.policy import ObservationError
 from policy_core.rtc import ActionPrefix
 from proto.messages import ErrorCode, InferOptions, ProtocolError, Request, error_reply
+from server.kernel_cache import CompileKey, key_text, run_path
 from server.metrics import Metrics
 
 log = logging.getLogger("dpmlx.server")
@@ -60,6 +72,7 @@ class BatchingConfig:
     max_wait_ms: float = 2.0
     max_queue: int = 64  # queued requests per model before `overloaded`
     dtype: str | None = None  # weight dtype override for loaded checkpoints
+    warmup: str = "lazy"  # "full": compile every bucket before serving; "lazy": see the module's docstring
 
     def buckets(self, exact: Iterable[int] = ()) -> list[int]:
         """The sizes a batch is padded up to, so that only these few are compiled: powers of two, the
@@ -103,6 +116,49 @@ _malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim"
 WARMUP_YIELD_S = 2.0
 
 
+@contextmanager
+def _uncompiled(on: bool) -> Iterator[None]:
+    """With ``on``, MLX's compiled functions run as plain operations: nothing is traced or compiled.
+    ``mx.disable_compile`` is process-wide: a model on another thread (a hot load's warm-up) that calls
+    a compiled function meanwhile runs it uncompiled too, with the same results."""
+    import mlx.core as mx
+
+    if not on:
+        yield
+        return
+    mx.disable_compile()
+    try:
+        yield
+    finally:
+        mx.enable_compile()
+
+
+def _breakdown(startup: dict[str, Any]) -> str:
+    """A load's ``startup`` for the log: ``read 0.04 s, verify 0.06 s, ..., warm-up 1:ddim:10 0.30 s``."""
+    parts = []
+    for name, value in startup.items():
+        label = name.removesuffix("_s").replace("_", " ")
+        if isinstance(value, dict):
+            parts += [f"{label} {key} {seconds:.2f} s" for key, seconds in value.items()]
+        elif isinstance(value, float):
+            parts.append(f"{label} {value:.2f} s")
+        else:
+            parts.append(f"{label} {value}")
+    return ", ".join(parts)
+
+
+def _cache_filler_command(path: Path, keys: list[CompileKey], dtype: str | None) -> list[str]:
+    """The process that runs ``keys``' paths of the checkpoint ``path`` once (``server.kernel_cache``)."""
+    command = [sys.executable, "-m", "server.kernel_cache", str(path), *map(key_text, keys)]
+    return command + (["--dtype", dtype] if dtype else [])
+
+
+# MLX's compile cache sits behind one lock, and dropping its entries takes the GIL: a model thread
+# clearing its streams (holding that lock, waiting for the GIL) and another collecting a policy's compiled
+# functions (holding the GIL, waiting for the lock) deadlocked at shutdown. Model threads release in turn.
+_MLX_RELEASE_LOCK = threading.Lock()
+
+
 def _thread_main(worker: ModelWorker | None) -> None:
     """A model thread: each worker serves until it retires, then its successor continues here."""
     from policy_core.threads import release_mlx_thread_state
@@ -111,7 +167,8 @@ def _thread_main(worker: ModelWorker | None) -> None:
         while worker is not None:
             worker = worker.run()
     finally:
-        release_mlx_thread_state()
+        with _MLX_RELEASE_LOCK:
+            release_mlx_thread_state()
 
 
 class NonFiniteActions(RuntimeError):
@@ -209,6 +266,15 @@ class ModelWorker:
         self._company: tuple[tuple, int] = ((), 1)
         self.buckets = batching.buckets()  # with the model's own sizes once it is loaded
         self.policy = None
+        # Where the load's time went, in seconds (replaced, never changed in place: /v1/stats reads it).
+        self.startup: dict[str, Any] = {}
+        # The paths traced so far and those met but not yet traced, in order (a request of one runs
+        # uncompiled); the process filling the kernel cache for some of them.
+        self.compiled: set[CompileKey] = set()
+        self.to_compile: dict[CompileKey, None] = {}
+        self._compiling = True  # whether paths met are compiled in the background (until that fails)
+        # (process, its paths, when it started: None once its end is noted)
+        self._cache_filler: tuple[subprocess.Popen, list[CompileKey], float | None] | None = None
 
     # ---- called from other threads ----
 
@@ -286,6 +352,22 @@ class ModelWorker:
                     self._executing = False
             elif not self._tasks.empty() and not self._retired.is_set():
                 self._tasks.get()()  # a hosted load: only while nothing is queued here
+            elif self._background_work():
+                try:
+                    self._compile_next()
+                except Exception:  # background work never stops the serving: paths stay uncompiled
+                    log.exception("v%d: compiling in the background failed; it stops", self.version)
+                    self._compiling = False
+
+    def _background_work(self) -> bool:
+        """Whether to take a step of the background compilation now: a trace holds the GIL, so not while
+        another model serves."""
+        return (
+            self._compiling
+            and bool(self.to_compile)
+            and not self._retired.is_set()
+            and self._active() in (None, self)
+        )
 
     def _refuse_queued(self) -> None:
         """Past the shutdown deadline: what is still queued is answered ``shutting_down``."""
@@ -302,9 +384,16 @@ class ModelWorker:
         functions and their traces, caches), and return MLX's freed buffers to the system."""
         import mlx.core as mx
 
+        if self._cache_filler is not None:
+            process = self._cache_filler[0]
+            process.kill()
+            process.wait()
+            process.stderr.close()
+            self._cache_filler = None
         self.policy = None
-        gc.collect()  # the policy and its compiled functions reference each other
-        mx.clear_cache()
+        with _MLX_RELEASE_LOCK:
+            gc.collect()  # the policy and its compiled functions reference each other
+            mx.clear_cache()
         if _malloc_trim is not None:
             # glibc keeps freed pages in the arena of the thread that freed them: each model thread kept
             # the high-water mark of a swap (the old and the new weights), +30 MB over the first swaps.
@@ -335,7 +424,12 @@ class ModelWorker:
     def _load(self, donor: ModelWorker | None = None) -> None:
         from policy_core.checkpoint import load_into, policy_from_checkpoint, read_checkpoint
 
-        ckpt = read_checkpoint(self.path)
+        began = time.perf_counter()
+        timings: dict[str, float] = {}
+        ckpt = read_checkpoint(self.path, timings)
+        read = time.perf_counter()
+        self.startup = {"read_s": read - began - timings["verify_s"], "verify_s": timings["verify_s"]}
+        schema = ckpt.metadata["obs_schema"]
         name = ckpt.metadata["provenance"].get("name") or self.path.stem
         dtype = self.batching.dtype
         adopted = False
@@ -348,8 +442,11 @@ class ModelWorker:
                 try:
                     adopted = load_into(policy, ckpt, dtype=dtype)
                     if adopted:
-                        self.buckets = donor.buckets
-                        self._check_finite(policy, ckpt.metadata["obs_schema"], self.buckets[:1])
+                        self._note(weights_s=time.perf_counter() - read, graphs="reused")
+                        # The donor's traces are this policy's: so are its paths still to trace.
+                        self.buckets, self.compiled = donor.buckets, donor.compiled
+                        self.to_compile = donor.to_compile
+                        self._check_finite(policy, schema, self.buckets[:1])
                 except Exception:
                     if adopted:  # give the donor back its own weights: it stays the rollback model
                         policy.update(tree_unflatten(saved[0]))
@@ -362,9 +459,21 @@ class ModelWorker:
                             donor._closed = False
         if not adopted:
             policy = policy_from_checkpoint(ckpt, dtype=dtype)
+            self._note(weights_s=time.perf_counter() - read, graphs="built")
             self.buckets = self.batching.buckets(policy.unpadded_batch_sizes(self.batching.max_batch))
-            # Warm-up: compile the default sampler for every batch bucket, so the first request is fast.
-            self._check_finite(policy, ckpt.metadata["obs_schema"], self.buckets, yield_to=self._active())
+            cfg = policy.config
+            # Lazy only where no model answers meanwhile (the start); a hot load of another architecture
+            # warms up fully while the active model serves.
+            lazy = self.batching.warmup == "lazy" and self._active() is None
+            self._note(warmup_mode="lazy" if lazy else "full")
+            keys = [(rows, cfg.sampler, cfg.default_inference_steps, None) for rows in self.buckets]
+            if lazy:
+                self.compiled, self.to_compile = set(), dict.fromkeys(keys)
+                self._check_finite(policy, schema, self.buckets[:1])  # uncompiled: nothing is traced yet
+            else:
+                # Compile the default sampler for every batch bucket, so the first request is fast.
+                self.compiled, self.to_compile = set(keys), {}
+                self._check_finite(policy, schema, self.buckets, yield_to=self._active())
         affine = {
             key: (
                 policy.normalizer[key].scale.astype(np.float64),
@@ -375,18 +484,32 @@ class ModelWorker:
         }
         self.info = ModelInfo(name, self.version, ckpt.sha256, str(self.path), ckpt.metadata, affine)
         self.policy = policy
+        self._note(ready_s=time.perf_counter() - began)
         log.info(
-            "loaded %s (%s)",
+            "loaded %s (%s) in %.2f s",
             self.path,
             "weights swapped into the previous model's graphs" if adopted else "built",
+            self.startup["ready_s"],
         )
+        log.debug("load of v%d: %s", self.version, _breakdown(self.startup))
+
+    def _note(self, **entries: Any) -> None:
+        """Add to the load's breakdown (a new dict: /v1/stats may be reading the old one)."""
+        self.startup = {**self.startup, **entries}
+
+    def _untraced(self, key: CompileKey) -> bool:
+        """Whether ``key``'s path must run uncompiled: it has not been traced yet."""
+        return key not in self.compiled
 
     def _check_finite(
         self, policy: Any, schema: dict[str, Any], buckets: list[int], yield_to: ModelWorker | None = None
     ) -> None:
-        """Run the default sampler on zero observations of each bucket size (compiling it), refusing a
-        policy whose actions are not finite. Each step waits until ``yield_to`` (the model serving now)
-        has nothing to do: a trace holds the GIL, so it would stall every request in flight."""
+        """Run the default sampler on zero observations of each bucket size (compiled where its path is in
+        ``compiled``, else uncompiled), refusing a policy whose actions are not finite. Each step waits
+        until ``yield_to`` (the model serving now) has nothing to do: a trace holds the GIL, so it would
+        stall every request in flight."""
+        cfg = policy.config
+        times = dict(self.startup.get("warmup_s", {}))
         for rows in buckets:
             deadline = time.monotonic() + WARMUP_YIELD_S
             while yield_to is not None and not yield_to.idle() and time.monotonic() < deadline:
@@ -394,9 +517,51 @@ class ModelWorker:
                     break
             if self._abort.is_set():
                 raise LoadAborted("the server is shutting down")
-            obs = {k: np.zeros((rows, *spec["shape"]), dtype=spec["dtype"]) for k, spec in schema.items()}
-            if not np.isfinite(policy.predict_action(obs, seed=0)["action_pred"]).all():
+            key = (rows, cfg.sampler, cfg.default_inference_steps, None)
+            started = time.perf_counter()
+            with _uncompiled(self._untraced(key)):
+                actions = run_path(policy, schema, key)
+            times[key_text(key)] = time.perf_counter() - started
+            self._note(warmup_s=times)
+            if not np.isfinite(actions).all():
                 raise NonFiniteActions("the policy's actions for zero observations are not finite")
+
+    def _compile_next(self) -> None:
+        """One step of the background compilation, between batches: start a process that runs the paths met
+        so far (the compiler's seconds pass there, filling MLX's kernel cache), and once it has ended trace
+        one of those paths here, against the filled cache."""
+        if self._cache_filler is None:
+            keys = list(self.to_compile)
+            process = subprocess.Popen(
+                _cache_filler_command(self.path, keys, self.batching.dtype),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            self._cache_filler = (process, keys, time.perf_counter())
+            return
+        process, keys, started = self._cache_filler
+        if process.poll() is None:
+            return
+        if started is not None:  # it has just ended
+            self._note(cache_fill_s=self.startup.get("cache_fill_s", 0.0) + time.perf_counter() - started)
+            log.debug("v%d: kernel cache filled for %s", self.version, ", ".join(map(key_text, keys)))
+            if process.returncode != 0:  # the paths still run; the traces below compile what is missing
+                error = process.stderr.read().decode(errors="replace").strip().splitlines()[-1:]
+                log.warning("filling the kernel cache failed (exit %s): %s", process.returncode, error)
+            process.stderr.close()
+            self._cache_filler = (process, keys, None)
+        key = next((k for k in keys if k in self.to_compile), None)
+        if key is None:  # all traced; paths met since then get a process of their own
+            self._cache_filler = None
+            return
+        started = time.perf_counter()
+        run_path(self.policy, self.info.obs_schema, key)
+        self.compiled.add(key)
+        del self.to_compile[key]
+        traced = {**self.startup.get("compile_s", {}), key_text(key): time.perf_counter() - started}
+        self._note(compile_s=traced)
+        log.debug("v%d traced %s in %.2f s", self.version, key_text(key), traced[key_text(key)])
 
     def _take(self, timeout: float) -> PendingInfer | None:
         if self._deferred:
@@ -446,29 +611,36 @@ class ModelWorker:
             steps = opts.num_inference_steps or cfg.default_inference_steps
             rows = sum(p.rows for p in batch)
             padded = next(b for b in self.buckets if b >= rows)  # rows <= max_batch (front end)
-            obs = {k: np.concatenate([p.obs[k] for p in batch]) for k in batch[0].obs}
-            # Each request's noise comes from its own seed, so results do not depend on batching.
-            noises = [policy.sample_noise(p.rows, steps, p.request.options.seed) for p in batch]
-            x_init, step_noise = noises[0]  # a lone request's as drawn: no copies
-            if len(noises) > 1:
-                x_init = mx.concatenate([n[0] for n in noises])
-                step_noise = mx.concatenate([n[1] for n in noises], axis=1)
-            if padded > rows:
-                obs = {
-                    k: np.concatenate([v, np.repeat(v[-1:], padded - rows, axis=0)]) for k, v in obs.items()
-                }
-                x_init = mx.concatenate([x_init, mx.zeros((padded - rows, *x_init.shape[1:]))])
-                step_noise = mx.concatenate(
-                    [step_noise, mx.zeros((steps, padded - rows, *step_noise.shape[2:]))], axis=1
+            methods = {p.request.options.rtc["method"] for p in batch if p.request.options.prefix is not None}
+            key = (padded, kind, steps, ("guided" if "guided" in methods else "replace") if methods else None)
+            uncompiled = self._untraced(key)
+            if uncompiled:
+                self.to_compile.setdefault(key)
+            with _uncompiled(uncompiled):
+                obs = {k: np.concatenate([p.obs[k] for p in batch]) for k in batch[0].obs}
+                # Each request's noise comes from its own seed, so results do not depend on batching.
+                noises = [policy.sample_noise(p.rows, steps, p.request.options.seed) for p in batch]
+                x_init, step_noise = noises[0]  # a lone request's as drawn: no copies
+                if len(noises) > 1:
+                    x_init = mx.concatenate([n[0] for n in noises])
+                    step_noise = mx.concatenate([n[1] for n in noises], axis=1)
+                if padded > rows:
+                    obs = {
+                        k: np.concatenate([v, np.repeat(v[-1:], padded - rows, axis=0)])
+                        for k, v in obs.items()
+                    }
+                    x_init = mx.concatenate([x_init, mx.zeros((padded - rows, *x_init.shape[1:]))])
+                    step_noise = mx.concatenate(
+                        [step_noise, mx.zeros((steps, padded - rows, *step_noise.shape[2:]))], axis=1
+                    )
+                out = policy.predict_action(
+                    obs,
+                    scheduler=kind,
+                    num_inference_steps=steps,
+                    noise=x_init,
+                    step_noise=step_noise,
+                    prefixes=_row_prefixes(batch, padded),
                 )
-            out = policy.predict_action(
-                obs,
-                scheduler=kind,
-                num_inference_steps=steps,
-                noise=x_init,
-                step_noise=step_noise,
-                prefixes=_row_prefixes(batch, padded),
-            )
             action_pred = out["action_pred"][:rows]
             finite = np.isfinite(action_pred).all(axis=(1, 2))  # rows are independent: judged one by one
             self._note_batch(batch)
@@ -490,6 +662,8 @@ class ModelWorker:
             return
         done = time.perf_counter()
         infer_ms = (done - start) * 1e3
+        if uncompiled:
+            self._note(uncompiled_batches=self.startup.get("uncompiled_batches", 0) + 1)
         self.metrics.batch(rows, infer_ms)
         first = policy.config.n_obs_steps - 1
         offset = 0
@@ -605,6 +779,21 @@ class ModelManager:
 
     def queue_depth(self) -> int:
         return sum(w.depth() for w in (self.active, self.previous) if w is not None)
+
+    def startup(self) -> dict[str, Any]:
+        """Where the active and the previous model's loads spent their time (``ModelWorker.startup``),
+        and the compiled paths each has still to trace."""
+        with self._lock:
+            workers = {"active": self.active, "previous": self.previous}
+        return {
+            role: {
+                "version": w.version,
+                **w.startup,
+                "to_compile": [key_text(k) for k in w.to_compile.copy()],  # copy(): atomic under the GIL
+            }
+            for role, w in workers.items()
+            if w is not None
+        }
 
     def describe(self) -> dict[str, Any]:
         with self._lock:

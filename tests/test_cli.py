@@ -191,6 +191,17 @@ def test_shipped_policy_matches_its_config():
     assert config_from_args(parser.parse_args(["--watch", "runs"])).checkpoint is None
 
 
+def test_serve_warms_up_lazily_unless_told_otherwise():
+    from server.app import config_from_args
+    from server.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args([])).batching.warmup == "lazy"
+    assert config_from_args(parser.parse_args(["--warmup", "full"])).batching.warmup == "full"
+    assert "--warmup {lazy,full}" in parser.format_help()
+
+
 def test_a_loaded_server_exits_0_on_every_stop(tmp_path):
     """20 starts and stops of ``dpmlx serve`` with a model loaded, SIGINT and SIGTERM in turn: every one
     exits 0. A model worker's MLX state freed by its thread's exit handlers while the interpreter

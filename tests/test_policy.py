@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from policy_core import ConfigError, ObservationError, build_policy
 from policy_core.backends import cuda
+from policy_core.backends.base import Backend
 from policy_core.backends.cuda.sampler import CudaSampler
 from policy_core.nets.vision import RgbEncoder
 from policy_core.policy import FILM_SCHEDULES_CACHED
@@ -376,3 +377,35 @@ def test_unpadded_batch_sizes_are_the_batches_the_sampler_kernel_takes(monkeypat
     sizes = policy.unpadded_batch_sizes(8)
     assert len(sizes) > 2 and sizes == list(range(1, len(sizes) + 1))  # from 1, no gaps
     assert policy.unpadded_batch_sizes(2) == [1, 2]
+
+
+class _SlowToBuild(Backend):
+    """A backend whose kernels are not built yet: it answers only once ``built``."""
+
+    name = "slow to build"
+
+    def __init__(self, generic: Backend):
+        self.generic, self.built, self.calls = generic, False, 0
+
+    def ready(self) -> bool:
+        return self.built
+
+    def supports(self, batch, horizon, scheduler) -> bool:
+        return True
+
+    def sample(self, scheduler, x, conditioning, step_noise) -> np.ndarray:
+        self.calls += 1
+        return self.generic.sample(scheduler, x, conditioning, step_noise)
+
+
+def test_a_backend_that_is_not_ready_is_skipped():
+    policy = tiny_policy(image=False)
+    slow = _SlowToBuild(policy._backends[-1])
+    policy._backends.insert(0, slow)
+    obs = observation(policy, batch=1, seed=0)
+    before = policy.predict_action(obs, seed=1)["action"]
+    assert slow.calls == 0
+    slow.built = True
+    after = policy.predict_action(obs, seed=1)["action"]
+    assert slow.calls == 1
+    np.testing.assert_array_equal(before, after)

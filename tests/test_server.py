@@ -276,9 +276,18 @@ def test_non_finite_actions_are_never_sent(tmp_path):
         client.close()
 
 
-def test_one_robots_extreme_observation_fails_its_own_request_only(tmp_path):
+def test_one_robots_extreme_observation_fails_its_own_request_only(tmp_path, monkeypatch):
     """The issue's case: a keypoint of 1e30 made non-finite actions and failed every request of its batch
     with `internal`. Each request now succeeds or fails on its own, checked before and after inference."""
+    execute = ModelWorker._execute
+
+    def slow_ddpm(self, batch: list[PendingInfer]) -> None:
+        # A sampler first met runs uncompiled, no longer slowed by its compilation: held here instead.
+        if batch[0].request.options.scheduler == "ddpm":
+            time.sleep(0.5)
+        execute(self, batch)
+
+    monkeypatch.setattr(ModelWorker, "_execute", slow_ddpm)
     policy = tiny_policy(image=False)
     save_policy(policy, tmp_path / "lowdim.safetensors")
     good = [one_obs(policy, seed=s) for s in (1, 2)]
@@ -405,7 +414,8 @@ def test_worker_runs_the_sizes_of_the_models_kernel_unpadded(tmp_path, monkeypat
         return predict_action(self, obs, **options)
 
     monkeypatch.setattr(DiffusionUnetPolicy, "predict_action", recording)
-    worker = ModelWorker(tmp_path / "lowdim.safetensors", 1, BatchingConfig(), Metrics(), print, print)
+    batching = BatchingConfig(warmup="full")
+    worker = ModelWorker(tmp_path / "lowdim.safetensors", 1, batching, Metrics(), print, print)
     worker._load()
     assert rows_run == [1, 2, 3, 4, 8]  # the warm-up
     replies = []
