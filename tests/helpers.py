@@ -90,3 +90,19 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+class TickEnv:
+    """gymnasium's step API; the observation is the tick number, each executed action is recorded."""
+
+    def __init__(self):
+        self.tick, self.executed = 0, []
+
+    def reset(self, seed=None):
+        self.tick, self.executed = 0, []
+        return {"tick": np.array([0.0], np.float32)}, {}
+
+    def step(self, action):
+        self.executed.append(np.array(action))
+        self.tick += 1
+        return {"tick": np.array([self.tick], np.float32)}, 0.0, False, False, {}

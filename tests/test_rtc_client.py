@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import zmq
-from helpers import fitted_normalizer, tiny_config
+from helpers import TickEnv, fitted_normalizer, tiny_config
 from server_helpers import running_server
 
 from clients.policy_client import PolicyClient
@@ -63,22 +63,6 @@ class ChunkStub(threading.Thread):
                 }
             self.sock.send_multipart([*envelope, pack(reply)])
         self.sock.close()
-
-
-class TickEnv:
-    """The observation is the tick number; executed actions are recorded."""
-
-    def __init__(self):
-        self.tick, self.executed = 0, []
-
-    def reset(self, seed=None):
-        self.tick, self.executed = 0, []
-        return {"tick": np.array([0.0], np.float32)}, {}
-
-    def step(self, action):
-        self.executed.append(np.array(action))
-        self.tick += 1
-        return {"tick": np.array([self.tick], np.float32)}, 0.0, False, False, {}
 
 
 @pytest.fixture
