@@ -266,8 +266,8 @@ class DiffusionPolicy(nn.Module, ABC):
         inpainting: Inpainting | None = None,
     ) -> np.ndarray:
         """Raw observations -> the normalized action trajectory (B, horizon, action_dim), float32 on the
-        host: the conditioning as one compiled call, then the denoising loop on the first backend that is
-        ``ready`` and takes the request (and, with ``inpainting``, that ``inpaints``). A backend that gives
+        host: the conditioning as one compiled call, then the denoising loop on the first backend that
+        takes the request (and, with ``inpainting``, that ``inpaints``). A backend that gives
         up on a request it took (``BackendUnavailable``) declines later ones; the request reruns on the
         next."""
         scheduler = self._scheduler(kind, num_steps)
@@ -277,11 +277,7 @@ class DiffusionPolicy(nn.Module, ABC):
         known = () if inpainting is None else (inpainting,)
         failed = None
         for backend in self._backends:
-            if (
-                (known and not backend.inpaints)
-                or not backend.ready()
-                or not backend.supports(batch, horizon, scheduler)
-            ):
+            if (known and not backend.inpaints) or not backend.supports(batch, horizon, scheduler):
                 continue
             if failed is not None:
                 warnings.warn(f"{failed}; this and later requests run on the {backend.name}", stacklevel=2)

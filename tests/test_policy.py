@@ -380,18 +380,15 @@ def test_unpadded_batch_sizes_are_the_batches_the_sampler_kernel_takes(monkeypat
 
 
 class _SlowToBuild(Backend):
-    """A backend whose kernels are not built yet: it answers only once ``built``."""
+    """A backend whose kernels are not built yet: ``supports`` ("here and now") declines until ``built``."""
 
     name = "slow to build"
 
     def __init__(self, generic: Backend):
         self.generic, self.built, self.calls = generic, False, 0
 
-    def ready(self) -> bool:
-        return self.built
-
     def supports(self, batch, horizon, scheduler) -> bool:
-        return True
+        return self.built
 
     def sample(self, scheduler, x, conditioning, step_noise) -> np.ndarray:
         self.calls += 1

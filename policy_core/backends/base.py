@@ -58,11 +58,6 @@ class Backend(ABC):
     """Whether ``sample`` takes an ``inpainting`` argument; requests that carry one go to the next
     backend that does (the generic one does)."""
 
-    def ready(self) -> bool:
-        """Whether this backend takes requests now: one that builds what it runs in the background (e.g.
-        kernels compiling) says no until it is done, and the policy's next backend answers meanwhile."""
-        return True
-
     @abstractmethod
     def supports(self, batch: int, horizon: int, scheduler: Scheduler) -> bool:
         """Whether this backend can run a request of this shape and sampler here and now."""
