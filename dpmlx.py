@@ -73,23 +73,19 @@ def _bench_train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Serve the shipped policy in-process, run PushT episodes through the ZeroMQ client, shut down."""
+    """Serve a shipped policy in-process, run PushT episodes through the ZeroMQ client, shut down."""
     import policy_core  # noqa: F401  (first: binds MLX to the optimised BLAS)
     from clients.sim.eval_pusht import main as eval_main
     from policy_core.backends import cuda
     from server.app import ServeConfig, Server
-    from server.models import SHIPPED_CHECKPOINT
+    from server.models import SHIPPED_POLICIES
 
+    checkpoint = SHIPPED_POLICIES[args.policy]
     cuda.use_direct_launches()  # an inference-only process, like dpmlx serve
     server = Server(
-        ServeConfig(
-            checkpoint=SHIPPED_CHECKPOINT,
-            zmq="tcp://127.0.0.1:*",
-            http_port=0,
-            model_root=SHIPPED_CHECKPOINT.parent,
-        )
+        ServeConfig(checkpoint=checkpoint, zmq="tcp://127.0.0.1:*", http_port=0, model_root=checkpoint.parent)
     )
-    print(f"loading the shipped PushT policy ({SHIPPED_CHECKPOINT.name})", flush=True)
+    print(f"loading the shipped PushT policy ({checkpoint.name})", flush=True)
     server.start()
     try:
         initial = server.initial_load
@@ -235,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(
         sub,
         "demo",
-        "serve the shipped PushT policy and run episodes through the client",
+        "serve a shipped PushT policy (--policy) and run episodes through the client",
         partial(add_eval_arguments, demo=True),
         _demo,
     )

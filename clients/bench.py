@@ -21,6 +21,7 @@ import numpy as np
 
 from clients.policy_client import ClientError, PolicyClient
 from proto.latency import summarize
+from proto.messages import SCHEDULERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=100, help="timed requests in total")
     parser.add_argument("--warmup", type=int, default=5, help="untimed requests per client")
     parser.add_argument("--steps", type=int, help="num_inference_steps (default: the model's)")
-    parser.add_argument("--scheduler", choices=["ddim", "ddpm"], help="sampler (default: the model's)")
+    parser.add_argument(
+        "--scheduler", choices=SCHEDULERS, help="sampler (default: the model's; hello lists the model's)"
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s")
     parser.add_argument(
         "--connect-timeout", type=float, default=3.0, help="how long to wait for the server's hello, s"

@@ -222,7 +222,7 @@ class PolicyClient:
     def infer(self, obs: dict[str, Any] | None = None, **options: Any) -> InferResult:
         """Request an action chunk for the current history (after observing ``obs`` if given).
 
-        ``options``: num_inference_steps, scheduler ("ddim" | "ddpm"), seed.
+        ``options``: num_inference_steps, scheduler (one of hello's ``samplers``), seed.
         """
         if obs is not None:
             self.observe(obs)

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from policy_core.nets.vision import NORMS
-from policy_core.schedulers import SchedulerConfig
+from policy_core.schedulers import ConsistencyConfig, SchedulerConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim")  # a diffusion policy's; a consistency policy samples with "consistency" only
 POOLS = ("spatial_softmax", "avg")
 DENOISER_FIELDS = {
     "diffusion_unet": (
@@ -93,6 +93,8 @@ class PolicyConfig:
     sampler: str = "ddpm"
     num_inference_steps: int | None = None  # None: num_train_timesteps
     obs_encoder: ObsEncoderConfig = field(default_factory=ObsEncoderConfig)
+    # Set on a consistency policy (distilled by ``dpmlx train --distill``); its sampler is "consistency".
+    consistency: ConsistencyConfig | None = None
     control_hz: float = 10.0
     dtype: str = "float32"
 
@@ -117,8 +119,13 @@ class PolicyConfig:
             raise ConfigError("n_obs_steps must be in [1, horizon]")
         if not 1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1:
             raise ConfigError("n_action_steps must be in [1, horizon - n_obs_steps + 1]")
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler not in self.samplers:
+            raise ConfigError(f"sampler must be one of {tuple(self.samplers)}, got {self.sampler!r}")
+        if self.consistency is not None:
+            try:
+                self.consistency.check(self.noise_scheduler.num_train_timesteps)
+            except ValueError as e:
+                raise ConfigError(f"consistency: {e}") from None
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.obs_encoder.pool not in POOLS:
@@ -126,8 +133,8 @@ class PolicyConfig:
         if self.obs_encoder.norm not in NORMS:
             raise ConfigError(f"obs_encoder.norm must be one of {NORMS}, got {self.obs_encoder.norm!r}")
         steps = self.num_inference_steps
-        if steps is not None and not 1 <= steps <= self.noise_scheduler.num_train_timesteps:
-            raise ConfigError("num_inference_steps must be in [1, noise_scheduler.num_train_timesteps]")
+        if steps is not None and not 1 <= steps <= self.samplers[self.sampler]:
+            raise ConfigError(f"num_inference_steps must be in [1, {self.samplers[self.sampler]}]")
         if self.type == "diffusion_unet":
             self._check_unet()
         else:
@@ -169,8 +176,15 @@ class PolicyConfig:
         return [k for k, f in self.obs.items() if f.is_image]
 
     @property
+    def samplers(self) -> dict[str, int]:
+        """The samplers this policy offers, each with its most steps."""
+        if self.consistency is not None:
+            return {"consistency": len(self.consistency.chains)}
+        return dict.fromkeys(SAMPLERS, self.noise_scheduler.num_train_timesteps)
+
+    @property
     def default_inference_steps(self) -> int:
-        return self.num_inference_steps or self.noise_scheduler.num_train_timesteps
+        return self.num_inference_steps or self.samplers[self.sampler]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PolicyConfig:
@@ -212,6 +226,11 @@ class PolicyConfig:
             if enc.get("crop_shape") is not None:
                 enc["crop_shape"] = tuple(int(s) for s in enc["crop_shape"])
             d["obs_encoder"] = ObsEncoderConfig(**enc)
+        if d.get("consistency") is not None:
+            try:
+                d["consistency"] = ConsistencyConfig.from_dict(d["consistency"])
+            except ValueError as e:
+                raise ConfigError(f"consistency: {e}") from None
         if "down_dims" in d:
             d["down_dims"] = tuple(int(x) for x in d["down_dims"])
         return cls(obs=obs, action_dim=action_shape[0], **d)
@@ -226,6 +245,10 @@ class PolicyConfig:
                 for name in names:
                     d.pop(name)
         d["noise_scheduler"] = self.noise_scheduler.to_dict()
+        if self.consistency is None:
+            del d["consistency"]  # a diffusion policy's config reads as it did before consistency policies
+        else:
+            d["consistency"] = self.consistency.to_dict()
         if "down_dims" in d:
             d["down_dims"] = list(self.down_dims)
         enc = d["obs_encoder"]

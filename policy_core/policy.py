@@ -48,6 +48,10 @@ class ObservationError(ValueError):
     """An observation does not match the policy's schema; the message names the key."""
 
 
+class SamplerError(ValueError):
+    """A request asks for a sampler or step count this policy does not offer (``PolicyConfig.samplers``)."""
+
+
 def _as_mx(x: Any) -> mx.array:
     return x if isinstance(x, mx.array) else mx.array(np.asarray(x))
 
@@ -206,6 +210,18 @@ class DiffusionPolicy(nn.Module, ABC):
     def _obs_affines(self) -> list[tuple[mx.array, mx.array]]:
         return [self.normalizer.affine(key) for key in self.config.obs]
 
+    def crop_images(self, nobs: list[mx.array]) -> list[mx.array]:
+        """Normalized (B, T, ...) observations with every camera's images randomly cropped (training
+        augmentation), for two networks that must see the same crops: the encoders' centre crop of a
+        cropped image is the image itself."""
+        out = list(nobs)
+        for i, (key, feat) in enumerate(self.config.obs.items()):
+            if feat.is_image:
+                x = nobs[i]
+                flat = self._encoder_for(key).crop(x.reshape(-1, *x.shape[2:]), random_crop=True)
+                out[i] = flat.reshape(*x.shape[:2], *flat.shape[1:])
+        return out
+
     def encode_obs(
         self, nobs: list[mx.array], random_crop: bool = False, inference: bool = False
     ) -> mx.array:
@@ -230,7 +246,7 @@ class DiffusionPolicy(nn.Module, ABC):
     def _scheduler(self, kind: str, num_steps: int) -> Scheduler:
         key = (kind, num_steps)
         if key not in self._schedulers:
-            scheduler = make_scheduler(kind, self.config.noise_scheduler)
+            scheduler = make_scheduler(kind, self.config.noise_scheduler, self.config.consistency)
             scheduler.set_timesteps(num_steps)
             self._schedulers[key] = scheduler
         return self._schedulers[key]
@@ -357,19 +373,22 @@ class DiffusionPolicy(nn.Module, ABC):
         per-step noise reproducible; ``noise`` is an explicit x_T (B, horizon, action_dim) and
         ``step_noise`` explicit per-step noise (steps, B, horizon, action_dim), both overriding what the
         seed would give (a server batching several requests passes each request's own). ``scheduler``
-        ("ddim" | "ddpm") switches the sampler without reloading weights. ``prefixes`` (one per row, None
-        for a plain row) makes the chunks continue known actions (real-time chunking, ``policy_core.rtc``);
-        a row's frozen actions come back as given where its method is "replace". One call at a time per
+        switches the sampler without reloading weights: "ddim" | "ddpm" for a diffusion policy,
+        "consistency" (1 to ``len(chains)`` steps) for a consistency policy; another is a ``SamplerError``.
+        ``prefixes`` (one per row, None for a plain row) makes the chunks continue known actions
+        (real-time chunking, ``policy_core.rtc``); a row's frozen actions come back as given where its
+        method is "replace". One call at a time per
         policy: a backend may write the observations into arrays it keeps.
         """
         cfg = self.config
         batch = self.validate_obs(obs)
         kind = scheduler or cfg.sampler
         steps = num_inference_steps or cfg.default_inference_steps
-        if kind not in ("ddpm", "ddim"):
-            raise ValueError(f"scheduler must be 'ddpm' or 'ddim', got {kind!r}")
-        if not 1 <= steps <= cfg.noise_scheduler.num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be in [1, {cfg.noise_scheduler.num_train_timesteps}]")
+        if kind not in cfg.samplers:
+            what = "a consistency policy" if cfg.consistency is not None else "a diffusion policy"
+            raise SamplerError(f"scheduler {kind!r}: {what} samples with {sorted(cfg.samplers)}")
+        if not 1 <= steps <= cfg.samplers[kind]:
+            raise SamplerError(f"num_inference_steps of {kind} must be in [1, {cfg.samplers[kind]}]")
         # Draw only what is not given (the server passes both: each request's own noise).
         drawn = self.sample_noise(batch, steps, seed) if noise is None or step_noise is None else (None, None)
         x_init = drawn[0] if noise is None else _as_float32(noise)

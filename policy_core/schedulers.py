@@ -115,6 +115,59 @@ def _betas(cfg: SchedulerConfig) -> np.ndarray:
     return np.asarray(betas, dtype=_F32)
 
 
+@dataclass(frozen=True)
+class ConsistencyConfig:
+    """A consistency policy's time parameterisation (``policy_core.consistency``): distilled from a
+    diffusion policy on the grid t_n = n * skip (n >= 1) of its training timesteps, DDIM's "leading"
+    times, with the boundary t = 0 where f(x, 0) = x. ``chains[k - 1]`` are the grid times a k-step
+    request visits; the first is the top of the grid, T - skip, where x_T is drawn as DDIM's is (the
+    very last timesteps of a capped cosine schedule keep too little signal for an x0 prediction)."""
+
+    skip: int
+    chains: tuple[tuple[int, ...], ...]
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0  # per 1000 training timesteps, as Latent Consistency Models
+
+    def check(self, num_train_timesteps: int) -> None:
+        """ValueError unless the chains lie on the grid of a schedule of ``num_train_timesteps``."""
+        T = num_train_timesteps
+        if (
+            isinstance(self.skip, bool)
+            or not isinstance(self.skip, int)
+            or not 1 <= self.skip <= T
+            or T % self.skip
+        ):
+            raise ValueError(f"skip must divide num_train_timesteps {T}, got {self.skip!r}")
+        if not self.chains:
+            raise ValueError("chains must hold at least the 1-step chain")
+        grid = set(range(self.skip, T, self.skip))
+        for chain in self.chains:
+            ok = bool(chain) and chain[0] == T - self.skip and all(t in grid for t in chain)
+            if not ok or any(a <= b for a, b in zip(chain[:-1], chain[1:], strict=True)):
+                raise ValueError(
+                    f"chain {list(chain)} must start at {T - self.skip} and descend on the grid "
+                    f"{sorted(grid)}"
+                )
+        for name in ("sigma_data", "timestep_scaling"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ConsistencyConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) - known or not {"skip", "chains"} <= set(d):
+            raise ValueError(f"expected a map with skip and chains (fields {sorted(known)}), got {d!r}")
+        try:
+            chains = tuple(tuple(int(t) for t in chain) for chain in d["chains"])
+        except (TypeError, ValueError):
+            raise ValueError(f"chains must be lists of timesteps, got {d['chains']!r}") from None
+        return cls(**{**d, "chains": chains})
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "chains": [list(chain) for chain in self.chains]}
+
+
 class Scheduler(ABC):
     """Shared schedule tables, timestep spacing and the forward (noising) process."""
 
@@ -312,8 +365,74 @@ class DDIMScheduler(Scheduler):
         return prev
 
 
-def make_scheduler(kind: str, config: SchedulerConfig) -> DDPMScheduler | DDIMScheduler:
+def boundary_coefficients(
+    timesteps: np.ndarray, num_train_timesteps: int, sigma_data: float, timestep_scaling: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (c_skip, c_out) of a consistency function f(x, t) = c_skip(t) x + c_out(t) x0(x, t) at
+    integer ``timesteps``: Latent Consistency Models' form, c_skip = s^2 / ((k t)^2 + s^2) and
+    c_out = k t / sqrt((k t)^2 + s^2) with k = timestep_scaling * 1000 / T, so f(x, 0) = x exactly and
+    f is the denoiser's x0 (c_skip < 3e-3) from t = 1 on."""
+    scaled = np.asarray(timesteps, np.float64) * timestep_scaling * 1000.0 / num_train_timesteps
+    sd2 = sigma_data * sigma_data
+    c_skip = sd2 / (scaled * scaled + sd2)
+    c_out = scaled / np.sqrt(scaled * scaled + sd2)
+    return c_skip.astype(_F32), c_out.astype(_F32)
+
+
+class ConsistencyScheduler(DDPMScheduler):
+    """Multistep consistency sampling (Song et al. 2023) of a consistency policy: at each time of the
+    chain, f(x, t) = c_skip x + c_out clip(x0), re-noised to the chain's next time with fresh noise (not
+    after the last). That is a DDPM step's arithmetic (clipped x0 and x weighted, noise added) with other
+    weights, so every backend that runs DDPM runs it from the same coefficient table. ``set_timesteps(k)``
+    takes the preset chain of k steps (``ConsistencyConfig.chains``)."""
+
+    def __init__(self, config: SchedulerConfig, consistency: ConsistencyConfig) -> None:
+        super().__init__(config)
+        consistency.check(self.config.num_train_timesteps)
+        self.consistency = consistency
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        chains = self.consistency.chains
+        n = num_inference_steps
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= len(chains):
+            raise ValueError(f"num_inference_steps must be an int in [1, {len(chains)}], got {n!r}")
+        self.num_inference_steps = int(n)
+        self.timesteps = list(chains[n - 1])
+        following = self.timesteps[1:] + [-1]
+        self._coeffs = {t: self._step_coeffs(t, p) for t, p in zip(self.timesteps, following, strict=True)}
+        self._coefficient_table = mx.array([self._coeffs[t] for t in self.timesteps], dtype=mx.float32)
+
+    def _step_coeffs(self, t: int, next_t: int) -> tuple[float, ...]:
+        c = self.consistency
+        c_skip, c_out = boundary_coefficients(
+            np.array([t]), self.config.num_train_timesteps, c.sigma_data, c.timestep_scaling
+        )
+        a_t = self.alphas_cumprod[t]
+        a_next = self._alpha_prod(next_t, _F32(1.0))
+        return tuple(
+            float(v)
+            for v in (
+                np.sqrt(_F32(1.0) - a_t),
+                np.sqrt(a_t),
+                np.sqrt(a_next) * c_out[0],
+                np.sqrt(a_next) * c_skip[0],
+                np.sqrt(_F32(1.0) - a_next),  # 0 after the last time (a_next = 1)
+            )
+        )
+
+    def needs_noise(self, timestep: int) -> bool:
+        return timestep != self.timesteps[-1]
+
+
+def make_scheduler(
+    kind: str, config: SchedulerConfig, consistency: ConsistencyConfig | None = None
+) -> Scheduler:
+    """The scheduler ``kind``; "consistency" needs the policy's ``ConsistencyConfig``."""
+    if kind == "consistency":
+        if consistency is None:
+            raise ValueError("the consistency sampler needs a consistency policy")
+        return ConsistencyScheduler(config, consistency)
     schedulers = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
     if kind not in schedulers:
-        raise ValueError(f"scheduler kind must be one of {sorted(schedulers)}, got {kind!r}")
+        raise ValueError(f"scheduler kind must be one of {[*schedulers, 'consistency']}, got {kind!r}")
     return schedulers[kind](config)

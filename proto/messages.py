@@ -12,7 +12,7 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 REQUEST_TYPES = ("hello", "infer", "reset", "ping")
-SCHEDULERS = ("ddim", "ddpm")
+SCHEDULERS = ("ddim", "ddpm", "consistency")  # a model offers some of them (hello: samplers)
 # Real-time chunking (options.prefix / delay / rtc): the choices and the defaults the server applies.
 RTC_SCHEDULES = ("exp", "linear", "hard")
 RTC_METHODS = ("guided", "replace")
@@ -28,6 +28,7 @@ class ErrorCode:
     # finite: this request fails, the others of its batch do not.
     INVALID_OBSERVATION = "invalid_observation"
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"
+    UNSUPPORTED_SAMPLER = "unsupported_sampler"  # a scheduler the model does not offer (hello: samplers)
     TOO_LARGE = "too_large"  # message over the server's size limit
     OVERLOADED = "overloaded"  # queue full: retry later
     NOT_READY = "not_ready"  # no model loaded yet

@@ -198,6 +198,8 @@ class ZmqFrontend(threading.Thread):
             "control_hz": meta["control_hz"],
             "max_message_bytes": self.max_message_bytes,
             "max_batch": self._active().batching.max_batch,
+            "samplers": {name: {"max_steps": steps} for name, steps in info.samplers.items()},
+            "default": {"scheduler": info.default_sampler[0], "num_inference_steps": info.default_sampler[1]},
             "capabilities": {
                 "rtc": {
                     "schedules": list(RTC_SCHEDULES),
@@ -242,16 +244,22 @@ class ZmqFrontend(threading.Thread):
                 ErrorCode.TOO_LARGE, f"{rows} rows exceed max_batch {worker.batching.max_batch}"
             )
         options = request.options
-        config = worker.info.metadata["config"]
-        max_steps = config["noise_scheduler"]["num_train_timesteps"]
-        if options.num_inference_steps is not None and options.num_inference_steps > max_steps:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"num_inference_steps must be <= {max_steps}")
+        info = worker.info
+        if options.scheduler is not None and options.scheduler not in info.samplers:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_SAMPLER,
+                f"the model samples with {sorted(info.samplers)} (hello), not {options.scheduler!r}",
+            )
         # Spell out the model's defaults so equivalent requests share batches.
-        options.scheduler = options.scheduler or config["sampler"]
-        options.num_inference_steps = (
-            options.num_inference_steps or config["num_inference_steps"] or max_steps
-        )
-        meta = worker.info.metadata
+        default_kind, default_steps = info.default_sampler
+        options.scheduler = options.scheduler or default_kind
+        max_steps = info.samplers[options.scheduler]
+        if options.num_inference_steps is not None and options.num_inference_steps > max_steps:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"num_inference_steps of {options.scheduler} must be <= {max_steps}"
+            )
+        options.num_inference_steps = options.num_inference_steps or min(default_steps, max_steps)
+        meta = info.metadata
         max_actions = meta["action"]["horizon"] - meta["n_obs_steps"] + 1
         n_actions = request.options.n_action_steps
         if n_actions is not None and n_actions > max_actions:

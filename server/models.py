@@ -59,6 +59,11 @@ log = logging.getLogger("dpmlx.server")
 # The PushT keypoint policy trained by `dpmlx train` (configs/pusht_keypoint_small.yaml), shipped with
 # the package: `dpmlx serve` without --checkpoint and `dpmlx demo` serve it.
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "shipped" / "pusht_keypoint_small.safetensors"
+# The shipped PushT policies by ``dpmlx demo --policy`` name: the default, and its consistency distillation.
+SHIPPED_POLICIES = {
+    "keypoint": SHIPPED_CHECKPOINT,
+    "fast": SHIPPED_CHECKPOINT.with_name("pusht_keypoint_fast.safetensors"),
+}
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,9 @@ class ModelInfo:
     # (scale, offset) of each low-dimensional key's normalizer, float64: the front end refuses values far
     # outside the range the model was trained on before they join a batch.
     obs_affine: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    # The samplers the model offers, each with its most steps (``PolicyConfig.samplers``), and its default.
+    samplers: dict[str, int] = field(default_factory=dict)
+    default_sampler: tuple[str, int] = ("ddim", 10)
 
     def wire(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
@@ -482,7 +490,11 @@ class ModelWorker:
             for key, feat in policy.config.obs.items()
             if not feat.is_image
         }
-        self.info = ModelInfo(name, self.version, ckpt.sha256, str(self.path), ckpt.metadata, affine)
+        cfg = policy.config
+        self.info = ModelInfo(
+            name, self.version, ckpt.sha256, str(self.path), ckpt.metadata, affine,
+            cfg.samplers, (cfg.sampler, cfg.default_inference_steps),
+        )  # fmt: skip
         self.policy = policy
         self._note(ready_s=time.perf_counter() - began)
         log.info(

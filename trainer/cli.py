@@ -28,6 +28,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--distributed", action="store_true", help="data-parallel over mx.distributed (mlx.launch)"
     )
+    parser.add_argument(
+        "--distill",
+        type=Path,
+        metavar="TEACHER",
+        help="distil this diffusion policy checkpoint into a 1-3 step consistency policy (distill.teacher)",
+    )
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +100,8 @@ def train_main(args: argparse.Namespace) -> int:
     from trainer.train import Trainer
 
     config = _user_errors("train", lambda: load_config(args.config, args.set))
+    if args.distill is not None:
+        config["distill"] = {**(config.get("distill") or {}), "teacher": str(args.distill)}
     out = args.out or Path("runs") / args.config.stem
     latest = out / "latest.safetensors"
     step = None

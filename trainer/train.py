@@ -17,6 +17,7 @@ by validation loss are kept as ``step_*.safetensors``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -37,8 +38,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
-from policy_core import ConfigError, build_policy, read_checkpoint, save_policy
-from policy_core.checkpoint import remove_stale_temp_files
+from policy_core import ConfigError, PolicyConfig, build_policy, read_checkpoint, save_policy
+from policy_core.checkpoint import policy_from_checkpoint, remove_stale_temp_files
+from policy_core.consistency import Distillation, DistillationError
+from policy_core.schedulers import ConsistencyConfig
 from trainer.data import (
     TASKS,
     BatchSpec,
@@ -112,6 +115,46 @@ class DataConfig:
         if not 0 <= config.val_ratio < 1:
             raise ConfigError(f"data.val_ratio must be in [0, 1), got {config.val_ratio}")
         return config
+
+
+@dataclass
+class DistillConfig:
+    """``distill:`` (or ``dpmlx train --distill TEACHER``): train a consistency policy from a diffusion
+    policy checkpoint (``policy_core.consistency``). The student is the teacher's network, starts as the
+    teacher's served (EMA) weights and keeps its normalizer; the config's ``policy:`` section, if any,
+    must describe the teacher's network."""
+
+    teacher: str
+    skip: int = 10  # the teacher's DDIM step between grid times: T // skip - 1 grid times
+    max_steps: int = 3  # preset chains of 1..max_steps steps, evenly spread over the grid
+    default_steps: int = 1  # what a request without num_inference_steps gets
+    # The target network's EMA of the student (Song et al.'s mu; 0.95 as their CD and Latent Consistency
+    # Models; 0: the student itself under a stop-gradient).
+    target_ema: float = 0.95
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
+        checked = _checked_fields(cls, "distill", d)
+        if "teacher" not in checked:
+            raise ConfigError("distill.teacher (a diffusion policy checkpoint) is required")
+        config = cls(**checked)
+        if config.skip < 1 or not 1 <= config.default_steps <= config.max_steps:
+            raise ConfigError("distill.skip must be >= 1 and 1 <= distill.default_steps <= max_steps")
+        if not 0 <= config.target_ema < 1:
+            raise ConfigError(f"distill.target_ema must be in [0, 1), got {config.target_ema}")
+        return config
+
+    def consistency(self, num_train_timesteps: int) -> ConsistencyConfig:
+        """The student's time parameterisation: chain k starts at the grid's top and visits k evenly
+        spread grid times (Consistency Policy's heuristic), e.g. 90 / 90, 50 / 90, 60, 30."""
+        top = num_train_timesteps // self.skip - 1  # grid index of T - skip
+        if not 1 <= self.max_steps <= top:
+            raise ConfigError(f"distill.max_steps must be in [1, {top}] for skip {self.skip}")
+        chains = tuple(
+            tuple(self.skip * math.floor(top * (1 - j / k) + 0.5) for j in range(k))
+            for k in range(1, self.max_steps + 1)
+        )
+        return ConsistencyConfig(skip=self.skip, chains=chains)
 
 
 def _checked_fields(cls: type, section: str, d: Any) -> dict[str, Any]:
@@ -190,10 +233,11 @@ class Trainer:
     ):
         self.config = config
         self.out_dir = Path(out_dir)
-        unknown = set(config) - {"policy", "data", "train"}
-        if unknown or "policy" not in config or "data" not in config:
+        unknown = set(config) - {"policy", "data", "train", "distill"}
+        if unknown or "data" not in config or ("policy" not in config and "distill" not in config):
             raise ConfigError(
-                f"a config has sections policy, data and train (train optional), got {sorted(config)}"
+                "a config has sections policy, data and train (train optional; distill optional, and "
+                f"with it policy: the teacher's), got {sorted(config)}"
             )
         remove_stale_temp_files(self.out_dir)  # left by a run killed mid-save
         self.train = TrainConfig.from_dict(config.get("train") or {})
@@ -208,18 +252,25 @@ class Trainer:
             raise ConfigError(f"data.path: {e.args[0] if isinstance(e, KeyError) else e}") from None
         mx.random.seed(self.train.seed)  # weight initialisation
         try:
-            self.policy = build_policy(config["policy"])
+            declared = PolicyConfig.from_dict(config["policy"]) if "policy" in config else None
         except (TypeError, AttributeError) as e:  # a field of the wrong type, e.g. horizon: "16x"
             raise ConfigError(f"policy: a field has the wrong type ({e})") from None
+        self.distill = DistillConfig.from_dict(config["distill"]) if "distill" in config else None
+        self.teacher = self.target = None
+        if self.distill is None:
+            self.policy = build_policy(declared)
+        else:
+            self.policy, self.teacher = self._student(declared)
         pcfg = self.policy.config
         missing = [k for k in [*pcfg.obs, "action"] if k not in arrays]
         if missing:
             raise ConfigError(
                 f"data task {self.data_cfg.task} provides {sorted(arrays)}, the policy needs {missing}"
             )
-        self.policy.normalizer = fit_normalizer(
-            {k: arrays[k] for k in [*pcfg.obs, "action"]}, pcfg.image_keys
-        )
+        if self.teacher is None:  # a student keeps the teacher's normalizer: its trajectories' space
+            self.policy.normalizer = fit_normalizer(
+                {k: arrays[k] for k in [*pcfg.obs, "action"]}, pcfg.image_keys
+            )
         self.arrays = {k: arrays[k] for k in [*pcfg.obs, "action"]}
 
         val_mask = split_episodes(len(ends), self.data_cfg.val_ratio, self.train.seed)
@@ -251,6 +302,14 @@ class Trainer:
             bias_correction=True,  # as torch.optim.AdamW
         )
         self.optimizer.init(self.policy.trainable_parameters())
+        if self.teacher is None:
+            self.loss, self.loss_draws = self.policy.compute_loss, pcfg.noise_scheduler.num_train_timesteps
+        else:
+            if self.distill.target_ema > 0:
+                self.target = build_policy(pcfg, self.policy.normalizer)
+                self.target.update(self.policy.parameters())
+            distillation = Distillation(self.policy, self.teacher, self.target)
+            self.loss, self.loss_draws = distillation.loss, distillation.grid_size
         self.policy.train()  # dropout in the train step (the policy is built in eval mode)
         self.ema = tree_map(lambda p: p, self.policy.parameters()) if self.train.ema else None
         self.step = 0
@@ -261,6 +320,41 @@ class Trainer:
             self._restore(self.out_dir / "latest.safetensors")
         self._compile()
         self._compiled = False  # until the first step has run (mx.compile traces it then)
+
+    def _student(self, declared: PolicyConfig | None) -> tuple[Any, Any]:
+        """The consistency student and its teacher (``distill``)."""
+        distill = self.distill
+        checkpoint = read_checkpoint(distill.teacher)
+        teacher, self.teacher_sha256 = policy_from_checkpoint(checkpoint), checkpoint.sha256
+        tcfg = teacher.config
+        if tcfg.consistency is not None:
+            raise ConfigError(
+                f"distill.teacher {distill.teacher} is a consistency policy; distil a diffusion policy"
+            )
+        if declared is not None:
+            as_teacher = dataclasses.replace(
+                declared, sampler=tcfg.sampler, num_inference_steps=tcfg.num_inference_steps
+            )
+            differ = [
+                f.name
+                for f in dataclasses.fields(tcfg)
+                if getattr(as_teacher, f.name) != getattr(tcfg, f.name)
+            ]
+            if differ:
+                raise ConfigError(f"policy: {differ} differ from the teacher's ({distill.teacher})")
+        config = dataclasses.replace(
+            tcfg,
+            consistency=distill.consistency(tcfg.noise_scheduler.num_train_timesteps),
+            sampler="consistency",
+            num_inference_steps=distill.default_steps,
+        )
+        student = build_policy(config, teacher.normalizer)
+        student.update(teacher.parameters())
+        try:
+            Distillation(student, teacher)
+        except DistillationError as e:
+            raise ConfigError(f"distill: {e}") from None
+        return student, teacher
 
     def _weight_decays(self) -> dict:
         """The weight decay of every trainable parameter, by its group (``parameter_groups``)."""
@@ -278,20 +372,25 @@ class Trainer:
 
     def _compile(self) -> None:
         policy, optimizer, clip = self.policy, self.optimizer, self.train.grad_clip
-        loss_and_grad = nn.value_and_grad(policy, policy.compute_loss)
-        state = [policy.state, optimizer.state, mx.random.state]
+        loss_and_grad = nn.value_and_grad(policy, self.loss)
+        target = self.target
+        state = [policy.state, optimizer.state, mx.random.state, *([target.state] if target else [])]
+        inputs = state if self.teacher is None else [*state, self.teacher.state]
+        mu = self.distill.target_ema if target is not None else 0.0
         distributed = self.world > 1
         cfg = policy.config
         global_batch, per_rank = self.train.batch_size, self.train.batch_size // self.world
         lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
 
-        @partial(mx.compile, inputs=state, outputs=state)
+        draws = self.loss_draws
+
+        @partial(mx.compile, inputs=inputs, outputs=state)
         def train_step(batch: dict) -> tuple[mx.array, mx.array]:
             # Draw the noise of the whole global batch and keep this process's rows, so N processes
             # compute what one process would on the combined batch (up to summation order; image crops
-            # are still drawn per process).
+            # are still drawn per process). Timesteps, or a distillation's grid indices.
             noise = mx.random.normal((global_batch, cfg.horizon, cfg.action_dim))[lo:hi]
-            timesteps = mx.random.randint(0, cfg.noise_scheduler.num_train_timesteps, (global_batch,))[lo:hi]
+            timesteps = mx.random.randint(0, draws, (global_batch,))[lo:hi]
             loss, grads = loss_and_grad(batch, noise, timesteps)
             if distributed:
                 grads = nn.average_gradients(grads)
@@ -300,6 +399,10 @@ class Trainer:
             if clip is not None:
                 grads, grad_norm = optim.clip_grad_norm(grads, clip)
             optimizer.update(policy, grads)
+            if target is not None:
+                target.update(
+                    tree_map(lambda t, p: mu * t + (1 - mu) * p, target.parameters(), policy.parameters())
+                )
             return loss, grad_norm
 
         @mx.compile
@@ -310,8 +413,16 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
+    def _state(self) -> list[Any]:
+        """Everything a step changes: weights, optimizer, and the EMA and target weights where kept."""
+        kept = (self.ema, self.target.state if self.target is not None else None)
+        return [self.policy.state, self.optimizer.state, *(tree for tree in kept if tree is not None)]
+
     def _train_state(self) -> dict[str, mx.array]:
-        return {f"train.opt.{k}": v for k, v in tree_flatten(self.optimizer.state)}
+        state = {f"train.opt.{k}": v for k, v in tree_flatten(self.optimizer.state)}
+        if self.target is not None:  # a distillation's target network
+            state.update({f"train.target.{k}": v for k, v in tree_flatten(self.target.parameters())})
+        return state
 
     def _seed_step(self) -> None:
         """Noise, timesteps and crops of step k depend on (seed, k) only: resuming needs no RNG state."""
@@ -328,6 +439,12 @@ class Trainer:
         saved = ckpt.metadata.get("provenance", {}).get("train", {})
         now = json.loads(json.dumps(asdict(self.train)))  # tuples as lists, as saved
         changed = [k for k in RESUME_FIXED if k in saved and saved[k] != now[k]]
+        was_distilled = ckpt.metadata.get("provenance", {}).get("distill")
+        if was_distilled != self._distill_provenance():
+            raise ConfigError(
+                f"--resume: {path} was trained with distill {was_distilled}, this config says "
+                f"{self._distill_provenance()}; train into a new --out"
+            )
         if changed:
             was = ", ".join(f"train.{k}={saved[k]}" for k in changed)
             new = ", ".join(f"{now[k]}" for k in changed)
@@ -339,6 +456,8 @@ class Trainer:
         if self.ema is not None:
             self.ema = tree_unflatten(list(ckpt.group("ema").items()))
         self.optimizer.state = tree_unflatten(list(ckpt.group("train.opt").items()))
+        if self.target is not None:
+            self.target.update(tree_unflatten(list(ckpt.group("train.target").items())))
         self.step = int(ckpt.metadata["training_step"])
         self.best = [
             (float(b["rank_by"]), Path(b["path"])) for b in ckpt.metadata["provenance"].get("top_k", [])
@@ -349,7 +468,13 @@ class Trainer:
             self.history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             self.history = [h for h in self.history if h["step"] <= self.step]
             metrics.write_text("".join(json.dumps(h) + "\n" for h in self.history))
-        mx.eval(self.policy.parameters(), self.optimizer.state, self.ema)
+        mx.eval(self._state())
+
+    def _distill_provenance(self) -> dict[str, Any] | None:
+        """The distillation's settings and its teacher's content hash (None: ordinary training)."""
+        if self.distill is None:
+            return None
+        return {**asdict(self.distill), "teacher_sha256": self.teacher_sha256}
 
     def save(self, rank_by: float | None) -> Path:
         """Write latest.safetensors; keep this step among the best if ``rank_by`` (lower is better) ranks."""
@@ -367,6 +492,8 @@ class Trainer:
             "train": asdict(self.train),
             "top_k": [{"rank_by": v, "path": str(p)} for v, p in self.best],
         }
+        if self.distill is not None:
+            provenance["distill"] = self._distill_provenance()
         kwargs = dict(
             ema_params=self.ema,
             extra_tensors=self._train_state(),
@@ -389,9 +516,7 @@ class Trainer:
         stream = batches(self.arrays, self.val_sampler, spec)
         self.policy.eval()
         try:
-            losses = [
-                float(self.policy.compute_loss(next(stream)).item()) for _ in range(self.train.val_batches)
-            ]
+            losses = [float(self.loss(next(stream)).item()) for _ in range(self.train.val_batches)]
         finally:
             self.policy.train()
         return float(np.mean(losses))
@@ -450,9 +575,7 @@ class Trainer:
                     if self.ema is not None:
                         decay = ema_decay(self.step, self.train.ema_power, self.train.ema_max)
                         self.ema = self._ema_update(self.ema, self.policy.parameters(), mx.array(decay))
-                        mx.eval(loss, self.ema, self.policy.state, self.optimizer.state)
-                    else:
-                        mx.eval(loss, self.policy.state, self.optimizer.state)
+                    mx.eval(loss, self._state())
                 self.step += 1
                 window_loss += loss.item()
                 window_steps += 1

@@ -5,12 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from proto.messages import SCHEDULERS
+
 EXECUTIONS = ("sync", "naive", "ensemble", "rtc", "rtc-replace")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser, demo: bool = False) -> None:
-    """``demo``: the arguments of ``dpmlx demo`` (no --server, a few episodes, a GIF by default)."""
-    if not demo:
+    """``demo``: the arguments of ``dpmlx demo`` (no --server but a shipped --policy, a few episodes, a
+    GIF by default)."""
+    if demo:
+        parser.add_argument(
+            "--policy",
+            choices=("keypoint", "fast"),
+            default="keypoint",
+            help="the shipped PushT policy: keypoint (DDIM-10) or fast (its 1-step consistency distillation)",
+        )
+    else:
         parser.add_argument("--server", default="tcp://127.0.0.1:5555", help="ZeroMQ address of dpmlx serve")
     parser.add_argument("--episodes", type=int, default=3 if demo else 50, help="episodes to run")
     parser.add_argument("--start-seed", type=int, default=100000, help="upstream's test seeds start here")
@@ -40,7 +50,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser, demo: bool = False) -> N
         "--rtc-max-guidance", type=float, help="rtc: the guidance weight's clip (default: the server's, 40)"
     )
     parser.add_argument("--steps", type=int, help="num_inference_steps (default: the model's)")
-    parser.add_argument("--scheduler", choices=["ddim", "ddpm"], help="sampler (default: the model's)")
+    parser.add_argument(
+        "--scheduler", choices=SCHEDULERS, help="sampler (default: the model's; hello lists the model's)"
+    )
     parser.add_argument(
         "--video",
         type=Path,
