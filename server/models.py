@@ -98,12 +98,12 @@ class ModelInfo:
     sha256: str
     path: str
     metadata: dict[str, Any] = field(repr=False)
+    # The samplers the model offers, each with its most steps (``PolicyConfig.samplers``), and its default.
+    samplers: dict[str, int]
+    default_sampler: tuple[str, int]
     # (scale, offset) of each low-dimensional key's normalizer, float64: the front end refuses values far
     # outside the range the model was trained on before they join a batch.
     obs_affine: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
-    # The samplers the model offers, each with its most steps (``PolicyConfig.samplers``), and its default.
-    samplers: dict[str, int] = field(default_factory=dict)
-    default_sampler: tuple[str, int] = ("ddim", 10)
 
     def wire(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
@@ -492,8 +492,8 @@ class ModelWorker:
         }
         cfg = policy.config
         self.info = ModelInfo(
-            name, self.version, ckpt.sha256, str(self.path), ckpt.metadata, affine,
-            cfg.samplers, (cfg.sampler, cfg.default_inference_steps),
+            name, self.version, ckpt.sha256, str(self.path), ckpt.metadata,
+            cfg.samplers, (cfg.sampler, cfg.default_inference_steps), affine,
         )  # fmt: skip
         self.policy = policy
         self._note(ready_s=time.perf_counter() - began)

@@ -1,6 +1,7 @@
 """Consistency policies: distillation in the trainer, the consistency sampler, checkpoints and serving."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -280,3 +281,27 @@ def test_server_serves_a_consistency_policy_and_refuses_other_samplers(tmp_path)
             assert client.call({"type": "infer", "id": 4, "obs": obs})["ok"]  # still serving
         finally:
             client.close()
+
+
+def test_distillation_data_parallel_matches_one_process(teacher_path, tmp_path):
+    """2 local processes (mlx.launch, ring backend) distil as 1 process does on the combined batch."""
+    config = distill_config(teacher_path, num_steps=100, warmup_steps=0)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    worker = [str(ROOT / "tests/distributed_worker.py"), str(tmp_path / "config.json"), str(tmp_path), "3"]
+    launch = Path(sys.executable).parent / "mlx.launch"
+    two = subprocess.run(
+        [str(launch), "-n", "2", "--backend", "ring", "--python", sys.executable, *worker],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = subprocess.run([sys.executable, *worker], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    rank0, rank1 = (
+        np.load(tmp_path / "weights_2proc_rank0.npz"),
+        np.load(tmp_path / "weights_2proc_rank1.npz"),
+    )
+    single, init = np.load(tmp_path / "weights_1proc_rank0.npz"), np.load(tmp_path / "weights_init.npz")
+    assert all(np.array_equal(rank0[k], rank1[k]) for k in rank0.files)
+    moved = max(float(np.abs(single[k] - init[k]).max()) for k in single.files)
+    apart = max(float(np.abs(rank0[k] - single[k]).max()) for k in single.files)
+    assert moved > 1e-3 and apart < 1e-5, (moved, apart)

@@ -7,6 +7,7 @@ itself is checked on a GPU against the chunked sampler, and every sampler test o
 through it there.
 """
 
+import dataclasses
 import warnings
 
 import mlx.core as mx
@@ -15,6 +16,7 @@ import pytest
 from helpers import observation, tiny_policy
 from mlx.utils import tree_flatten, tree_map
 
+from policy_core import build_policy
 from policy_core.backends import cuda
 from policy_core.backends.cuda import device
 from policy_core.backends.cuda import sampler as cuda_sampler
@@ -28,7 +30,7 @@ from policy_core.backends.cuda.sampler import (
     _Program,
 )
 from policy_core.nets.unet import ConditionalUnet1D
-from policy_core.schedulers import SchedulerConfig, make_scheduler
+from policy_core.schedulers import ConsistencyConfig, SchedulerConfig, make_scheduler
 
 
 def _mish(v: np.ndarray) -> np.ndarray:
@@ -246,6 +248,28 @@ def test_persistent_kernel_equals_chunked_sampler(kind, steps):
     ref = _predict(policy, obs, kind, steps, persistent=False)
     # Pixels, actions span 0..512: float32 rounding reached 1.6e-3 px in one of 16 weight draws (H200),
     # a wrong kernel is off by pixels.
+    assert np.abs(out - ref).max() < 2e-3
+
+
+@pytest.mark.skipif(not cuda.available(), reason="needs MLX's CUDA backend (CI has no GPU)")
+@pytest.mark.parametrize("steps", [1, 3])
+def test_persistent_kernel_runs_a_consistency_policy(steps):
+    """The consistency sampler's table is a DDPM step's (x0 and x weights, noise std): the kernel runs a
+    1-step request as one short launch, and a chain re-noised between its times."""
+    mx.random.seed(0)
+    teacher = tiny_policy(image=True)
+    config = dataclasses.replace(
+        teacher.config,
+        consistency=ConsistencyConfig(skip=10, chains=((90,), (90, 50), (90, 60, 30))),
+        sampler="consistency",
+        num_inference_steps=1,
+    )
+    policy = build_policy(config, teacher.normalizer)
+    policy.update(teacher.parameters())
+    obs = observation(policy, batch=2)
+    assert policy._backends[0].supports(2, config.horizon, policy._scheduler("consistency", steps))
+    out = _predict(policy, obs, "consistency", steps, persistent=True)
+    ref = _predict(policy, obs, "consistency", steps, persistent=False)
     assert np.abs(out - ref).max() < 2e-3
 
 

@@ -378,7 +378,7 @@ def test_worker_counts_its_company_before_replying():
     # A lone client sends its next request as soon as it has the reply: that request is not company.
     worker = ModelWorker(Path("unused.safetensors"), 1, BatchingConfig(), Metrics(), print, print)
     worker.policy = tiny_policy(image=False)
-    worker.info = ModelInfo("tiny", 1, "0" * 64, "unused.safetensors", {})
+    worker.info = ModelInfo("tiny", 1, "0" * 64, "unused.safetensors", {}, {"ddim": 100}, ("ddim", 10))
     obs = observation(worker.policy, batch=1)
 
     def pending(i: int, reply=print) -> PendingInfer:
