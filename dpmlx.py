@@ -73,19 +73,23 @@ def _bench_train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Serve a shipped policy in-process, run PushT episodes through the ZeroMQ client, shut down."""
+    """Serve the shipped policy in-process, run PushT episodes through the ZeroMQ client, shut down."""
     import policy_core  # noqa: F401  (first: binds MLX to the optimised BLAS)
     from clients.sim.eval_pusht import main as eval_main
     from policy_core.backends import cuda
     from server.app import ServeConfig, Server
-    from server.models import SHIPPED_POLICIES
+    from server.models import SHIPPED_CHECKPOINT
 
-    checkpoint = SHIPPED_POLICIES[args.policy]
     cuda.use_direct_launches()  # an inference-only process, like dpmlx serve
     server = Server(
-        ServeConfig(checkpoint=checkpoint, zmq="tcp://127.0.0.1:*", http_port=0, model_root=checkpoint.parent)
+        ServeConfig(
+            checkpoint=SHIPPED_CHECKPOINT,
+            zmq="tcp://127.0.0.1:*",
+            http_port=0,
+            model_root=SHIPPED_CHECKPOINT.parent,
+        )
     )
-    print(f"loading the shipped PushT policy ({checkpoint.name})", flush=True)
+    print(f"loading the shipped PushT policy ({SHIPPED_CHECKPOINT.name})", flush=True)
     server.start()
     try:
         initial = server.initial_load
@@ -161,6 +165,26 @@ def _not_installed(args: argparse.Namespace) -> int:
     return 2
 
 
+def _export(args: argparse.Namespace) -> int:
+    import policy_core  # noqa: F401  (first: binds MLX to the optimised BLAS)
+    from policy_core import CheckpointError
+    from policy_core.checkpoint import export_policy
+
+    try:
+        sha = export_policy(args.src, args.out, args.name)
+    except (CheckpointError, OSError) as e:
+        print(f"dpmlx export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} (sha256 {sha[:12]})")
+    return 0
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="a checkpoint written by dpmlx train")
+    parser.add_argument("--out", required=True, help="the .safetensors to write")
+    parser.add_argument("--name", help="the model's name (hello's model.name)")
+
+
 def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="LeRobot pretrained_model/ folder (or its parent) or a .ckpt file")
     parser.add_argument("--out", required=True, help="output .safetensors checkpoint")
@@ -207,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_command(
         sub,
+        "export",
+        "a training checkpoint's served (EMA) weights without its trainer state: a checkpoint to ship",
+        _export_arguments,
+        _export,
+    )
+    _add_command(
+        sub,
         "train",
         "train a policy from demonstrations (writes hot-loadable checkpoints)",
         _arguments("trainer.cli", "add_train_arguments"),
@@ -231,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(
         sub,
         "demo",
-        "serve a shipped PushT policy (--policy) and run episodes through the client",
+        "serve the shipped PushT policy and run episodes through the client",
         partial(add_eval_arguments, demo=True),
         _demo,
     )

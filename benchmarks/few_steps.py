@@ -10,7 +10,7 @@ stopped. The timing runs both policies in-process, batch 1, each cell's request 
 round, so a machine whose load drifts weighs on all alike; ratios are medians of the per-round ratios to
 the teacher's default (DDIM-10).
 
-    python -m benchmarks.few_steps --student server/shipped/pusht_keypoint_fast.safetensors \\
+    python -m benchmarks.few_steps --student runs/pusht_keypoint_fast.safetensors \\
         --out benchmarks/results/few_steps
 """
 
@@ -28,14 +28,12 @@ import numpy as np
 from benchmarks.rtc import _served
 from clients.sim.cli import add_eval_arguments
 from clients.sim.eval_pusht import evaluate, summary
-from server.models import SHIPPED_POLICIES
+from server.models import SHIPPED_CHECKPOINT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", type=Path, default=SHIPPED_POLICIES["keypoint"], help="diffusion policy")
-    parser.add_argument(
-        "--student", type=Path, default=SHIPPED_POLICIES["fast"], help="its consistency policy"
-    )
+    parser.add_argument("--teacher", type=Path, default=SHIPPED_CHECKPOINT, help="a diffusion policy")
+    parser.add_argument("--student", type=Path, required=True, help="its consistency policy")
     parser.add_argument("--teacher-steps", default="1,2,5,10,16,100", help="the teacher's DDIM step counts")
     parser.add_argument("--student-steps", default="1,2,3", help="the student's step counts")
     parser.add_argument("--episodes", type=int, default=50, help="seeds per cell")

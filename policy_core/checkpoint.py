@@ -672,3 +672,15 @@ def load_policy(
     ``CheckpointError`` subclass naming the problem for anything wrong with the file.
     """
     return policy_from_checkpoint(read_checkpoint(path), use_ema=use_ema, dtype=dtype)
+
+
+def export_policy(src: str | os.PathLike, dst: str | os.PathLike, name: str | None = None) -> str:
+    """Write the weights ``src`` serves (its EMA weights when it has them) to ``dst`` without any trainer
+    state: a checkpoint to ship. Provenance and training step are kept, with the source's content hash;
+    returns the new file's."""
+    ckpt = read_checkpoint(src)
+    policy = policy_from_checkpoint(ckpt)
+    provenance = {**ckpt.metadata["provenance"], "exported_from": ckpt.sha256}
+    if name is not None:
+        provenance["name"] = name
+    return save_policy(policy, dst, training_step=ckpt.metadata["training_step"], provenance=provenance)

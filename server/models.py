@@ -59,11 +59,6 @@ log = logging.getLogger("dpmlx.server")
 # The PushT keypoint policy trained by `dpmlx train` (configs/pusht_keypoint_small.yaml), shipped with
 # the package: `dpmlx serve` without --checkpoint and `dpmlx demo` serve it.
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "shipped" / "pusht_keypoint_small.safetensors"
-# The shipped PushT policies by ``dpmlx demo --policy`` name: the default, and its consistency distillation.
-SHIPPED_POLICIES = {
-    "keypoint": SHIPPED_CHECKPOINT,
-    "fast": SHIPPED_CHECKPOINT.with_name("pusht_keypoint_fast.safetensors"),
-}
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,8 @@ EXECUTIONS = ("sync", "naive", "ensemble", "rtc", "rtc-replace")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser, demo: bool = False) -> None:
-    """``demo``: the arguments of ``dpmlx demo`` (no --server but a shipped --policy, a few episodes, a
-    GIF by default)."""
-    if demo:
-        parser.add_argument(
-            "--policy",
-            choices=("keypoint", "fast"),
-            default="keypoint",
-            help="the shipped PushT policy: keypoint (DDIM-10) or fast (its 1-step consistency distillation)",
-        )
-    else:
+    """``demo``: the arguments of ``dpmlx demo`` (no --server, a few episodes, a GIF by default)."""
+    if not demo:
         parser.add_argument("--server", default="tcp://127.0.0.1:5555", help="ZeroMQ address of dpmlx serve")
     parser.add_argument("--episodes", type=int, default=3 if demo else 50, help="episodes to run")
     parser.add_argument("--start-seed", type=int, default=100000, help="upstream's test seeds start here")
