@@ -16,7 +16,8 @@ from helpers import observation, tiny_policy
 from mlx.utils import tree_flatten
 from server_helpers import RawClient, running_server
 
-from policy_core import ConfigError, build_policy, load_policy
+from policy_core import ConfigError, build_policy, load_policy, read_checkpoint
+from policy_core.checkpoint import export_policy
 from policy_core.consistency import Distillation, DistillationError
 from policy_core.policy import SamplerError
 from policy_core.schedulers import (
@@ -202,6 +203,16 @@ def test_student_checkpoint_round_trips_and_resumes_exactly(teacher_path, tmp_pa
         a = loaded.predict_action(obs, num_inference_steps=steps, seed=5)["action_pred"]
         b = straight.policy.predict_action(obs, num_inference_steps=steps, seed=5)["action_pred"]
         assert np.array_equal(a, b)
+
+    # dpmlx export: the served (EMA) weights only, the provenance kept.
+    exported = tmp_path / "student.safetensors"
+    sha = export_policy(tmp_path / "straight" / "latest.safetensors", exported, name="fast")
+    ckpt = read_checkpoint(exported)
+    assert ckpt.sha256 == sha and not ckpt.metadata["has_ema"] and not ckpt.group("train")
+    assert ckpt.metadata["provenance"]["name"] == "fast" and "distill" in ckpt.metadata["provenance"]
+    served = load_policy(exported)
+    for k, v in params(straight.ema).items():
+        assert np.array_equal(params(served.parameters())[k], v), k
 
     # A resume with another distillation, and a consistency policy as teacher, are refused.
     changed = {**config, "distill": {**config["distill"], "skip": 20}}
