@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from policy_core import LinearNormalizer, build_policy
@@ -106,3 +111,60 @@ class TickEnv:
         self.executed.append(np.array(action))
         self.tick += 1
         return {"tick": np.array([self.tick], np.float32)}, 0.0, False, False, {}
+
+
+def assert_data_parallel_matches_one_process(config: dict, tmp_path: Path, steps: int = 3) -> None:
+    """Train ``config`` for ``steps`` steps in 2 local processes (mlx.launch, ring backend) and in 1: the
+    ranks end identical, and as the single process (which moved the weights) up to summation order."""
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    worker = [
+        str(root / "tests/distributed_worker.py"),
+        str(tmp_path / "config.json"),
+        str(tmp_path),
+        str(steps),
+    ]
+    launch = Path(sys.executable).parent / "mlx.launch"
+    two = subprocess.run(
+        [str(launch), "-n", "2", "--backend", "ring", "--python", sys.executable, *worker],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = subprocess.run([sys.executable, *worker], cwd=root, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    rank0, rank1 = (np.load(tmp_path / f"weights_2proc_rank{r}.npz") for r in (0, 1))
+    single, init = np.load(tmp_path / "weights_1proc_rank0.npz"), np.load(tmp_path / "weights_init.npz")
+    assert all(np.array_equal(rank0[k], rank1[k]) for k in rank0.files)
+    moved = max(float(np.abs(single[k] - init[k]).max()) for k in single.files)
+    apart = max(float(np.abs(rank0[k] - single[k]).max()) for k in single.files)
+    assert moved > 1e-3 and apart < 1e-5, (moved, apart)
+
+
+def params(tree) -> dict[str, np.ndarray]:
+    from mlx.utils import tree_flatten
+
+    return {k: np.array(v) for k, v in tree_flatten(tree)}
+
+
+def assert_resume_continues_exactly(config: dict, folder: Path, n: int):
+    """Train ``config`` for 2n steps straight, and for n, then n more after ``--resume``: every weight,
+    EMA weight, optimizer moment (and a distillation's target weight) bit for bit equal. Returns the
+    straight and the resumed trainers."""
+    from trainer.train import Trainer
+
+    straight = Trainer(config, folder / "straight")
+    straight.run(2 * n, progress=False)
+    Trainer(config, folder / "resumed").run(n, progress=False)
+    resumed = Trainer(config, folder / "resumed", resume=True)
+    assert resumed.step == n
+    resumed.run(2 * n, progress=False)
+    states = [("weights", lambda t: t.policy.parameters()), ("ema", lambda t: t.ema),
+              ("optimizer", lambda t: t.optimizer.state)]  # fmt: skip
+    if straight.target is not None:
+        states.append(("target", lambda t: t.target.parameters()))
+    for name, state in states:
+        a, b = params(state(straight)), params(state(resumed))
+        assert a.keys() == b.keys(), name
+        for k in a:
+            assert np.array_equal(a[k], b[k]), (name, k)
+    return straight, resumed

@@ -1,7 +1,6 @@
 """Consistency policies: distillation in the trainer, the consistency sampler, checkpoints and serving."""
 
 import dataclasses
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,13 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 import yaml
-from helpers import observation, tiny_policy
-from mlx.utils import tree_flatten
+from helpers import (
+    assert_data_parallel_matches_one_process,
+    assert_resume_continues_exactly,
+    observation,
+    params,
+    tiny_policy,
+)
 from server_helpers import RawClient, running_server
 
 from policy_core import ConfigError, build_policy, load_policy, read_checkpoint
@@ -71,10 +75,6 @@ def student_of(policy, chains=CHAINS):
     student = build_policy(config, policy.normalizer)
     student.update(policy.parameters())
     return student
-
-
-def params(tree) -> dict[str, np.ndarray]:
-    return {k: np.array(v) for k, v in tree_flatten(tree)}
 
 
 def test_boundary_condition_holds_for_any_weights():
@@ -176,21 +176,7 @@ def test_student_checkpoint_round_trips_and_resumes_exactly(teacher_path, tmp_pa
     n = 4
     config = distill_config(teacher_path, num_steps=2 * n, checkpoint_every=n, val_every=n)
     config["distill"].update(max_steps=2, default_steps=2)
-    straight = Trainer(config, tmp_path / "straight")
-    straight.run(progress=False)
-    first = Trainer(config, tmp_path / "resumed")
-    first.run(n, progress=False)
-    second = Trainer(config, tmp_path / "resumed", resume=True)
-    assert second.step == n
-    second.run(progress=False)
-    for name, a, b in (
-        ("weights", params(straight.policy.parameters()), params(second.policy.parameters())),
-        ("ema", params(straight.ema), params(second.ema)),
-        ("optimizer", params(straight.optimizer.state), params(second.optimizer.state)),
-    ):
-        assert a.keys() == b.keys(), name
-        for k in a:
-            assert np.array_equal(a[k], b[k]), (name, k)
+    straight, _ = assert_resume_continues_exactly(config, tmp_path, n)
 
     loaded = load_policy(tmp_path / "straight" / "latest.safetensors", use_ema=False)
     assert loaded.config == straight.policy.config
@@ -296,23 +282,6 @@ def test_server_serves_a_consistency_policy_and_refuses_other_samplers(tmp_path)
 
 def test_distillation_data_parallel_matches_one_process(teacher_path, tmp_path):
     """2 local processes (mlx.launch, ring backend) distil as 1 process does on the combined batch."""
-    config = distill_config(teacher_path, num_steps=100, warmup_steps=0)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    worker = [str(ROOT / "tests/distributed_worker.py"), str(tmp_path / "config.json"), str(tmp_path), "3"]
-    launch = Path(sys.executable).parent / "mlx.launch"
-    two = subprocess.run(
-        [str(launch), "-n", "2", "--backend", "ring", "--python", sys.executable, *worker],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stdout + two.stderr
-    one = subprocess.run([sys.executable, *worker], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr
-    rank0, rank1 = (
-        np.load(tmp_path / "weights_2proc_rank0.npz"),
-        np.load(tmp_path / "weights_2proc_rank1.npz"),
+    assert_data_parallel_matches_one_process(
+        distill_config(teacher_path, num_steps=100, warmup_steps=0), tmp_path
     )
-    single, init = np.load(tmp_path / "weights_1proc_rank0.npz"), np.load(tmp_path / "weights_init.npz")
-    assert all(np.array_equal(rank0[k], rank1[k]) for k in rank0.files)
-    moved = max(float(np.abs(single[k] - init[k]).max()) for k in single.files)
-    apart = max(float(np.abs(rank0[k] - single[k]).max()) for k in single.files)
-    assert moved > 1e-3 and apart < 1e-5, (moved, apart)

@@ -11,7 +11,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
-from helpers import dead_pid
+from helpers import (
+    assert_data_parallel_matches_one_process,
+    assert_resume_continues_exactly,
+    dead_pid,
+    params,
+)
 from mlx.utils import tree_flatten
 from server_helpers import running_server, wait_for
 
@@ -40,10 +45,6 @@ def tiny_config(dataset: Path, **train) -> dict:
         {"batch_size": 16, "log_every": 5, "val_every": 1000, "checkpoint_every": 1000, **train}
     )
     return config
-
-
-def params(tree) -> dict[str, np.ndarray]:
-    return {k: np.array(v) for k, v in tree_flatten(tree)}
 
 
 def test_sequence_sampler_pads_with_edge_rows():
@@ -114,23 +115,7 @@ def test_a_few_steps_lower_the_loss(dataset, tmp_path):
 def test_resume_continues_exactly(dataset, tmp_path):
     n = 6
     config = tiny_config(dataset, num_steps=2 * n, val_every=n, checkpoint_every=n)
-    straight = Trainer(config, tmp_path / "straight")
-    straight.run(progress=False)
-
-    first = Trainer(config, tmp_path / "resumed")
-    first.run(n, progress=False)
-    second = Trainer(config, tmp_path / "resumed", resume=True)
-    assert second.step == n
-    second.run(progress=False)
-
-    for name, a, b in (
-        ("weights", params(straight.policy.parameters()), params(second.policy.parameters())),
-        ("ema", params(straight.ema), params(second.ema)),
-        ("optimizer", params(straight.optimizer.state), params(second.optimizer.state)),
-    ):
-        assert a.keys() == b.keys(), name
-        for k in a:
-            assert np.array_equal(a[k], b[k]), (name, k)
+    straight, second = assert_resume_continues_exactly(config, tmp_path, n)
     assert straight.history[-1]["loss"] == second.history[-1]["loss"]
 
 
@@ -307,26 +292,7 @@ def test_train_cli(dataset, tmp_path):
 
 def test_data_parallel_matches_one_process_on_the_combined_batch(dataset, tmp_path):
     """2 local processes (mlx.launch, ring backend) vs 1 process: identical ranks, same weights."""
-    config = tiny_config(dataset, num_steps=100, warmup_steps=0)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    worker = [str(ROOT / "tests/distributed_worker.py"), str(tmp_path / "config.json"), str(tmp_path), "3"]
-    launch = Path(sys.executable).parent / "mlx.launch"
-    two = subprocess.run(
-        [str(launch), "-n", "2", "--backend", "ring", "--python", sys.executable, *worker],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stdout + two.stderr
-    one = subprocess.run([sys.executable, *worker], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr
-    rank0, rank1 = (
-        np.load(tmp_path / "weights_2proc_rank0.npz"),
-        np.load(tmp_path / "weights_2proc_rank1.npz"),
-    )
-    single, init = np.load(tmp_path / "weights_1proc_rank0.npz"), np.load(tmp_path / "weights_init.npz")
-    assert all(np.array_equal(rank0[k], rank1[k]) for k in rank0.files)
-    moved = max(float(np.abs(single[k] - init[k]).max()) for k in single.files)
-    apart = max(float(np.abs(rank0[k] - single[k]).max()) for k in single.files)
-    assert moved > 1e-3 and apart < 1e-5, (moved, apart)
+    assert_data_parallel_matches_one_process(tiny_config(dataset, num_steps=100, warmup_steps=0), tmp_path)
     assert (tmp_path / "run2" / "metrics.jsonl").exists()  # only rank 0 writes
 
 
