@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from policy_core.policy import DiffusionPolicy, _as_mx
-from policy_core.schedulers import DDIMScheduler, boundary_coefficients
+from policy_core.schedulers import boundary_coefficients
 
 
 class DistillationError(ValueError):
@@ -73,7 +73,7 @@ class Distillation:
         T, skip = sched.num_train_timesteps, consistency.skip
         self.grid_size = T // skip - 1
         self.skip = skip
-        alphas = DDIMScheduler(sched).alphas_cumprod
+        alphas = student.noise_scheduler.alphas_cumprod
         c_skip, c_out = boundary_coefficients(
             np.arange(T), T, consistency.sigma_data, consistency.timestep_scaling
         )

@@ -199,10 +199,14 @@ class Scheduler(ABC):
                 f"steps_offset={self.config.steps_offset} pushes timestep {timesteps[0]} past "
                 f"num_train_timesteps={T} for num_inference_steps={n}"
             )
-        self.num_inference_steps = n
+        self._use_schedule(timesteps, self._previous_timesteps(timesteps, ratio))
+
+    def _use_schedule(self, timesteps: list[int], previous: list[int]) -> None:
+        """Make ``timesteps`` (each stepping to its entry of ``previous``) the schedule: its coefficients
+        by timestep and as ``coefficient_table``."""
+        self.num_inference_steps = len(timesteps)
         self.timesteps = timesteps
-        prev = self._previous_timesteps(timesteps, ratio)
-        self._coeffs = {t: self._step_coeffs(t, p) for t, p in zip(timesteps, prev, strict=True)}
+        self._coeffs = {t: self._step_coeffs(t, p) for t, p in zip(timesteps, previous, strict=True)}
         self._coefficient_table = mx.array([self._coeffs[t] for t in timesteps], dtype=mx.float32)
 
     def coefficient_table(self) -> mx.array:
@@ -396,11 +400,9 @@ class ConsistencyScheduler(DDPMScheduler):
         n = num_inference_steps
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= len(chains):
             raise ValueError(f"num_inference_steps must be an int in [1, {len(chains)}], got {n!r}")
-        self.num_inference_steps = int(n)
-        self.timesteps = list(chains[n - 1])
-        following = self.timesteps[1:] + [-1]
-        self._coeffs = {t: self._step_coeffs(t, p) for t, p in zip(self.timesteps, following, strict=True)}
-        self._coefficient_table = mx.array([self._coeffs[t] for t in self.timesteps], dtype=mx.float32)
+        timesteps = list(chains[n - 1])
+        # DDPM's rule: each time steps to the chain's next, the last to x_0.
+        self._use_schedule(timesteps, self._previous_timesteps(timesteps, ratio=0))
 
     def _step_coeffs(self, t: int, next_t: int) -> tuple[float, ...]:
         c = self.consistency

@@ -23,6 +23,19 @@ def _infer(client: RawClient, obs: dict, seed: int, rid: int, **options) -> np.n
     return reply["action"]
 
 
+def _fake_cache_filler(monkeypatch, script: str) -> list[list[str]]:
+    """The server's kernel-cache filler replaced by ``python -c script``; returns the list that records
+    the paths (``rows:sampler:steps``) of every filler it starts."""
+    filled = []
+
+    def filler(path: Path, keys: list, dtype: str | None) -> list[str]:
+        filled.append([key_text(k) for k in keys])
+        return [sys.executable, "-c", script]
+
+    monkeypatch.setattr(models_module, "_cache_filler_command", filler)
+    return filled
+
+
 def _active_startup(srv) -> dict:
     status, stats = http("GET", srv.http_url + "/v1/stats")
     assert status == 200
@@ -35,13 +48,7 @@ def test_a_lazy_start_serves_before_its_warm_up_ends_with_the_same_actions(tmp_p
     mx.random.seed(3)
     policy = tiny_policy(image=False)
     save_policy(policy, tmp_path / "m.safetensors")
-    filled = []
-
-    def slow_filler(path: Path, keys: list, dtype: str | None) -> list[str]:
-        filled.append([key_text(k) for k in keys])
-        return [sys.executable, "-c", "import time; time.sleep(3)"]
-
-    monkeypatch.setattr(models_module, "_cache_filler_command", slow_filler)
+    filled = _fake_cache_filler(monkeypatch, "import time; time.sleep(3)")
     batching = BatchingConfig(max_batch=4, max_wait_ms=0, warmup="lazy")
     single = {k: v[0] for k, v in observation(policy, batch=1, seed=1).items()}
     batch = observation(policy, batch=3, seed=2)
@@ -120,13 +127,7 @@ def test_a_same_shape_hot_load_traces_nothing_and_the_stats_say_where_the_time_w
 def test_a_sampler_first_met_after_a_full_warm_up_is_compiled_in_the_background(tmp_path, monkeypatch):
     policy = tiny_policy(image=False)
     save_policy(policy, tmp_path / "m.safetensors")
-    filled = []
-
-    def quick_filler(path: Path, keys: list, dtype: str | None) -> list[str]:
-        filled.append([key_text(k) for k in keys])
-        return [sys.executable, "-c", "pass"]
-
-    monkeypatch.setattr(models_module, "_cache_filler_command", quick_filler)
+    filled = _fake_cache_filler(monkeypatch, "pass")
     obs = {k: v[0] for k, v in observation(policy, batch=1, seed=0).items()}
     batching = BatchingConfig(max_batch=2, max_wait_ms=0, warmup="full")
     with running_server(tmp_path, tmp_path / "m.safetensors", batching=batching) as srv:

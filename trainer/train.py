@@ -40,7 +40,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from policy_core import ConfigError, PolicyConfig, build_policy, read_checkpoint, save_policy
 from policy_core.checkpoint import policy_from_checkpoint, remove_stale_temp_files
-from policy_core.consistency import Distillation, DistillationError
+from policy_core.consistency import Distillation, DistillationError, check_pair
 from policy_core.schedulers import ConsistencyConfig
 from trainer.data import (
     TASKS,
@@ -327,10 +327,6 @@ class Trainer:
         checkpoint = read_checkpoint(distill.teacher)
         teacher, self.teacher_sha256 = policy_from_checkpoint(checkpoint), checkpoint.sha256
         tcfg = teacher.config
-        if tcfg.consistency is not None:
-            raise ConfigError(
-                f"distill.teacher {distill.teacher} is a consistency policy; distil a diffusion policy"
-            )
         if declared is not None:
             as_teacher = dataclasses.replace(
                 declared, sampler=tcfg.sampler, num_inference_steps=tcfg.num_inference_steps
@@ -351,9 +347,9 @@ class Trainer:
         student = build_policy(config, teacher.normalizer)
         student.update(teacher.parameters())
         try:
-            Distillation(student, teacher)
+            check_pair(student, teacher)
         except DistillationError as e:
-            raise ConfigError(f"distill: {e}") from None
+            raise ConfigError(f"distill.teacher {distill.teacher}: {e}") from None
         return student, teacher
 
     def _weight_decays(self) -> dict:
